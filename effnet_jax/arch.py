@@ -85,3 +85,18 @@ class Architecture:
         for block in self.blocks:
             stride *= block.stride
         return stride
+
+
+# A three-stage toy network for tests and quick CPU experiments: same block anatomy,
+# a fraction of the compile time. Not an EfficientNet from the paper.
+TINY = NetworkSpec(
+    stages=(
+        StageSpec(kernel=3, stride=1, expand=1, out_channels=8, repeats=1),
+        StageSpec(kernel=3, stride=2, expand=4, out_channels=16, repeats=2),
+        StageSpec(kernel=5, stride=2, expand=4, out_channels=24, repeats=1),
+    ),
+    stem_channels=8,
+    head_channels=64,
+)
+
+NETWORKS = {"b0": B0, "tiny": TINY}

@@ -18,8 +18,15 @@ from typing import Any
 
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.scaling import OFFICIAL, ScalingSpec, build_architecture, check_constants, from_constants
-from effnet_jax.scaling import load_constants, resolve
+from effnet_jax.scaling import (
+    OFFICIAL,
+    ScalingSpec,
+    build_architecture,
+    check_constants,
+    from_constants,
+    load_constants,
+    resolve,
+)
 
 
 def describe(spec: str | ScalingSpec, num_classes: int = 1000) -> dict[str, Any]:

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 try:  # noqa: SIM105
-    import torch  # noqa: F401
     import timm  # noqa: F401
+    import torch  # noqa: F401
 except ImportError:
     pass

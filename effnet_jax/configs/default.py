@@ -1,0 +1,69 @@
+"""Every field the trainer reads, with the paper's ImageNet recipe as defaults.
+
+Other configs start from this one and change what differs.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.network = "b0"  # the block table (effnet_jax.arch.NETWORKS) the scaling applies to
+    m.name = "b0"  # "b0".."b8", "l2", or "formula" (alpha/beta/gamma or constants + phi)
+    m.constants = ""  # path to a JSON file with alpha, beta, gamma (e.g. a grid search's best.json)
+    m.alpha = 1.2  # used when name == "formula" and no constants file is given
+    m.beta = 1.1
+    m.gamma = 1.15
+    m.phi = 1.0
+    m.base_resolution = 224  # resolution at phi = 0 (formula mode)
+    m.resolution_multiple = 8
+    m.resolution = 0  # > 0 overrides the spec's resolution
+    m.dropout = -1.0  # < 0: the spec's
+    m.drop_path_rate = 0.2  # stochastic depth at the last block, linear in block index
+    m.bn_momentum = 0.99  # running-statistics decay; short runs (a few hundred steps) need ~0.9
+    m.depthwise_impl = "auto"  # "auto" (per backend), "xla" or "shift"
+    m.dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU
+    m.init_from = ""  # our safetensors checkpoint (scripts/convert_timm.py) to start from
+
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "imagenet2012"  # "digits" (embedded), any tfds image dataset, or "folder:/path/root"
+    d.data_dir = ""  # tfds data_dir ("" = tfds default)
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.holdout_fraction = 0.0  # > 0: carve the eval split from the end of train (datasets without validation)
+    d.augment = True  # inception crop + flip (image datasets), random shift (digits)
+    d.randaugment_layers = 0  # 2 in the paper's RandAugment setting
+    d.randaugment_magnitude = 10
+    d.max_shift_fraction = 0.0  # digits: random translation as a fraction of the resolution
+    d.shuffle_buffer = 16_384
+
+    c.batch_size = 256  # global, over all devices and hosts
+    c.eval_batch_size = 0  # 0: same as batch_size
+    c.num_epochs = 350.0
+    c.num_train_steps = 0  # > 0 overrides num_epochs
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.name = "rmsprop"  # TF-style RMSProp (official), "sgd" (momentum) or "adamw"
+    o.learning_rate = 0.016  # per 256 images, scaled linearly with batch_size
+    o.schedule = "exponential"  # "exponential" (staircase), "cosine" or "constant"
+    o.warmup_epochs = 5.0
+    o.decay_rate = 0.97
+    o.decay_epochs = 2.4
+    o.momentum = 0.9
+    o.rms_decay = 0.9
+    o.epsilon = 1e-3
+    o.weight_decay = 1e-5  # L2 on conv/dense weights, not BatchNorm
+    o.label_smoothing = 0.1
+    o.ema_decay = 0.9999  # 0 disables the EMA of weights
+    o.grad_clip_norm = 0.0  # 0: no clipping
+
+    c.log_every_steps = 100
+    c.eval_every_steps = 0  # 0: once per epoch
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 2
+    c.progress_bar = True
+    c.compile_cache_dir = "~/.cache/effnet_jax/xla"  # jax persistent compilation cache; "" disables
+    return c

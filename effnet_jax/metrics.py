@@ -1,0 +1,92 @@
+"""Metrics to a JSON-lines file and TensorBoard event files, without TensorFlow.
+
+The JSON lines are the source of truth (the grid search and tests read them); the
+event files are for TensorBoard. On resume, rows past the restored step are dropped
+so a killed-and-resumed run logs each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends {"step": s, **scalars} rows to metrics.jsonl and scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        truncate_jsonl(self.path, keep=lambda row: row.get("step", 0) <= resume_step)
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
+        append_jsonl(self.path, row)
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float))]
+        self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=values)))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _py(v: Any) -> Any:
+    try:
+        return v.item()
+    except AttributeError:
+        return v
+
+
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+    """Append one row with a single write + fsync: a kill leaves at most a torn last line."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Complete rows of a JSON-lines file; a torn (unterminated) last line is ignored."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_jsonl(path: str, keep: Any = lambda row: True) -> list[dict[str, Any]]:
+    """Rewrite ``path`` atomically with the complete rows that ``keep`` accepts."""
+    if not os.path.exists(path):
+        return []
+    rows = [r for r in read_jsonl(path) if keep(r)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rows

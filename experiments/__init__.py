@@ -1,0 +1,1 @@
+"""Experiments built on effnet_jax: the compound-scaling grid search and studies."""

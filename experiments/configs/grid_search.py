@@ -1,0 +1,42 @@
+"""The grid search's default: B0 on the embedded digits, a laptop CPU, minutes.
+
+    python -m experiments.grid_search                          # this config
+    python -m experiments.grid_search --config.search.strategy=halving \
+        --config.train.data.name=cifar10 --config.train.model.base_resolution=64
+
+``train`` is a full trainer config (effnet_jax/configs/digits.py); every trial is
+that config with the model replaced by B0 scaled by a candidate at phi = 1.
+"""
+
+import ml_collections
+
+from effnet_jax.configs import digits
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.train = digits.get_config()
+    c.train.model.resolution = 0  # each trial: base_resolution * gamma (rounded to resolution_multiple)
+    c.train.model.base_resolution = 32
+    c.train.model.resolution_multiple = 1  # at 32 px, multiples of 8 would merge most gamma values
+    c.train.num_epochs = 4.0  # the budget per trial (rung 0 when halving)
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 20
+    c.train.progress_bar = False
+
+    c.search = s = ml_collections.ConfigDict()
+    s.alpha = (1.0, 1.4)  # inclusive ranges, on a grid of `step`
+    s.beta = (1.0, 1.2)
+    s.gamma = (1.0, 1.3)
+    s.step = 0.05
+    s.target = 2.0  # alpha * beta**2 * gamma**2, the FLOPs multiplier at phi = 1
+    s.tolerance = 0.02  # keep |product - target| <= tolerance: 13 grid points with the ranges above
+    s.phi = 1.0
+    s.include_paper = True  # (1.2, 1.1, 1.15), labelled "paper"
+    s.include_baseline = True  # unscaled B0 (phi = 0), labelled "baseline"
+    s.strategy = "exhaustive"  # or "halving" (successive halving)
+    s.halving_eta = 3  # keep 1/eta of the candidates per rung, train them eta times longer
+    s.halving_rungs = 2
+    s.seeds = (0,)  # repeat every trial per seed; mean +- std over seeds
+    s.metric = "val_top1"  # what picks the winner ("ema_val_top1" also works)
+    return c

@@ -1,0 +1,59 @@
+"""Matplotlib figures of search results (PNG, headless)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> list[str]:
+    """grid.png (alpha vs beta coloured by the metric, gamma written beside each point)
+    and accuracy_vs_macs.png (the metric against MACs, references labelled)."""
+    plt = _pyplot()
+    done = [s for s in summary if s["mean"] is not None]
+    paths = []
+    if not done:
+        return paths
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    grid = [s for s in done if s["label"] != "baseline"]
+    if grid:
+        sc = ax.scatter([s["alpha"] for s in grid], [s["beta"] for s in grid], c=[s["mean"] for s in grid],
+                        cmap="viridis", s=90, edgecolors=["red" if s["label"] == "paper" else "k" for s in grid])
+        for s in grid:
+            ax.annotate(f"γ={s['gamma']:.2f}", (s["alpha"], s["beta"]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=7)
+        fig.colorbar(sc, ax=ax, label=metric)
+    ax.set_xlabel("alpha (depth)")
+    ax.set_ylabel("beta (width)")
+    ax.set_title("candidates on alpha·beta²·gamma² ≈ target (red edge: paper)")
+    fig.tight_layout()
+    paths.append(os.path.join(outdir, "grid.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for s in done:
+        color = {"paper": "red", "baseline": "gray"}.get(s["label"], "C0")
+        ax.errorbar(s["macs"] / 1e6, s["mean"], yerr=s["std"] or 0.0, fmt="o", color=color, capsize=3)
+        if s["label"]:
+            ax.annotate(s["label"], (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -10),
+                        fontsize=8, color=color)
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel(metric)
+    ax.set_title("accuracy vs cost")
+    fig.tight_layout()
+    paths.append(os.path.join(outdir, "accuracy_vs_macs.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,355 @@
+"""Train-step and inference throughput of effnet_jax, optionally against timm.
+
+    python scripts/benchmark.py --model b0 --resolution 64 --batch 32 --peer timm
+
+Measures, on whatever backend JAX has: train-step img/s (a jitted, state-donating
+RMSProp step), inference img/s, compile time of each program (trace + lower +
+compile, and the first step), XLA's compiled memory estimate and, where the
+backend reports it (GPU/TPU), peak device memory. ``--peer timm`` times timm's
+``tf_efficientnet_*`` equivalent in the same process, interleaved with ours so that
+noise from other jobs on the machine hits both alike, and prints ours/peer ratios.
+
+Only jax, flax, optax (and torch, timm for the peer) are imported: no tensorflow.
+One JSON object per measurement goes to stdout (``--json`` also writes them to a
+file), then a readable table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Hazard (docs/efficientnet-facts): tensorflow imported before triton segfaults.
+# Nothing here imports tensorflow, but import torch first anyway when a peer is asked.
+if "--peer" in sys.argv:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from effnet_jax import compile_cache, ops  # noqa: E402
+from effnet_jax.model import create_model, eval_view, train_view  # noqa: E402
+from effnet_jax.scaling import ScalingSpec, from_constants, resolve  # noqa: E402
+
+LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on: XLA:CPU sizes its pool the same way."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Runner:
+    """One thing to time: ``run(n)`` does n steps and waits for the device."""
+
+    impl: str  # "effnet_jax" or "timm"
+    mode: str  # "train" or "inference"
+    variant: str  # e.g. "xla", "shift", "eager", "compile"
+    run: Callable[[int], None]
+    info: dict[str, Any] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # seconds per step, one per repeat
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+    """A pure train step over (params, rest, opt_state); state buffers are donated."""
+
+    def step(params: nnx.State, rest: nnx.State, opt_state: Any, x: jax.Array, y: jax.Array):
+        def loss_fn(params: nnx.State, rest: nnx.State):  # rest traced too: BatchNorm mutates it
+            model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
+            logits = model(x)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)  # BatchNorm statistics, RNG counters
+            return loss, new_rest
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def memory_info(compiled: Any) -> dict[str, Any]:
+    """XLA's static memory estimate of a compiled program (reported on every backend)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    return {
+        "compiled_temp_bytes": int(m.temp_size_in_bytes),
+        "compiled_argument_bytes": int(m.argument_size_in_bytes),
+        "compiled_output_bytes": int(m.output_size_in_bytes),
+    }
+
+
+def peak_device_bytes() -> int | None:
+    """Peak device memory in use so far, where the backend reports it (not on CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray, y: np.ndarray) -> Runner:
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl)
+    graphdef, params, rest = nnx.split(train_view(model), nnx.Param, ...)
+    tx = optax.rmsprop(LEARNING_RATE, decay=0.9, eps=1e-3, momentum=0.9)
+    opt_state = tx.init(params)
+    xd, yd = jnp.asarray(x, dtype), jnp.asarray(y)
+    step = make_train_step(graphdef, tx)
+    t0 = time.perf_counter()
+    compiled = step.lower(params, rest, opt_state, xd, yd).compile()
+    compile_s = time.perf_counter() - t0
+    state = [params, rest, opt_state]
+
+    def run(n: int) -> None:
+        loss = None
+        for _ in range(n):
+            state[0], state[1], state[2], loss = compiled(state[0], state[1], state[2], xd, yd)
+        jax.block_until_ready((state, loss))
+
+    t0 = time.perf_counter()
+    run(1)
+    first_run_s = time.perf_counter() - t0
+    info = {"compile_s": compile_s, "first_step_s": compile_s + first_run_s, **memory_info(compiled)}
+    return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info)
+
+
+def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray) -> Runner:
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = eval_view(create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl))
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    xd = jnp.asarray(x, dtype)
+    t0 = time.perf_counter()
+    compiled = fwd.lower(state, xd).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run(n: int) -> None:
+        out = None
+        for _ in range(n):
+            out = compiled(state, xd)
+        jax.block_until_ready(out)
+
+    t0 = time.perf_counter()
+    run(1)
+    info = {"compile_s": compile_s, "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
+    return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def timm_model(spec: ScalingSpec, num_classes: int) -> Any:
+    """timm's TF-compatible EfficientNet (TF 'SAME' padding, BN eps 1e-3) at ``spec``'s width/depth."""
+    import timm
+    from timm.models import efficientnet as tef
+
+    if spec.name in {f"b{i}" for i in range(9)} | {"l2"}:
+        return timm.create_model(f"tf_efficientnet_{spec.name}", num_classes=num_classes)
+    return tef._gen_efficientnet(  # formula specs have no registered name
+        "tf_efficientnet_b0", channel_multiplier=spec.width, depth_multiplier=spec.depth,
+        num_classes=num_classes, bn_eps=tef.BN_EPS_TF_DEFAULT, pad_type="same",
+    )
+
+
+def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> list[Runner]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    yt = torch.from_numpy(y.astype(np.int64)).to(device)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    variants = ["eager"] + (["compile"] if cuda and not args.no_torch_compile else [])
+    runners = []
+    for variant in variants:
+        if "train" in args.modes:
+            model = timm_model(spec, args.num_classes).to(device).train()
+            opt = torch.optim.RMSprop(model.parameters(), lr=LEARNING_RATE, alpha=0.9, eps=1e-3, momentum=0.9)
+            fwd = torch.compile(model) if variant == "compile" else model
+
+            def train(n: int, fwd: Any = fwd, opt: Any = opt) -> None:
+                for _ in range(n):
+                    opt.zero_grad(set_to_none=True)
+                    with amp:
+                        loss = torch.nn.functional.cross_entropy(fwd(xt).float(), yt)
+                    loss.backward()
+                    opt.step()
+                sync()
+
+            t0 = time.perf_counter()
+            train(1)
+            runners.append(Runner("timm", "train", variant, train, {"first_step_s": time.perf_counter() - t0}))
+        if "inference" in args.modes:
+            model = timm_model(spec, args.num_classes).to(device).eval()
+            fwd = torch.compile(model) if variant == "compile" else model
+
+            def infer(n: int, fwd: Any = fwd) -> None:
+                with torch.inference_mode(), amp:
+                    for _ in range(n):
+                        fwd(xt)
+                sync()
+
+            t0 = time.perf_counter()
+            infer(1)
+            runners.append(Runner("timm", "inference", variant, infer, {"first_step_s": time.perf_counter() - t0}))
+    return runners
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="b0", help="b0..b8 (ignored when --phi is given)")
+    p.add_argument("--alpha", type=float, default=1.2)
+    p.add_argument("--beta", type=float, default=1.1)
+    p.add_argument("--gamma", type=float, default=1.15)
+    p.add_argument("--phi", type=float, default=None, help="use the formula spec alpha/beta/gamma^phi")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=None, help="default: the spec's resolution")
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--depthwise_impl", default="auto",
+                   help=f"one of {ops.DEPTHWISE_IMPLS}, or a comma list to compare several")
+    p.add_argument("--modes", default="train,inference", help="comma list of train, inference")
+    p.add_argument("--peer", choices=("timm",), default=None)
+    p.add_argument("--no_torch_compile", action="store_true", help="GPU only: skip the torch.compile peer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    p.add_argument("--threads", type=int, default=cpu_threads(), help="torch threads (JAX uses all cores)")
+    p.add_argument("--compile_cache", default=None, help="persistent XLA compilation cache directory")
+    p.add_argument("--json", default=None, help="also write the JSON lines here")
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(args.modes) <= {"train", "inference"} or not args.modes:
+        p.error("--modes takes train and/or inference")
+    args.impls = [i.strip() for i in args.depthwise_impl.split(",") if i.strip()]
+    for impl in args.impls:
+        if impl not in ops.DEPTHWISE_IMPLS:
+            p.error(f"--depthwise_impl: {impl!r} is not one of {ops.DEPTHWISE_IMPLS}")
+    return args
+
+
+def environment() -> dict[str, Any]:
+    env = {
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "cpu_threads": cpu_threads(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": __import__("flax").__version__,
+        "optax": optax.__version__,
+    }
+    if "torch" in sys.modules:
+        env["torch"] = sys.modules["torch"].__version__
+        env["timm"] = sys.modules["timm"].__version__
+    return env
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """Rows: setting | peer img/s | ours img/s | ratio, then compile times."""
+    peer = {(r["mode"], r["variant"]): r for r in records if r["impl"] == "timm"}
+    lines = [f"{'mode':<10} {'impl':<11} {'variant':<8} {'img/s':>9} {'ms/step':>9} {'compile s':>9} {'vs timm':>16}"]
+    for r in records:
+        ratios = []
+        if r["impl"] == "effnet_jax":
+            for (mode, variant), p in peer.items():
+                if mode == r["mode"]:
+                    ratios.append(f"{r['img_per_s'] / p['img_per_s']:.2f}x {variant}")
+        compile_s = r.get("compile_s")
+        lines.append(
+            f"{r['mode']:<10} {r['impl']:<11} {r['variant']:<8} {r['img_per_s']:>9.1f} {1e3 * r['step_s']:>9.2f} "
+            f"{'' if compile_s is None else f'{compile_s:.2f}':>9} {', '.join(ratios):>16}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.compile_cache:
+        compile_cache.enable(args.compile_cache)
+    if args.phi is not None:
+        spec = from_constants(args.alpha, args.beta, args.gamma, args.phi)
+    else:
+        spec = resolve(args.model)
+    res = args.resolution or spec.resolution
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)
+    y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
+
+    runners: list[Runner] = []
+    for impl in args.impls:
+        if "train" in args.modes:
+            runners.append(ours_train(spec, args, impl, x, y))
+        if "inference" in args.modes:
+            runners.append(ours_inference(spec, args, impl, x))
+    if args.peer == "timm":
+        runners += timm_runners(spec, args, x, y)
+
+    for r in runners:
+        r.run(args.warmup)
+    for _ in range(args.repeats):  # interleaved, so background load hits every runner alike
+        for r in runners:
+            t0 = time.perf_counter()
+            r.run(args.steps)
+            r.times.append((time.perf_counter() - t0) / args.steps)
+
+    env = environment()
+    peak = peak_device_bytes()
+    records = []
+    for r in runners:
+        step_s = statistics.median(r.times)
+        rec = {
+            "model": spec.name, "resolution": res, "batch": args.batch, "dtype": args.dtype,
+            "impl": r.impl, "mode": r.mode, "variant": r.variant,
+            "img_per_s": args.batch / step_s, "step_s": step_s,
+            "step_s_all": r.times, "steps": args.steps, "repeats": args.repeats,
+            "compile_s": r.info.get("compile_s"), "first_step_s": r.info.get("first_step_s"),
+            "compiled_temp_bytes": r.info.get("compiled_temp_bytes"),
+            "peak_device_bytes": peak if r.impl == "effnet_jax" else None,
+            "compile_cache": args.compile_cache, **env,
+        }
+        records.append(rec)
+    for rec in records:
+        print(json.dumps(rec))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+    print(f"\n{spec.name} {res}px batch {args.batch} {args.dtype} on {env['backend']} "
+          f"({env['device']}, {env['cpu_threads']} threads)")
+    print(table(records))
+    return records
+
+
+if __name__ == "__main__":
+    main()

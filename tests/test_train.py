@@ -1,0 +1,148 @@
+"""The trainer end to end on tiny settings: results, sharding, multi-process, resume, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
+# A tiny network at 32 px keeps each compile to seconds on 2 cores.
+TINY = ["--config.model.network=tiny", "--config.progress_bar=False", "--config.compile_cache_dir="]
+
+
+def run_train(workdir, *overrides, env=None, check=True):
+    cmd = [sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={workdir}", *TINY, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def read_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_results_metrics_and_checkpoints(tmp_path):
+    wd = tmp_path / "run"
+    proc = run_train(wd, "--config.num_train_steps=6", "--config.log_every_steps=2", "--config.eval_every_steps=3",
+                     "--config.checkpoint_every_steps=3")
+    assert proc.stdout.strip().splitlines()[-1].startswith("done: ")
+    result = json.loads((wd / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 6
+    for key in ("val_top1", "val_top5", "ema_val_top1", "train_loss", "params", "macs", "train_img_per_s"):
+        assert result[key] is not None, key
+    assert 0.0 <= result["val_top1"] <= result["val_top5"] <= 1.0
+    rows = read_rows(wd)
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "val_top1" in r] == [3, 6]
+    assert {"learning_rate", "img_per_s", "grad_norm"} <= set(rows[0])
+    assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
+    assert os.listdir(wd / "tensorboard")
+
+
+def test_sharded_step_matches_single_device(tmp_path):
+    """4 fake CPU devices, same global batch: the losses of the first steps agree to 1e-5 relative."""
+    losses = {}
+    for n in (1, 4):
+        wd = tmp_path / f"dev{n}"
+        run_train(wd, "--config.num_train_steps=3", "--config.log_every_steps=1", "--config.batch_size=16",
+                  "--config.model.dropout=0.0", "--config.model.drop_path_rate=0.0",
+                  env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+        result = json.loads((wd / "result.json").read_text())
+        assert result["devices"] == n
+        losses[n] = [r["loss"] for r in read_rows(wd) if "loss" in r]
+    assert len(losses[1]) == 3
+    for a, b in zip(losses[1], losses[4]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_agree(tmp_path):
+    port = _free_port()
+    wd = tmp_path / "mp"
+    script = textwrap.dedent(f"""
+        import json, sys, jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
+        from effnet_jax import train
+        from effnet_jax.configs import digits
+        c = digits.get_config()
+        c.model.network, c.progress_bar, c.compile_cache_dir = "tiny", False, ""
+        c.num_train_steps, c.batch_size, c.checkpoint_every_steps = 4, 16, 2
+        r = train.train_and_evaluate(c, {str(wd)!r})
+        print("RESULT", json.dumps({{"pid": jax.process_index(), "n": jax.process_count(),
+                                     "sha": r["params_sha256"], "val": r["val_top1"]}}))
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(line.split(" ", 1)[1]) for out, _ in outs for line in out.splitlines()
+               if line.startswith("RESULT")]
+    assert sorted(r["pid"] for r in results) == [0, 1] and all(r["n"] == 2 for r in results)
+    assert results[0]["sha"] == results[1]["sha"]
+    assert results[0]["val"] == results[1]["val"]
+
+
+def test_sigkill_then_resume_ends_with_identical_parameters(tmp_path):
+    args = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
+            "--config.eval_every_steps=100"]
+    ref = tmp_path / "ref"
+    run_train(ref, *args)
+    expected = json.loads((ref / "result.json").read_text())["params_sha256"]
+
+    wd = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={wd}", *TINY, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once a checkpoint past step 4 exists, mid-run
+        steps = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()] if (wd / "checkpoints").exists() else []
+        if steps and max(steps) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (wd / "result.json").exists(), "the run finished before it could be killed"
+    run_train(wd, *args)
+    result = json.loads((wd / "result.json").read_text())
+    assert result["params_sha256"] == expected
+    logged = [r["step"] for r in read_rows(wd) if "loss" in r]
+    assert logged == sorted(set(logged)), "a step was logged twice after resume"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+        (["--config.no_such_key=1"], "no_such_key"),
+        (["--config.batch_size=6"], "not divisible by the 4 devices"),
+        (["--config.model.resolution=4"], "smaller than the network's total stride"),
+        (["--config.model.name=formula", "--config.model.constants={constants}"], "alpha must be a finite number >= 1"),
+        (["--config.optimizer.name=lamb"], "optimizer.name"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message):
+    constants = tmp_path / "best.json"
+    constants.write_text(json.dumps({"alpha": 0.8, "beta": 1.1, "gamma": 1.1}))
+    wd = tmp_path / "wd"
+    overrides = [o.format(constants=constants) for o in overrides]
+    proc = run_train(wd, *overrides, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not wd.exists()
