@@ -154,7 +154,7 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef, rngs: nnx.St
             "loss": loss,
             "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "learning_rate": schedule(step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return new, metrics
 
