@@ -111,7 +111,7 @@ def resize_images(images: np.ndarray, resolution: int) -> np.ndarray:
     """Bicubic resize of NHWC float images to resolution x resolution (on the host CPU)."""
     import jax
 
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         out = jax.image.resize(images, (images.shape[0], resolution, resolution, images.shape[3]), "bicubic")
     return np.asarray(out, np.float32)
 

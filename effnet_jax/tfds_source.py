@@ -1,0 +1,462 @@
+"""TFDS datasets and image folders as a :class:`effnet_jax.input_pipeline.Source`.
+
+The only module that imports TensorFlow; ``input_pipeline.create_source`` imports it
+lazily, so training on the embedded digits never pays for (or needs) TensorFlow.
+
+* ``data.name``: any TFDS image-classification dataset (``cifar10``, ``imagenette``,
+  ``imagenet2012`` ...; a version as ``name:1.2.3``), read from ``data.data_dir``
+  ("" = the TFDS default), or ``folder:/root`` for ``root/split/label/x.png`` read
+  with ``tfds.folder_dataset.ImageFolder``.
+* Nothing is ever downloaded: a dataset that is not prepared fails at once with the
+  command that prepares it (TFDS would otherwise retry downloads for minutes).
+* ``data.holdout_fraction`` = f > 0: the eval split is the last round(n * f) examples of
+  ``data.train_split`` (absolute indices, ``train[:k]`` / ``train[k:]``) and
+  ``data.eval_split`` is ignored. TFDS shuffles records when it prepares a dataset and
+  ImageFolder shuffles its file list with a fixed seed, so the tail is a random subset.
+* Each process reads its own part of each split (``tfds.split_for_jax_process``; folders:
+  ``Dataset.shard``) and serves ``global_batch // process_count`` examples per batch.
+* Training: epoch e of this process is its shard shuffled with a seed from (seed,
+  process, e); example i of epoch e is augmented with stateless random ops seeded by
+  (seed, process, e, i), so the stream is a pure function of the seed. Resuming at step
+  s starts at epoch s * local_batch // n and skips the remainder of that epoch: at most
+  one epoch of *encoded* records is read again (images are decoded after the skip).
+* Preprocessing (the official EfficientNet recipe): train = inception crop (area
+  0.08-1, aspect 3/4-4/3, centre crop when no box is found) + horizontal flip (+
+  optional RandAugment) + bicubic resize; eval = centre crop of resolution /
+  (resolution + 32) of the shorter side + bicubic resize; both then normalised with
+  ``data.mean_rgb`` / ``data.std_rgb`` (0..1 scale, ImageNet's by default). Grey images
+  are repeated to RGB, alpha is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ banners off the CLI's one-line errors
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from effnet_jax.errors import UserError  # noqa: E402
+from effnet_jax.input_pipeline import Batch  # noqa: E402
+
+try:  # JAX owns the accelerators: TF (if it is a GPU build) must not grab their memory
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):
+    pass
+
+FOLDER_PREFIX = "folder:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PADDING = 32
+AUTOTUNE = tf.data.AUTOTUNE
+# Our pipeline functions use tf.cond / tf.where, never Python control flow on tensors: skipping
+# autograph's source-to-source conversion makes building a pipeline several times faster.
+_plain = tf.autograph.experimental.do_not_convert
+
+
+@dataclasses.dataclass
+class _Split:
+    """One split as this process reads it: records (encoded image, int label) in a fixed order."""
+
+    records: tf.data.Dataset
+    num_local: int  # examples in this process's part
+    num_total: int  # examples over all processes
+
+
+@dataclasses.dataclass
+class TfdsSource:
+    """Per-process numpy batches of a TFDS dataset or image folder (see the module docstring)."""
+
+    name: str
+    num_classes: int
+    train: _Split
+    eval: _Split
+    decode: Callable[[tf.Tensor], tf.Tensor]  # encoded bytes -> uint8 (H, W, 3)
+    resolution: int
+    global_batch: int
+    seed: int = 0
+    augment: bool = True
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 10.0
+    shuffle_buffer: int = 16_384
+    mean_rgb: tuple[float, ...] = IMAGENET_MEAN
+    std_rgb: tuple[float, ...] = IMAGENET_STD
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self) -> None:
+        self.local_batch = self.global_batch // self.process_count
+        if self.global_batch > self.num_train:
+            raise UserError(f"batch size {self.global_batch} is larger than the {self.name} training split "
+                            f"({self.num_train} examples)")
+        if self.train.num_local == 0:
+            raise UserError(f"process {self.process_index} got no {self.name} training examples")
+
+    @property
+    def num_train(self) -> int:
+        return self.train.num_total
+
+    @property
+    def num_eval(self) -> int:
+        return self.eval.num_total
+
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        return iter(tfds.as_numpy(self.train_dataset(start_step)))
+
+    def eval_batches(self) -> Iterator[Batch]:
+        return iter(tfds.as_numpy(self.eval_dataset()))
+
+    def train_dataset(self, start_step: int = 0) -> tf.data.Dataset:
+        """The endless training stream from ``start_step`` on, batched for this process."""
+        n = self.train.num_local
+        epoch0, offset = divmod(start_step * self.local_batch, n)
+        records, buffer = self.train.records, max(1, min(self.shuffle_buffer, n))
+        process_key = tf.constant([self.seed, self.process_index], tf.int64)
+
+        def epoch(e: tf.Tensor) -> tf.data.Dataset:
+            key = tf.random.experimental.stateless_fold_in(process_key, e)
+            shuffled = records.shuffle(buffer, seed=key[0], reshuffle_each_iteration=False)
+            fold = tf.random.experimental.stateless_fold_in
+            return shuffled.enumerate().map(_plain(lambda i, ex: (fold(key, i), ex)))
+
+        ds = tf.data.Dataset.range(epoch0, 1 << 62).flat_map(_plain(epoch)).skip(offset)
+        ds = ds.map(_plain(lambda key, ex: self._train_example(key, *ex)), num_parallel_calls=AUTOTUNE)
+        return ds.batch(self.local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        """One pass, ceil(num_eval / global_batch) batches on every process, padding masked out."""
+        num_batches = math.ceil(self.num_eval / self.global_batch)
+        ds = self.eval.records.map(
+            _plain(lambda image, label: {"image": self._normalize(self._eval_image(self.decode(image))),
+                                         "label": label, "mask": tf.constant(1.0)}),
+            num_parallel_calls=AUTOTUNE)
+        pad = {"image": tf.zeros((self.resolution, self.resolution, 3)), "label": tf.constant(0, tf.int32),
+               "mask": tf.constant(0.0)}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+        return ds.batch(self.local_batch, drop_remainder=True).take(num_batches).prefetch(AUTOTUNE)
+
+    def _train_example(self, key: tf.Tensor, encoded: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = self.decode(encoded)
+        if not self.augment:
+            return {"image": self._normalize(self._eval_image(image)), "label": label}
+        crop_key, flip_key, ra_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+        image = _resize(_inception_crop(image, crop_key, self.resolution), self.resolution)
+        image = tf.image.stateless_random_flip_left_right(image, flip_key)
+        if self.randaugment_layers > 0:
+            image = randaugment(image, ra_key, self.randaugment_layers, self.randaugment_magnitude)
+        return {"image": self._normalize(image), "label": label}
+
+    def _eval_image(self, image: tf.Tensor) -> tf.Tensor:
+        return _resize(_center_crop(image, self.resolution), self.resolution)
+
+    def _normalize(self, image: tf.Tensor) -> tf.Tensor:
+        mean = tf.constant(self.mean_rgb, tf.float32) * 255.0
+        std = tf.constant(self.std_rgb, tf.float32) * 255.0
+        return (image - mean) / std
+
+
+def create_source(data: Any, resolution: int, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> TfdsSource:
+    """Open ``data.name`` (TFDS name or ``folder:ROOT``) without downloading anything."""
+    if data.name.startswith(FOLDER_PREFIX):
+        opened = _open_folder(data, process_index, process_count)
+    else:
+        opened = _open_tfds(data, process_index, process_count)
+    name, num_classes, train, eval_, decode = opened
+    return TfdsSource(
+        name=name, num_classes=num_classes, train=train, eval=eval_, decode=decode, resolution=resolution,
+        global_batch=global_batch, seed=seed, augment=bool(data.augment),
+        randaugment_layers=int(data.get("randaugment_layers", 0)),
+        randaugment_magnitude=float(data.get("randaugment_magnitude", 10)),
+        shuffle_buffer=int(data.get("shuffle_buffer", 16_384)),
+        mean_rgb=tuple(data.get("mean_rgb", IMAGENET_MEAN)), std_rgb=tuple(data.get("std_rgb", IMAGENET_STD)),
+        process_index=process_index, process_count=process_count,
+    )
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _builder(name: str, data_dir: str) -> Any:
+    """``tfds.builder`` with one-line errors, refusing community namespaces (they query the network)."""
+    if ":" in name and not name.split(":", 1)[1][:1].isdigit():
+        raise UserError(f"unknown dataset {name!r}: community datasets ('namespace:name') are not supported; "
+                        "use a TFDS dataset name or 'folder:/path/root'")
+    try:
+        return tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown dataset {name!r}: not 'digits', a TFDS dataset or 'folder:/path/root'"
+                        f"{hint}") from None
+    except ValueError as e:
+        raise UserError(f"unknown dataset {name!r}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _open_tfds(data: Any, process_index: int, process_count: int) -> tuple:
+    name = data.name
+    builder = _builder(name, data.data_dir)
+    # not builder.is_prepared(): that logs a warning, and the CLI's error must stay one line
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")) or not builder.info.splits:
+        root = data.data_dir or str(builder.data_dir_root)
+        how = (f"it needs a manual download first (see https://www.tensorflow.org/datasets/catalog/"
+               f"{builder.name}), then `tfds build {name} --data_dir={root} --manual_dir=DIR`"
+               if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else f"run `tfds build {name} --data_dir={root}` on a "
+               "machine with network access and copy the directory here")
+        raise UserError(f"dataset {name!r} is not prepared in {root} and is never downloaded during training: {how}")
+    image_key, label_key = _keys(builder.info)
+    splits = builder.info.splits
+
+    def count(split: Any) -> int:
+        try:
+            return splits[split].num_examples
+        except (KeyError, ValueError, AssertionError) as e:
+            raise UserError(f"{name} has splits {', '.join(splits)}; cannot read {split!r} "
+                            f"({' '.join(str(e).split())[:150]})") from None
+
+    train_split, eval_split = _holdout(data, count)
+
+    def part(split: str) -> _Split:
+        count(split)
+        local = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+        records = builder.as_dataset(split=local, shuffle_files=False,
+                                     decoders={image_key: tfds.decode.SkipDecoding()})
+        records = records.map(_plain(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32))))
+        return _Split(records, count(local), count(split))
+
+    image_feature = builder.info.features[image_key]
+    return (name, builder.info.features[label_key].num_classes, part(train_split), part(eval_split),
+            lambda encoded: _to_rgb(image_feature.decode_example(encoded)))
+
+
+def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
+    root = os.path.expanduser(data.name[len(FOLDER_PREFIX):])
+    if not tf.io.gfile.isdir(root):
+        raise UserError(f"image folder {root!r} does not exist (expected {root}/SPLIT/LABEL/IMAGE.png)")
+    builder = tfds.folder_dataset.ImageFolder(root)
+    splits = {k: v.num_examples for k, v in builder.info.splits.items() if v.num_examples}
+    num_classes = builder.info.features["label"].num_classes
+    if not splits or not num_classes:
+        raise UserError(f"image folder {root!r} has no images: expected {root}/SPLIT/LABEL/IMAGE.(png|jpg)")
+
+    def count(split: str) -> int:
+        if split not in splits:
+            raise UserError(f"image folder {root!r} has splits {', '.join(splits)}; got {split!r} "
+                            "(folders take plain split names)")
+        return splits[split]
+
+    train_split, eval_split = _holdout(data, count)
+
+    def part(split: str) -> _Split:
+        base, lo, hi = _parse_range(split)
+        hi = splits[base] if hi is None else hi
+        records = builder.as_dataset(split=base, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        records = records.skip(lo).take(hi - lo).shard(process_count, process_index)
+        records = records.map(_plain(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32))))
+        n = hi - lo
+        return _Split(records, len(range(process_index, n, process_count)), n)
+
+    return (data.name, num_classes, part(train_split), part(eval_split),
+            lambda encoded: _to_rgb(tf.io.decode_image(encoded, channels=3, expand_animations=False)))
+
+
+def _holdout(data: Any, count: Callable[[str], int]) -> tuple[str, str]:
+    """(train, eval) split strings; with holdout_fraction f the eval split is the last round(n * f) of train."""
+    f = float(data.get("holdout_fraction", 0.0))
+    if f <= 0:
+        count(data.train_split)
+        count(data.eval_split)
+        return data.train_split, data.eval_split
+    if f >= 1:
+        raise UserError(f"data.holdout_fraction must be in [0, 1), got {f}")
+    if not data.train_split.isidentifier():
+        raise UserError(f"data.holdout_fraction needs a plain split name as data.train_split, got {data.train_split!r}")
+    n = count(data.train_split)
+    k = n - round(n * f)
+    if not 0 < k < n:
+        raise UserError(f"data.holdout_fraction {f} of {n} examples leaves an empty train or eval split")
+    return f"{data.train_split}[:{k}]", f"{data.train_split}[{k}:]"
+
+
+def _parse_range(split: str) -> tuple[str, int, int | None]:
+    """'train' -> ('train', 0, None) ; 'train[:k]' / 'train[k:]' (our holdout) -> absolute bounds."""
+    if "[" not in split:
+        return split, 0, None
+    base, rng = split[:-1].split("[")
+    lo, hi = rng.split(":")
+    return base, int(lo or 0), int(hi) if hi else None
+
+
+def _keys(info: Any) -> tuple[str, str]:
+    """(image, label) feature names: the supervised keys, else 'image' / 'label'."""
+    keys = info.supervised_keys
+    image_key, label_key = keys if isinstance(keys, tuple) and len(keys) == 2 and all(
+        isinstance(k, str) for k in keys) else ("image", "label")
+    features = info.features
+    if not (image_key in features and isinstance(features[image_key], tfds.features.Image)
+            and label_key in features and isinstance(features[label_key], tfds.features.ClassLabel)):
+        raise UserError(f"{info.name} is not an image classification dataset (features: {', '.join(features)})")
+    return image_key, label_key
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 (H, W, C) with C in 1..4 -> (H, W, 3): grey repeated, alpha dropped."""
+    image = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """Bicubic resize to a float32 (resolution, resolution, 3) image in [0, 255]."""
+    out = tf.image.resize(tf.cast(image, tf.float32), [resolution, resolution], method="bicubic")
+    out = tf.clip_by_value(out, 0.0, 255.0)
+    out.set_shape([resolution, resolution, 3])
+    return out
+
+
+def _center_crop(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """The official eval crop: resolution / (resolution + 32) of the shorter side, centred."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    size = tf.cast(resolution / (resolution + CROP_PADDING) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    size = tf.maximum(size, 1)
+    return tf.image.crop_to_bounding_box(image, (h - size + 1) // 2, (w - size + 1) // 2, size, size)
+
+
+def _inception_crop(image: tf.Tensor, key: tf.Tensor, resolution: int) -> tf.Tensor:
+    """Random area 8-100 %, aspect 3/4-4/3; the centre crop when no box fits in 10 tries (as the official code)."""
+    shape = tf.shape(image)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key, min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    failed = tf.reduce_all(tf.equal(size[:2], shape[:2]))
+    return tf.cond(failed, lambda: _center_crop(image, resolution), lambda: tf.slice(image, begin, size))
+
+
+# --------------------------------------------------------------------------- RandAugment
+# A compact RandAugment (Cubuk et al. 2019) on float images in [0, 255]: each of `layers`
+# rounds applies one op drawn uniformly from 14, at `magnitude` (0..10, 10 = strongest),
+# geometric ops with a random sign, empty pixels filled with grey 128 as the official code.
+
+
+def _blend(a: tf.Tensor, b: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(a + factor * (b - a), 0.0, 255.0)
+
+
+def _grey(image: tf.Tensor) -> tf.Tensor:
+    return tf.image.rgb_to_grayscale(image) * tf.ones([1, 1, 3])
+
+
+def _affine(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+    """Warp with a 3x3 output->input matrix in pixel coordinates (bilinear, grey fill)."""
+    flat = tf.reshape(matrix, [9])[:8] / matrix[2, 2]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=flat[None], output_shape=tf.shape(image)[:2], fill_value=128.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+    return out[0]
+
+
+def _about_center(image: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
+    """Conjugate a linear map so it acts about the image centre."""
+    shape = tf.cast(tf.shape(image), tf.float32)
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    to = tf.convert_to_tensor([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
+    back = tf.convert_to_tensor([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
+    return _affine(image, to @ m @ back)
+
+
+def _equalize(image: tf.Tensor) -> tf.Tensor:
+    """PIL's ImageOps.equalize, per channel."""
+
+    def channel(c: tf.Tensor) -> tf.Tensor:
+        c = tf.cast(c, tf.int32)
+        hist = tf.math.bincount(c, minlength=256, maxlength=256)
+        last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))
+        step = (tf.reduce_sum(hist) - last) // 255
+        lut = (tf.cumsum(hist) + step // 2) // tf.maximum(step, 1)
+        lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
+        return tf.cast(tf.where(step == 0, c, tf.gather(lut, c)), tf.float32)
+
+    return tf.stack([channel(image[..., i]) for i in range(3)], -1)
+
+
+def _autocontrast(image: tf.Tensor) -> tf.Tensor:
+    lo = tf.reduce_min(image, [0, 1], keepdims=True)
+    hi = tf.reduce_max(image, [0, 1], keepdims=True)
+    scaled = (image - lo) * 255.0 / tf.maximum(hi - lo, 1e-3)
+    return tf.where(hi > lo, scaled, image)
+
+
+def _sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "SAME")[0]
+    return _blend(smooth, image, factor)
+
+
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
+                   "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def randaugment(image: tf.Tensor, key: tf.Tensor, layers: int, magnitude: float) -> tf.Tensor:
+    """Apply ``layers`` ops drawn from RANDAUGMENT_OPS, deterministic in ``key``."""
+    level = tf.constant(min(max(float(magnitude), 0.0), 10.0) / 10.0)
+    for k in tf.unstack(tf.random.experimental.stateless_split(key, layers)):
+        out = _randaugment_layer(image, tf.cast(k, tf.int64), level)
+        out.set_shape(image.shape)
+        image = out
+    return image
+
+
+@tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([2], tf.int64),
+                              tf.TensorSpec([], tf.float32)], autograph=False)
+def _randaugment_layer(image: tf.Tensor, key: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
+    """One layer; a tf.function so its 14 branches are traced once per process, not per pipeline."""
+    op_key, sign_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    op = tf.random.stateless_uniform([], op_key, 0, len(RANDAUGMENT_OPS), tf.int32)
+    sign = tf.where(tf.random.stateless_uniform([], sign_key) < 0.5, -1.0, 1.0)
+    return randaugment_op(image, op, level, sign)
+
+
+def randaugment_op(image: tf.Tensor, op: tf.Tensor | int, level: tf.Tensor | float,
+                   sign: tf.Tensor | float = 1.0) -> tf.Tensor:
+    """RANDAUGMENT_OPS[op] at ``level`` in [0, 1]; ``sign`` (+-1) flips the geometric / enhance direction."""
+    level = tf.convert_to_tensor(level, tf.float32)
+    factor = 1.0 + sign * 0.9 * level  # enhance ops: 0.1 .. 1.9
+    angle = sign * level * 30.0 * math.pi / 180.0
+    shear, shift = sign * 0.3 * level, sign * 0.45 * level * tf.cast(tf.shape(image)[0], tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    bits = tf.pow(2.0, tf.round(4.0 * level))  # posterize keeps 8 - round(4 * level) bits
+
+    def matrix(rows: list) -> tf.Tensor:
+        return tf.convert_to_tensor(rows[:2] + [[0.0, 0.0, 1.0]])
+
+    branches = [
+        lambda: image,
+        lambda: _autocontrast(image),
+        lambda: _equalize(image),
+        lambda: _about_center(image, matrix([[cos, -sin, 0.0], [sin, cos, 0.0]])),
+        lambda: tf.where(image < 256.0 * (1.0 - level), image, 255.0 - image),
+        lambda: _blend(_grey(image), image, factor),
+        lambda: tf.floor(image / bits) * bits,
+        lambda: _blend(tf.reduce_mean(_grey(image)) * tf.ones_like(image), image, factor),
+        lambda: _blend(tf.zeros_like(image), image, factor),
+        lambda: _sharpness(image, factor),
+        lambda: _affine(image, matrix([[1.0, shear, 0.0], [0.0, 1.0, 0.0]])),
+        lambda: _affine(image, matrix([[1.0, 0.0, 0.0], [shear, 1.0, 0.0]])),
+        lambda: _affine(image, matrix([[1.0, 0.0, shift], [0.0, 1.0, 0.0]])),
+        lambda: _affine(image, matrix([[1.0, 0.0, 0.0], [0.0, 1.0, shift]])),
+    ]
+    out = tf.switch_case(tf.convert_to_tensor(op, tf.int32), branches)
+    out.set_shape(image.shape)
+    return out
