@@ -129,14 +129,13 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef, rngs: nnx.St
                num_classes: int) -> tuple[Callable, Callable]:
     """Pure train and eval steps over (state, batch); the caller jits them."""
     o = config.optimizer
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         step = state["step"]
 
         def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[jax.Array, nnx.State]]:
             model = nnx.merge(graphdef, params, state["stats"], rngs, copy=True)
-            nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, step))
+            nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state["dropout_key"]), step))
             logits = model(batch["image"])
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), o.label_smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -145,7 +144,7 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef, rngs: nnx.St
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "stats": stats, "opt": opt}
+        new = {"step": step + 1, "params": params, "stats": stats, "opt": opt, "dropout_key": state["dropout_key"]}
         if "ema_params" in state:  # TF's ExponentialMovingAverage(num_updates=step)
             decay = jnp.minimum(o.ema_decay, (1.0 + step) / (10.0 + step))
             new["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - decay)
@@ -196,12 +195,10 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
                         f"{arch.total_stride}")
     dtype = compute_dtype(config.model.dtype)
     ndev = jax.device_count()
-    for name in ("batch_size", "eval_batch_size"):
-        b = config[name]
-        if b < 0 or (b == 0 and name == "batch_size"):
-            raise UserError(f"{name} must be positive, got {b}")
-        if b % ndev:
-            raise UserError(f"{name} {b} is not divisible by the {ndev} devices")
+    if config.batch_size <= 0:
+        raise UserError(f"batch_size must be positive, got {config.batch_size}")
+    if config.batch_size % ndev:
+        raise UserError(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
     source = input_pipeline.create_source(config.data, spec.resolution, config.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
     steps_per_epoch = max(1, source.num_train // config.batch_size)
@@ -266,7 +263,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     eval_graphdef = nnx.graphdef(eval_view(model))
     schedule = learning_rate_schedule(config.optimizer, config.batch_size, run.steps_per_epoch, total)
     tx = make_optimizer(config.optimizer, schedule, params)
-    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params)}
+    # The dropout key is state, not a constant baked into the program: trials that differ
+    # only in seed then share one compiled step (persistent compilation cache).
+    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
+    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
+                    "dropout_key": dropout_key}
     if config.optimizer.ema_decay > 0:
         state["ema_params"], state["ema_stats"] = params, stats
 
@@ -430,7 +431,7 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
 
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", default_config, "config file (path[:arg])", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=list(argv))
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU)",
                       flag_values=fv)

@@ -101,14 +101,18 @@ def trial_id(c: Candidate, seed: int, rung: int) -> str:
     return f"{c.key}-s{seed}-r{rung}"
 
 
-def trial_config(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int) -> ml_collections.ConfigDict:
-    """The trainer config of one trial: B0 scaled by the candidate, this seed, this rung's budget."""
+def trial_config(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int,
+                 phi: float | None = None) -> ml_collections.ConfigDict:
+    """The trainer config of one trial: B0 scaled by the candidate, this seed, this rung's budget.
+
+    ``phi`` (default config.search.phi) lets the scaling study grow a candidate past phi = 1.
+    """
     cfg = copy.deepcopy(config.train)
     cfg.unlock()
     m = cfg.model
     m.name, m.constants = "formula", ""
     m.alpha, m.beta, m.gamma = c.alpha, c.beta, c.gamma
-    m.phi = 0.0 if c.label == "baseline" else float(config.search.phi)
+    m.phi = 0.0 if c.label == "baseline" else float(config.search.phi if phi is None else phi)
     cfg.seed = int(seed)
     budget = config.search.halving_eta**rung
     if cfg.num_train_steps:
@@ -152,11 +156,11 @@ class ResultsLog:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
-def run_trial(config: ml_collections.ConfigDict, workdir: str, c: Candidate, seed: int, rung: int
-              ) -> dict[str, Any]:
+def run_trial(config: ml_collections.ConfigDict, workdir: str, c: Candidate, seed: int, rung: int,
+              phi: float | None = None) -> dict[str, Any]:
     """Train one trial (resuming its checkpoint if any) and return its results row."""
     tid = trial_id(c, seed, rung)
-    cfg = trial_config(config, c, seed, rung)
+    cfg = trial_config(config, c, seed, rung, phi)
     row = {"trial_id": tid, "label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma,
            "product": c.product, "phi": cfg.model.phi, "seed": seed, "rung": rung}
     start = time.time()

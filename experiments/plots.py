@@ -57,3 +57,34 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def scaling_study_plot(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> str | None:
+    """accuracy_vs_macs.png for the scaling study: one line per strategy, each starting at the
+    shared baseline (the shape of the paper's Figure 8), error bars = std over seeds."""
+    plt = _pyplot()
+    done = [s for s in summary if s["mean"] is not None]
+    if not done:
+        return None
+    base = [s for s in done if s["family"] == "baseline"]
+    styles = {"compound": ("red", "o"), "width": ("C0", "s"), "depth": ("C2", "^"), "resolution": ("C1", "D")}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for family, (color, marker) in styles.items():
+        pts = sorted(base + [s for s in done if s["family"] == family], key=lambda s: s["macs"])
+        if len(pts) == len(base):
+            continue
+        ax.errorbar([s["macs"] / 1e6 for s in pts], [s["mean"] for s in pts], yerr=[s["std"] or 0.0 for s in pts],
+                    fmt="-" + marker, color=color, capsize=3, label=f"{family} scaling",
+                    linewidth=2 if family == "compound" else 1.2)
+    for s in base:
+        ax.annotate("baseline", (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -12),
+                    fontsize=8)
+    ax.set_xlabel("MMACs per image (achieved)")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title("one dimension vs compound scaling at matched MACs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(outdir, "accuracy_vs_macs.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

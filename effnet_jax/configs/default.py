@@ -41,7 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
     d.shuffle_buffer = 16_384
 
     c.batch_size = 256  # global, over all devices and hosts
-    c.eval_batch_size = 0  # 0: same as batch_size
     c.num_epochs = 350.0
     c.num_train_steps = 0  # > 0 overrides num_epochs
 

@@ -1,0 +1,404 @@
+"""Scaling study: compound vs width-, depth- and resolution-only scaling at matched MACs.
+
+    python -m experiments.scaling_study                          # embedded digits, 2-core CPU, <= 15 min
+    python -m experiments.scaling_study --config.study.constants=runs/grid/best.json --workdir=runs/study
+
+From unscaled B0 (the shared 1x point), each family is scaled along its own axis
+until its MACs match a budget (``study.budgets`` x the baseline's MACs):
+
+* width only      Candidate(alpha=1, beta=w, gamma=1) at phi = 1
+* depth only      Candidate(alpha=d, beta=1, gamma=1) at phi = 1
+* resolution only Candidate(alpha=1, beta=1, gamma=r) at phi = 1
+* compound        Candidate(alpha, beta, gamma) of ``study.constants`` (default the paper's) at
+                  the phi that matches the budget (phi is solved, not log2(budget), so that
+                  every family is matched the same way; the FLOPs-growth check reports the
+                  formula's (alpha*beta^2*gamma^2)^phi prediction beside the measured MACs).
+
+Matching: the coefficient runs on a grid of 1e-4; MACs of the model the trainer would
+build (official rounding of channels, repeats and resolution, counted by
+``cost.count_macs``) are non-decreasing in it, so bisection finds the first grid point at
+or above the target; that model and the one just below compete, the closer one wins, and
+its achieved MACs must be within ``study.tolerance`` of the target (else a UserError).
+Every model is trained by ``experiments.grid_search.run_trial``, the grid search's trial
+runner, with the same budget for all; ``study.jsonl`` gets one durable line per finished
+trial (a rerun with the same workdir skips them and resumes an interrupted one).
+
+Outputs in --workdir: study.jsonl, study.csv (one row per trial), summary.json (mean +-
+std per model, compound-vs-best-single-axis verdicts), accuracy_vs_macs.png (one line per
+strategy, the shape of the paper's Figure 8) and flops_growth.json.
+
+Default sizing (B0, digits, 32 px, batch 64): 9 models x 2 seeds = 18 trials of 2 epochs
+(32 steps) each. XLA compilation, not training, sets the wall time: on a 2-core CPU shared
+with other jobs (load 5-7) a 2-step trial took 144 s for B0 (16 blocks), 390 s for compound
+4x (23 blocks, 34 px) and 596 s for depth 4x (61 blocks), and a 4-epoch B0 trial 198 s (105 s
+of it compiling the train step). So the default does not fit 15 minutes on such a machine,
+whatever the epochs: the train step's HLO embeds the seed (its dropout key), so every seed
+compiles afresh. Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)',
+or --config.train.model.network=tiny. A rerun in the same workdir hits jax's persistent
+compilation cache (train.compile_cache_dir) and skips finished trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from effnet_jax import cost, scaling, train
+from effnet_jax.errors import UserError, exit_on_user_error
+from experiments import grid_search
+from experiments.grid_search import Candidate, ResultsLog
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "scaling_study.py")
+FAMILIES = ("width", "depth", "resolution", "compound")
+STEP = 1e-4  # grid of the searched coefficient (w, d, gamma or phi)
+MAX_COEFFICIENT = 64.0  # a budget no family reaches below this is refused
+CSV_FIELDS = ("trial_id", "family", "budget", "coefficient", "alpha", "beta", "gamma", "phi", "seed",
+              "target_macs", "macs_ratio", *grid_search.RESULT_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One model of the study: a family scaled to a budget, with what its MACs came out as."""
+
+    family: str  # one of FAMILIES, or "baseline"
+    budget: float  # target MACs / baseline MACs
+    candidate: Candidate
+    phi: float
+    coefficient: float  # the searched multiplier: w, d, gamma, or phi for compound
+    width: float
+    depth: float
+    resolution: int
+    blocks: int
+    params: int
+    macs: int
+    ratio: float  # achieved MACs / baseline MACs
+
+    @property
+    def key(self) -> str:
+        """Names the model, so a rerun with other constants or budgets never reuses a stale row."""
+        if self.family == "baseline":
+            return "baseline"
+        return f"{self.family}-{self.budget:g}x-w{self.width:.4f}-d{self.depth:.4f}-r{self.resolution}"
+
+    def trial_id(self, seed: int) -> str:
+        return f"{self.key}-s{seed}"
+
+
+class StudyLog(ResultsLog):
+    """The grid search's locked, torn-tail-safe results log, writing study.jsonl."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "study.jsonl")
+
+
+def runner_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """What grid_search.trial_config reads: the train config and a one-rung search at phi = 1."""
+    rc = ml_collections.ConfigDict()
+    rc.train = config.train
+    rc.search = ml_collections.ConfigDict({"phi": 1.0, "halving_eta": 1})
+    return rc
+
+
+def family_candidate(family: str, coefficient: float, constants: dict[str, float]) -> tuple[Candidate, float]:
+    """The grid-search candidate and phi of ``family`` scaled by ``coefficient``."""
+    if family == "width":
+        return Candidate(1.0, coefficient, 1.0, label=family), 1.0
+    if family == "depth":
+        return Candidate(coefficient, 1.0, 1.0, label=family), 1.0
+    if family == "resolution":
+        return Candidate(1.0, 1.0, coefficient, label=family), 1.0
+    if family == "compound":
+        return Candidate(constants["alpha"], constants["beta"], constants["gamma"], label=family), coefficient
+    raise UserError(f"unknown family {family!r}; expected some of {', '.join(FAMILIES)}")
+
+
+def measure(rc: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
+    """Shape and MACs of the model the trial runner would train (same config path, same rounding)."""
+    cfg = grid_search.trial_config(rc, c, 0, 0, phi=phi)
+    spec = train.model_spec(cfg)
+    arch = scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+    return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
+            "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution, num_classes)}
+
+
+def origin(family: str) -> float:
+    """The coefficient of the unscaled baseline: multiplier 1, or phi = 0 for compound."""
+    return 0.0 if family == "compound" else 1.0
+
+
+def match_budget(family: str, budget: float, base_macs: int, macs_at: Callable[[float], int],
+                 tolerance: float) -> tuple[float, int]:
+    """The coefficient (on the STEP grid) whose rounded model's MACs are closest to budget x base.
+
+    ``macs_at`` is non-decreasing in the coefficient (channels, repeats and resolution are
+    rounded monotonically), so bisection over grid indices finds the first model at or above
+    the target; the model just below it is the only other contender.
+    """
+    target = budget * base_macs
+    start = origin(family)
+    at = lambda k: macs_at(start + k * STEP)  # noqa: E731
+    hi = 1
+    while at(hi) < target:
+        hi *= 2
+        if start + hi * STEP > MAX_COEFFICIENT:
+            raise UserError(f"{family}-only scaling does not reach {budget:g}x the baseline MACs below a "
+                            f"coefficient of {MAX_COEFFICIENT:g}")
+    lo = -1  # at(lo) < target is assumed for lo < 0; at(hi) >= target
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid >= 0 and at(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    options = [hi]
+    if hi > 0:  # the model just below the target: its first grid index
+        below = at(hi - 1)
+        first, last = -1, hi - 1
+        while last - first > 1:
+            mid = (first + last) // 2
+            if mid >= 0 and at(mid) >= below:
+                last = mid
+            else:
+                first = mid
+        options.append(last)
+    k = min(options, key=lambda i: (abs(at(i) / target - 1), at(i)))
+    macs = at(k)
+    if abs(macs / target - 1) > tolerance:
+        near = ", ".join(f"{at(i) / base_macs:.2f}x" for i in sorted(options))
+        raise UserError(f"{family}-only scaling cannot get within {tolerance:.0%} of {budget:g}x the baseline "
+                        f"MACs (the nearest models cost {near}); change study.budgets or study.tolerance")
+    return round(start + k * STEP, 6), macs
+
+
+def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_classes: int) -> list[Point]:
+    """The baseline, then every (family, budget) model above it, each matched to its budget."""
+    s = config.study
+    rc = runner_config(config)
+    base_c = Candidate(1.0, 1.0, 1.0, label="baseline")
+    base = measure(rc, base_c, 0.0, num_classes)
+    points = [Point("baseline", 1.0, base_c, 0.0, 1.0, **base, ratio=1.0)]
+    for family in s.families:
+        for budget in s.budgets:
+            def macs_at(coef: float, family: str = family) -> int:
+                return measure(rc, *family_candidate(family, coef, constants), num_classes)["macs"]
+
+            coef, _ = match_budget(family, float(budget), base["macs"], macs_at, float(s.tolerance))
+            if coef == origin(family):  # unscaled: the shared baseline
+                continue
+            c, phi = family_candidate(family, coef, constants)
+            m = measure(rc, c, phi, num_classes)
+            points.append(Point(family, float(budget), c, phi, coef, **m, ratio=m["macs"] / base["macs"]))
+    return points
+
+
+def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Validate the study section (UserError on a mistake); returns the compound constants."""
+    s = config.study
+    families = list(s.families)
+    if not families or any(f not in FAMILIES for f in families) or len(set(families)) != len(families):
+        raise UserError(f"study.families must be distinct names from {', '.join(FAMILIES)}, got {tuple(families)}")
+    budgets = list(s.budgets)
+    if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1
+                          for b in budgets):
+        raise UserError(f"study.budgets must be numbers >= 1 (multiples of the baseline's MACs), got {tuple(budgets)}")
+    seeds = list(s.seeds)
+    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+        raise UserError(f"study.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
+    if not s.tolerance > 0:
+        raise UserError(f"study.tolerance must be > 0, got {s.tolerance}")
+    if s.metric not in ("val_top1", "ema_val_top1", "val_top5", "ema_val_top5"):
+        raise UserError(f"study.metric must be val_top1, ema_val_top1, val_top5 or ema_val_top5, got {s.metric!r}")
+    if config.train.model.resolution > 0:
+        raise UserError("train.model.resolution must be 0 (resolutions come from base_resolution and the scaling)")
+    if s.constants:
+        return scaling.load_constants(os.path.expanduser(s.constants))
+    return dict(scaling.PAPER_CONSTANTS)
+
+
+# --------------------------------------------------------------------- summary
+
+def summarize(rows: Sequence[dict[str, Any]], points: Sequence[Point], metric: str) -> list[dict[str, Any]]:
+    """One entry per planned model: mean +- std of ``metric`` over its finished seeds."""
+    out = []
+    for p in points:
+        group = [r for r in rows if r.get("point") == p.key]
+        ok = [r for r in group if r.get("status") == "ok" and r.get(metric) is not None]
+        values = [r[metric] for r in ok]
+        out.append({
+            "family": p.family, "budget": p.budget, "coefficient": p.coefficient, "phi": p.phi,
+            "alpha": p.candidate.alpha, "beta": p.candidate.beta, "gamma": p.candidate.gamma,
+            "width": p.width, "depth": p.depth, "resolution": p.resolution, "blocks": p.blocks,
+            "params": p.params, "macs": p.macs, "ratio": p.ratio,
+            "seeds": len(group), "ok": len(ok), "status": "ok" if ok else (group[0]["status"] if group else "missing"),
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+            "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
+        })
+    return out
+
+
+def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget: compound minus the best single-axis family, against the seed spread.
+
+    "clear" needs the gap to exceed twice the combined std (sqrt(std_c^2 + std_o^2)); with
+    two seeds that std is itself rough, which is why the numbers are reported, not just the word.
+    """
+    out = []
+    for budget in sorted({s["budget"] for s in summary if s["family"] == "compound"}):
+        comp = next(s for s in summary if s["family"] == "compound" and s["budget"] == budget)
+        others = [s for s in summary if s["family"] not in ("compound", "baseline") and s["budget"] == budget
+                  and s["mean"] is not None]
+        if comp["mean"] is None or not others:
+            continue
+        best = max(others, key=lambda s: s["mean"])
+        gap = comp["mean"] - best["mean"]
+        spread = math.hypot(comp["std"], best["std"])
+        if min(comp["ok"], best["ok"]) < 2:
+            word = "one seed: no spread to judge against"
+        elif abs(gap) > 2 * spread:
+            word = "compound better" if gap > 0 else "compound worse"
+        else:
+            word = "no clear difference"
+        out.append({"budget": budget, "compound": comp["mean"], "compound_std": comp["std"],
+                    "best_other": best["family"], "best_other_mean": best["mean"], "best_other_std": best["std"],
+                    "gap": gap, "spread": spread, "verdict": word})
+    return out
+
+
+def flops_growth(rc: ml_collections.ConfigDict, constants: dict[str, float], phis: Sequence[float],
+                 num_classes: int) -> dict[str, Any]:
+    """Measured MACs of compound models against the paper's (alpha*beta^2*gamma^2)^phi."""
+    base = measure(rc, Candidate(1.0, 1.0, 1.0, label="baseline"), 0.0, num_classes)["macs"]
+    product = constants["alpha"] * constants["beta"] ** 2 * constants["gamma"] ** 2
+    rows = []
+    for phi in sorted(set(phis)):
+        m = measure(rc, Candidate(**constants, label="compound"), phi, num_classes)
+        predicted = product**phi
+        rows.append({"phi": phi, **m, "measured_ratio": m["macs"] / base, "predicted_ratio": predicted,
+                     "measured_over_predicted": m["macs"] / base / predicted})
+    return {**constants, "product": product, "baseline_macs": base, "rows": rows}
+
+
+def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
+    head = (f"{'family':<10} {'budget':>6} {'coef':>7} {'width':>6} {'depth':>6} {'res':>4} {'blocks':>6} "
+            f"{'params':>10} {'MMACs':>8} {'x base':>6} {metric:>16} {'seeds':>5} {'time s':>7}")
+    lines = [head, "-" * len(head)]
+    for s in summary:
+        score = "-" if s["mean"] is None else f"{s['mean']:.4f}±{s['std']:.4f}"
+        lines.append(
+            f"{s['family']:<10} {s['budget']:>5g}x {s['coefficient']:>7.4f} {s['width']:>6.3f} {s['depth']:>6.3f} "
+            f"{s['resolution']:>4} {s['blocks']:>6} {s['params']:>10,} {s['macs'] / 1e6:>8.2f} {s['ratio']:>6.2f} "
+            f"{score:>16} {s['ok']:>2}/{s['seeds']:<2} {s['wall_time_s']:>7.1f}")
+    lines.append("coef: w (width), d (depth), gamma (resolution) at phi = 1, or phi (compound); "
+                 "x base: achieved MACs / baseline MACs")
+    return "\n".join(lines)
+
+
+def format_growth(growth: dict[str, Any]) -> str:
+    lines = [f"FLOPs growth, alpha={growth['alpha']:g} beta={growth['beta']:g} gamma={growth['gamma']:g} "
+             f"(alpha*beta^2*gamma^2 = {growth['product']:.4f}):",
+             f"{'phi':>7} {'res':>4} {'MMACs':>8} {'measured':>9} {'predicted':>9} {'ratio':>6}"]
+    for r in growth["rows"]:
+        lines.append(f"{r['phi']:>7.4f} {r['resolution']:>4} {r['macs'] / 1e6:>8.2f} {r['measured_ratio']:>8.3f}x "
+                     f"{r['predicted_ratio']:>8.3f}x {r['measured_over_predicted']:>6.3f}")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
+                  summary: Sequence[dict[str, Any]], growth: dict[str, Any]) -> None:
+    """study.csv, summary.json, flops_growth.json and accuracy_vs_macs.png (each replaced whole)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(os.path.join(workdir, "study.csv"), buf.getvalue())
+    out = {"metric": config.study.metric, "models": list(summary), "verdicts": verdicts(summary),
+           "config": json.loads(config.to_json_best_effort()),
+           "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(out, indent=2) + "\n")
+    _atomic_write(os.path.join(workdir, "flops_growth.json"), json.dumps(growth, indent=2) + "\n")
+    from experiments import plots
+
+    plots.scaling_study_plot(summary, config.study.metric, workdir)
+
+
+# ------------------------------------------------------------------------ driver
+
+def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run (or resume) the study in ``workdir``; returns {"points", "rows", "summary", "growth"}."""
+    constants = check_config(config)
+    rc = runner_config(config)
+    seeds = [int(x) for x in config.study.seeds]
+    base_cfg = grid_search.trial_config(rc, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0], 0)
+    num_classes = train.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
+    points = plan(config, constants, num_classes)
+    base_macs = points[0].macs
+    phis = [p.phi for p in points if p.family == "compound"]
+    top = max(1, math.ceil(math.log(max(config.study.budgets)) / math.log(2)))
+    growth = flops_growth(rc, constants, [*range(0, top + 1), *phis], num_classes)
+    log(f"matched budgets (baseline {base_macs / 1e6:.2f} MMACs at {points[0].resolution} px):")
+    for p in points[1:]:
+        log(f"  {p.family:<10} {p.budget:>4g}x: coefficient {p.coefficient:.4f} -> width {p.width:.3f}, "
+            f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x")
+
+    os.makedirs(workdir, exist_ok=True)
+    results = StudyLog(workdir)
+    for p in points:
+        for seed in seeds:
+            tid = p.trial_id(seed)
+            if tid in results.rows():
+                continue
+            log(f"trial {tid} ...")
+            row = grid_search.run_trial(rc, os.path.join(workdir, "trials", p.key), p.candidate, seed, 0, phi=p.phi)
+            row.update({"trial_id": tid, "point": p.key, "family": p.family, "budget": p.budget,
+                        "coefficient": p.coefficient, "target_macs": p.budget * base_macs,
+                        "macs_ratio": (row.get("macs") or p.macs) / base_macs})
+            results.append(row)
+            score = row.get(config.study.metric)
+            log(f"  {row['status']}: {config.study.metric} {score if score is None else round(score, 4)}, "
+                f"{row.get('wall_time_s') or 0:.1f} s")
+    wanted = {p.trial_id(s) for p in points for s in seeds}
+    rows = [r for r in results.rows().values() if r["trial_id"] in wanted]
+    summary = summarize(rows, points, config.study.metric)
+    write_outputs(workdir, config, rows, summary, growth)
+    return {"points": points, "rows": rows, "summary": summary, "growth": growth}
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG)
+    workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"workdir: {workdir}", flush=True)
+    t0 = time.time()
+    out = study(config, workdir, log=lambda msg: print(msg, flush=True))
+    print(format_table(out["summary"], config.study.metric))
+    print(format_growth(out["growth"]))
+    for v in verdicts(out["summary"]):
+        print(f"{v['budget']:g}x: compound {v['compound']:.4f}±{v['compound_std']:.4f} vs {v['best_other']} "
+              f"{v['best_other_mean']:.4f}±{v['best_other_std']:.4f}: gap {v['gap']:+.4f}, "
+              f"combined seed std {v['spread']:.4f} -> {v['verdict']}")
+    print(f"scaling study took {time.time() - t0:.0f} s; results in {workdir}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
