@@ -26,12 +26,15 @@ import fcntl
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from effnet_jax import metrics as metrics_io
@@ -294,16 +297,20 @@ def _write_hparams(workdir: str, rows: Sequence[dict[str, Any]], metric: str) ->
 
 # ------------------------------------------------------------------------ driver
 
-def _wait_for(log: ResultsLog, ids: Sequence[str], poll_s: float = 5.0) -> dict[str, dict[str, Any]]:
+def _wait_for(log: ResultsLog, ids: Sequence[str], check: Any = None, poll_s: float = 2.0
+              ) -> dict[str, dict[str, Any]]:
+    """Rows once every trial in ``ids`` has one (other workers' included); ``check`` raises if one died."""
     rows = log.rows()
     while any(i not in rows for i in ids):
+        if check is not None:
+            check()
         time.sleep(poll_s)
         rows = log.rows()
     return rows
 
 
 def search(config: ml_collections.ConfigDict, workdir: str, num_workers: int = 1, worker_index: int = 0,
-           log: Any = print) -> dict[str, Any]:
+           log: Any = print, check: Any = None) -> dict[str, Any]:
     """Run (or resume) the search in ``workdir``; returns {"rows", "summary", "best"}."""
     s = config.search
     cands = candidates(s)
@@ -323,7 +330,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, num_workers: int = 1
     ids: list[str] = []
     for rung in range(rungs):
         if rung > 0:  # successive halving: the best 1/eta of the scaled candidates go on
-            rows = [r for r in _wait_for(results, ids).values() if r["rung"] == rung - 1]
+            rows = [r for r in _wait_for(results, ids, check).values() if r["rung"] == rung - 1]
             alive = halving_survivors(alive, rows, s.metric, s.halving_eta)
             log(f"rung {rung}: {len(alive)} candidates go on with {s.halving_eta ** rung}x the budget")
         ids = []
@@ -343,7 +350,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, num_workers: int = 1
                     f"{row.get('wall_time_s') or 0:.1f} s")
     if worker_index != 0:
         return {"rows": list(results.rows().values()), "summary": [], "best": None}
-    rows = list(_wait_for(results, ids).values())
+    rows = list(_wait_for(results, ids, check).values())
     summary = summarize(rows, s.metric)
     best = pick_best(summary, s)
     write_outputs(workdir, config, rows, summary, best)
@@ -354,6 +361,9 @@ def _define_flags(fv: Any) -> None:
     from absl import flags
 
     flags.DEFINE_integer("num_workers", 1, "machines sharing this grid through one workdir", flag_values=fv)
+    flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU backend with >= 2 "
+                         "cores, else 1); XLA compiles on one core, so two workers halve a CPU search",
+                         flag_values=fv)
     flags.DEFINE_integer("worker_index", 0, "this machine's index in [0, num_workers)", flag_values=fv)
     flags.DEFINE_string("then_scale", "", "comma-separated phi values to scale the winner to", flag_values=fv)
     flags.DEFINE_bool("then_train", False, "also train the --then_scale models with the trial budget",
@@ -362,12 +372,29 @@ def _define_flags(fv: Any) -> None:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
+    argv_list = list(sys.argv if argv is None else argv)
+    config, fv = train.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     phis = _parse_phis(fv.then_scale)
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    out = search(config, workdir, fv.num_workers, fv.worker_index)
+    num_workers, children = fv.num_workers, []
+    local = fv.local_workers or (2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1)
+    if local > 1 and fv.num_workers == 1:
+        candidates(config.search)  # a bad search config fails here, once, before any worker starts
+        num_workers = local
+        children = [_spawn_worker(argv_list, workdir, i, local) for i in range(1, local)]
+    prefix = f"[worker {fv.worker_index}] " if num_workers > 1 else ""
+    def check_children() -> None:
+        for child in children:
+            if child.poll() not in (None, 0):
+                raise UserError(f"worker process ({child.args[-1]}) failed with exit code {child.returncode}")
+
+    out = search(config, workdir, num_workers, fv.worker_index, log=lambda m: print(prefix + m, flush=True),
+                 check=check_children)
+    for child in children:
+        child.wait()
+    check_children()
     if fv.worker_index != 0:
         print(f"worker {fv.worker_index} done in {time.time() - t0:.0f} s; worker 0 writes the summary")
         return out
@@ -385,6 +412,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scale_up.scale_up(os.path.join(workdir, "best.json"), phis, config.train,
                           os.path.join(workdir, "scale_up") if fv.then_train else None)
     return out
+
+
+def _spawn_worker(argv: list[str], workdir: str, index: int, count: int) -> subprocess.Popen:
+    """Another worker process on this machine, killed with us (Linux) so no orphan trains on."""
+    args = [a for a in argv[1:] if not a.startswith(("--workdir", "--worker_index", "--num_workers",
+                                                      "--local_workers", "--then_"))]
+    cmd = [sys.executable, "-m", "experiments.grid_search", *args, f"--workdir={workdir}",
+           f"--num_workers={count}", "--local_workers=1", f"--worker_index={index}"]
+
+    def die_with_parent() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    return subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
 
 def _parse_phis(text: str) -> list[float]:

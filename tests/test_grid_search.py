@@ -149,7 +149,7 @@ def test_sigkill_mid_trial_then_resume_has_no_lost_or_duplicate_rows(tmp_path, c
             "--config.train.model.network=tiny", "--config.train.num_train_steps=8",
             "--config.train.checkpoint_every_steps=2", f"--config.train.compile_cache_dir={cache_dir}",
             *[f"--config.search.{k}={v}".replace(" ", "") for k, v in SMALL.items()],
-            "--config.search.include_baseline=False"]
+            "--config.search.include_baseline=False", "--local_workers=1"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     killed_in = None
@@ -186,3 +186,20 @@ def test_bad_search_config_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "closest is" in lines[0]
     assert not wd.exists()
 
+
+
+def test_two_local_workers_share_one_grid(tmp_path, cache_dir):
+    wd = tmp_path / "grid2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}", "--local_workers=2",
+         "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
+         f"--config.train.compile_cache_dir={cache_dir}",
+         *[f"--config.search.{k}={v}".replace(" ", "") for k, v in SMALL.items()]],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[worker 1]" in proc.stdout and "[worker 0]" in proc.stdout and "winner:" in proc.stdout
+    with open(wd / "results.jsonl") as f:
+        ids = [json.loads(line)["trial_id"] for line in f]
+    expected = {gs.trial_id(c, 0, 0) for c in gs.candidates(small_config(cache_dir).search)}
+    assert sorted(ids) == sorted(expected)
+    assert (wd / "best.json").exists()

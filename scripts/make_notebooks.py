@@ -1,0 +1,515 @@
+"""Write notebooks/*.ipynb from the cell sources below (reviewable as code, outputs stripped).
+
+    python scripts/make_notebooks.py            # (re)write the notebooks
+    python scripts/make_notebooks.py --check    # exit 1 if a committed notebook differs from this script
+
+Each notebook has one code cell tagged "parameters" (papermill-style); tests/test_notebooks.py
+injects ``TINY = True`` (and a temporary WORKDIR / COMPILE_CACHE_DIR) right after it and runs
+the notebook top to bottom on CPU. Cells carry fixed ids so the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+
+
+def md(cell_id: str, text: str) -> nbformat.NotebookNode:
+    return new_markdown_cell(textwrap.dedent(text).strip(), id=cell_id)
+
+
+def code(cell_id: str, text: str, tags: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    cell = new_code_cell(textwrap.dedent(text).strip(), id=cell_id)
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def notebook(cells: list[nbformat.NotebookNode], name: str, accelerator: str | None = None) -> nbformat.NotebookNode:
+    meta = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "colab": {"name": name, "provenance": []},
+    }
+    if accelerator:  # Colab offers this runtime type when the notebook is opened
+        meta["accelerator"] = accelerator
+    return new_notebook(cells=cells, metadata=meta)
+
+
+# The first code cell of every notebook: on Colab, clone the repository and install it.
+INSTALL = """
+    import os
+    import shutil
+    import sys
+
+    REPO_URL = "https://github.com/<org>/effnet_jax"  # <- placeholder: the repository to install from
+    REPO_DIR = "/content/effnet_jax"
+
+    if "google.colab" in sys.modules:
+        if "<org>" in REPO_URL:
+            raise ValueError("set REPO_URL in this cell to the effnet_jax repository first")
+        if not os.path.isdir(REPO_DIR):
+            !git clone -q --depth 1 {REPO_URL} {REPO_DIR}
+        on_tpu = bool(os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE")
+                      or os.path.exists("/dev/accel0"))
+        extra = "[tpu]" if on_tpu else "[gpu]" if shutil.which("nvidia-smi") else ""
+        %pip install -q -e "{REPO_DIR}{extra}"
+        sys.path.insert(0, REPO_DIR)  # a running kernel does not see a fresh editable install
+        os.chdir(REPO_DIR)  # experiments/ and the configs are found from the repository root
+    print("working directory:", os.getcwd())
+"""
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+def quickstart() -> nbformat.NotebookNode:
+    cells = [
+        md("intro", """
+            # effnet_jax quickstart: compound scaling, end to end
+
+            **Compound scaling** (Tan & Le, *EfficientNet*, ICML 2019) grows a small baseline
+            network (B0) in depth, width and input resolution *together*: depth by `alpha**phi`,
+            width by `beta**phi`, resolution by `gamma**phi`. The constants are found once, by a
+            small grid search at `phi = 1` under the constraint `alpha * beta**2 * gamma**2 ≈ 2`
+            (a convolution's FLOPs grow linearly with depth and quadratically with width and
+            resolution, so each step of `phi` roughly doubles the cost); bigger models
+            (B1..B7) then only change `phi`. The paper found `(alpha, beta, gamma) = (1.2, 1.1, 1.15)`.
+
+            This notebook runs that recipe: a small grid search over `(alpha, beta, gamma)`, the
+            winner scaled to `phi = 1..3` with parameters and MACs, one scaled model trained
+            briefly, and accuracy against MACs. By default it uses the embedded offline dataset
+            (scikit-learn's 8x8 digits upsampled to 32 px), so it needs no download; on Colab set
+            `DATASET` to a TFDS dataset such as `"cifar10"`.
+
+            Outside Colab, install the package first (`pip install -e .` in the repository) and
+            start Jupyter from the repository root.
+        """),
+        code("install", INSTALL),
+        md("parameters-md", """
+            ## Parameters
+
+            The next cell is tagged `parameters` (papermill-style). `TINY = True` is the CI smoke
+            test: the `tiny` network, a two-candidate grid and 2 training steps per model.
+        """),
+        code("parameters", """
+            TINY = False                 # True: smoke-test settings (tiny network, 2 candidates, 2 steps)
+            DATASET = "digits"           # embedded and offline; or a TFDS name such as "cifar10" (downloaded)
+            NETWORK = "b0"               # the block table scaled: "b0", or "tiny" for smoke tests
+            BASE_RESOLUTION = 32         # resolution at phi = 0 (the digits are 8x8, upsampled)
+            BATCH_SIZE = 64              # global batch; sharded over all devices, so divisible by their count
+            NUM_EPOCHS = 4.0             # training budget of each grid-search trial ...
+            NUM_TRAIN_STEPS = 0          # ... or a step count (> 0 overrides NUM_EPOCHS)
+
+            # The search: a grid of (alpha, beta, gamma) with |alpha * beta**2 * gamma**2 - 2| <= TOLERANCE.
+            ALPHA = (1.0, 1.4)           # depth multiplier range, inclusive
+            BETA = (1.0, 1.2)            # width multiplier range
+            GAMMA = (1.0, 1.3)           # resolution multiplier range
+            STEP = 0.05                  # grid step: 13 candidates with the ranges above
+            TOLERANCE = 0.02
+            INCLUDE_REFERENCES = True    # also train the paper's (1.2, 1.1, 1.15) and the unscaled B0
+
+            SCALE_PHIS = (1, 2, 3)       # scale the winner to these phi values (params / MACs only)
+            TRAIN_PHI = 2                # ... and train this one briefly
+            TRAIN_EPOCHS = 4.0
+            TRAIN_STEPS = 0              # > 0 overrides TRAIN_EPOCHS
+
+            WORKDIR = "runs/quickstart"  # results, plots, checkpoints; a rerun resumes (use a fresh one after edits)
+            COMPILE_CACHE_DIR = "~/.cache/effnet_jax/xla"  # jax's persistent compilation cache
+        """, tags=("parameters",)),
+        code("tiny", """
+            if TINY:  # the CI smoke test: minutes on a 2-core CPU
+                NETWORK = "tiny"
+                NUM_TRAIN_STEPS = TRAIN_STEPS = 2
+                # two grid points that build the same tiny network (one compile), no references
+                ALPHA, BETA, GAMMA, TOLERANCE = (1.2, 1.25), (1.05, 1.05), (1.2, 1.2), 0.1
+                INCLUDE_REFERENCES = False
+                SCALE_PHIS = (1, 2)
+                TRAIN_PHI = 1  # the winner's own network: its compiled steps come from the cache
+            print(f"TINY={TINY}: network {NETWORK!r} on {DATASET!r}, workdir {WORKDIR}")
+        """),
+        md("devices-md", """
+            ## Devices
+
+            On a Colab TPU runtime `jax.devices()` lists the TPU cores (8 on a v2-8 / v3-8). The
+            trainer needs nothing extra to use them: it builds a `Mesh` over `jax.devices()`, shards
+            every batch over all cores along its leading axis and replicates the parameters, so
+            BatchNorm statistics and gradients are computed over the global batch. That is why
+            `BATCH_SIZE` must be divisible by the number of devices (8 on a TPU v2-8). On a GPU it
+            runs on the one GPU, on CPU on the CPU; nothing in the notebook changes.
+        """),
+        code("devices", """
+            import jax
+
+            print(f"jax {jax.__version__}, backend {jax.default_backend()!r}, {jax.device_count()} device(s):")
+            print(jax.devices())
+            if BATCH_SIZE % jax.device_count():
+                raise ValueError(f"BATCH_SIZE {BATCH_SIZE} is not divisible by the {jax.device_count()} devices")
+        """),
+        md("config-md", """
+            ## The search config
+
+            `experiments/configs/grid_search.py` is the default: a full trainer config (`train`,
+            every trial is it with B0 scaled by one candidate at `phi = 1`) and the search
+            (`search`). A TFDS dataset is downloaded and prepared here once (the trainer itself
+            never downloads); when that fails (offline) the notebook falls back to the digits.
+        """),
+        code("config", """
+            import os
+
+            from experiments import grid_search
+            from experiments.configs import grid_search as grid_config
+
+            import socket
+
+            NUM_CLASSES = 10
+            if DATASET != "digits":
+                try:
+                    import tensorflow_datasets as tfds
+
+                    builder = tfds.builder(DATASET)
+                    if not builder.is_prepared():
+                        # offline: fail now, not after minutes of download retries
+                        socket.create_connection(("storage.googleapis.com", 443), timeout=5).close()
+                        builder.download_and_prepare()
+                    NUM_CLASSES = builder.info.features["label"].num_classes
+                except Exception as e:  # offline, unknown name, no tensorflow-datasets ...
+                    print(f"cannot prepare {DATASET!r} ({type(e).__name__}: {e}); using the embedded digits")
+                    DATASET = "digits"
+
+            config = grid_config.get_config()
+            t = config.train
+            t.data.name = DATASET
+            if DATASET != "digits":
+                t.data.holdout_fraction = 0.1  # validate on the last 10% of train: works for any TFDS dataset
+            t.model.network = NETWORK
+            t.model.base_resolution = BASE_RESOLUTION
+            t.batch_size = BATCH_SIZE
+            t.num_epochs, t.num_train_steps = NUM_EPOCHS, NUM_TRAIN_STEPS
+            t.compile_cache_dir = COMPILE_CACHE_DIR
+            s = config.search
+            s.alpha, s.beta, s.gamma, s.step, s.tolerance = ALPHA, BETA, GAMMA, STEP, TOLERANCE
+            s.include_paper = s.include_baseline = INCLUDE_REFERENCES
+
+            cands = grid_search.candidates(s)
+            print(f"{len(cands)} candidates:")
+            for c in cands:
+                print(f"  alpha={c.alpha:.2f} beta={c.beta:.2f} gamma={c.gamma:.2f}  "
+                      f"alpha*beta^2*gamma^2={c.product:.3f}  {c.label}")
+        """),
+        md("search-md", """
+            ## Grid search
+
+            Each candidate is trained through the one trainer (`effnet_jax.train.train_and_evaluate`)
+            and scored on the validation split. Results go to `WORKDIR`: `results.jsonl` (one row per
+            trial; a rerun skips finished trials), `results.csv`, `best.json` (the winning constants),
+            `grid.png` and `accuracy_vs_macs.png`.
+        """),
+        code("search", """
+            import time
+
+            t0 = time.time()
+            out = grid_search.search(config, WORKDIR)
+            print(f"grid search took {time.time() - t0:.0f} s")
+            print(grid_search.format_table(out["summary"], s.metric))
+            best = out["best"]
+            if best is None:
+                raise RuntimeError("no constraint-satisfying candidate finished")
+            BEST_JSON = os.path.join(WORKDIR, "best.json")
+            print(f"winner: alpha={best['alpha']} beta={best['beta']} gamma={best['gamma']} "
+                  f"({s.metric} {best['mean']:.4f}) -> {BEST_JSON}")
+        """),
+        code("search-plots", """
+            from IPython.display import Image, display
+
+            for name in ("grid.png", "accuracy_vs_macs.png"):
+                display(Image(filename=os.path.join(WORKDIR, name)))
+        """),
+        md("scale-md", """
+            ## Scale the winner to phi = 1..3
+
+            `effnet_jax.summary.formula_rows` builds B0 scaled by the winning constants at each
+            `phi` and counts its parameters and MACs without building weights. `MACs/phi0` is the
+            measured growth over the baseline, `(ab2g2)^phi` the paper's prediction: they differ
+            because depths and channel counts are rounded, and at a few dozen pixels because the
+            stride-32 feature maps round up (38 px ends in 2x2 maps where 32 px ends in 1x1). The
+            next tables show the same constants at ImageNet size (224 px, 1000 classes) and the
+            official B0..B3.
+        """),
+        code("scale", """
+            from effnet_jax import summary
+            from effnet_jax.scaling import load_constants
+
+            constants = load_constants(BEST_JSON)
+            rows = summary.formula_rows(constants, SCALE_PHIS, BASE_RESOLUTION, t.model.resolution_multiple,
+                                        NUM_CLASSES)
+            print(f"B0 scaled by {constants} from {BASE_RESOLUTION} px, {NUM_CLASSES} classes:")
+            print(summary.format_table(rows))
+            print()
+            print("the same constants at ImageNet size (224 px, 1000 classes):")
+            print(summary.format_table(summary.formula_rows(constants, (1, 2, 3), 224, 8, 1000)))
+            print()
+            print("the official models (the paper's constants, rounded by hand):")
+            print(summary.format_table([summary.describe(n) for n in ("b0", "b1", "b2", "b3")]))
+        """),
+        md("train-md", """
+            ## Train one scaled model
+
+            The trainer takes the winner through `model.constants` (the `best.json` path) and
+            `model.phi`; resolution, width and depth follow from them. The same run from a shell:
+
+            ```bash
+            python -m effnet_jax.train --config=effnet_jax/configs/digits.py --workdir=runs/phi2 \\
+                --config.model.name=formula --config.model.constants=runs/quickstart/best.json \\
+                --config.model.phi=2 --config.model.resolution=0
+            ```
+        """),
+        code("train", """
+            import copy
+
+            from effnet_jax import train
+
+            cfg = copy.deepcopy(config.train)
+            cfg.model.name, cfg.model.constants = "formula", os.path.abspath(BEST_JSON)
+            cfg.model.phi, cfg.model.resolution = float(TRAIN_PHI), 0  # resolution from gamma**phi
+            cfg.num_epochs, cfg.num_train_steps = TRAIN_EPOCHS, TRAIN_STEPS
+            scaled = train.train_and_evaluate(cfg, os.path.join(WORKDIR, f"scaled_phi{TRAIN_PHI:g}"))
+            print(train.summary_line(scaled))
+            print(f"{scaled['params']:,} parameters, {scaled['macs'] / 1e6:.1f} MMACs per image")
+        """),
+        md("plot-md", """
+            ## Accuracy vs MACs
+
+            The grid-search candidates (`phi = 1`), the references when trained, and the scaled
+            model. With the short default budgets the bigger model is not necessarily better yet:
+            train longer (`TRAIN_EPOCHS`) to see the scaling pay off.
+        """),
+        code("plot", """
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+            done = [r for r in out["summary"] if r["mean"] is not None]
+            for r in done:
+                color = {"paper": "red", "baseline": "gray"}.get(r["label"], "C0")
+                ax.plot(r["macs"] / 1e6, r["mean"], "o", color=color)
+                if r["label"]:
+                    ax.annotate(r["label"], (r["macs"] / 1e6, r["mean"]), xytext=(5, -10),
+                                textcoords="offset points", fontsize=8)
+            ax.plot(best["macs"] / 1e6, best["mean"], "o", mfc="none", mec="k", ms=12, label="winner (phi = 1)")
+            if scaled.get("val_top1") is not None:
+                ax.plot(scaled["macs"] / 1e6, scaled["val_top1"], "*", color="C3", ms=14,
+                        label=f"winner at phi = {TRAIN_PHI:g}")
+            ax.set_xscale("log")
+            ax.set_xlabel("MMACs per image")
+            ax.set_ylabel(s.metric)
+            ax.set_title("accuracy vs cost")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = os.path.join(WORKDIR, "notebook_accuracy_vs_macs.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            display(Image(filename=path))
+        """),
+        md("next-md", """
+            ## Next
+
+            * The same search from a shell: `python -m experiments.grid_search --workdir=runs/grid`
+              (add `--config.search.strategy=halving` for successive halving, `--then_scale=1,2,3`
+              to print the scaled models).
+            * `python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2 --train`
+              trains the scaled models.
+            * `notebooks/pretrained.ipynb` loads timm's ImageNet weights into this model.
+        """),
+    ]
+    return notebook(cells, "quickstart.ipynb", accelerator="TPU")
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+def pretrained() -> nbformat.NotebookNode:
+    cells = [
+        md("intro", """
+            # Pretrained EfficientNet weights from timm
+
+            timm's `tf_efficientnet_b*` checkpoints are ports of the official TensorFlow
+            weights. `effnet_jax.pretrained.load_timm` builds our Flax NNX `EfficientNet` from one
+            (architecture and class count inferred from the tensor shapes), and the two compute the
+            same logits. On Colab this notebook downloads the ImageNet weights and classifies a
+            photo; offline (and in CI) it uses randomly initialised weights and a synthetic image,
+            which still checks the conversion.
+        """),
+        code("install", INSTALL),
+        code("parameters", """
+            TINY = False               # True: smoke-test settings (random weights, synthetic 64 px image)
+            MODEL_NAME = "tf_efficientnet_b0"
+            PRETRAINED = None          # None: ImageNet weights on Colab, random weights elsewhere (offline)
+            IMAGE_URL = "https://upload.wikimedia.org/wikipedia/commons/2/26/YellowLabradorLooking_new.jpg"
+            IMAGE_SIZE = 0             # 0: the checkpoint's own resolution (224 for B0)
+            WORKDIR = "runs/pretrained"
+        """, tags=("parameters",)),
+        code("tiny", """
+            if TINY:
+                PRETRAINED, IMAGE_URL, IMAGE_SIZE = False, "", 64
+            if PRETRAINED is None:
+                PRETRAINED = "google.colab" in sys.modules
+        """),
+        md("imports-md", """
+            Import torch (and timm) **before** anything that may import TensorFlow: importing
+            TensorFlow first and then triton (which `torch._dynamo` pulls in) can crash the kernel.
+        """),
+        code("imports", """
+            import timm  # first: see above
+            import torch
+
+            import jax
+            import jax.numpy as jnp
+            import numpy as np
+            from flax import nnx
+
+            from effnet_jax import eval_view
+            from effnet_jax.pretrained import load_timm, load_weights, save_weights
+
+            print(f"jax {jax.__version__} on {jax.devices()}; torch {torch.__version__}, timm {timm.__version__}")
+        """),
+        code("timm-model", """
+            torch.manual_seed(0)
+            tm = timm.create_model(MODEL_NAME, pretrained=PRETRAINED).eval()
+            if not PRETRAINED:  # random weights: non-trivial BatchNorm statistics make the comparison below mean more
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for m in tm.modules():
+                        if isinstance(m, torch.nn.BatchNorm2d):
+                            m.running_mean.normal_(0.0, 0.2, generator=g)
+                            m.running_var.uniform_(0.5, 2.0, generator=g)
+                            m.weight.uniform_(0.5, 1.5, generator=g)
+                            m.bias.normal_(0.0, 0.2, generator=g)
+            cfg = tm.pretrained_cfg
+            size = IMAGE_SIZE or cfg["input_size"][-1]
+            print(f"{MODEL_NAME}: pretrained={PRETRAINED}, {size} px, crop_pct {cfg['crop_pct']}, "
+                  f"{sum(p.numel() for p in tm.parameters()):,} parameters")
+        """),
+        code("convert", """
+            model = load_timm(tm.state_dict())  # architecture and classes inferred from the shapes
+            ours = eval_view(model)  # inference mode: BatchNorm running statistics, no dropout
+            print(f"ours: {len(model.arch.blocks)} blocks, {model.classifier.out_features} classes")
+        """),
+        md("image-md", """
+            ## An image
+
+            timm's evaluation preprocessing: resize the shorter side to `size / crop_pct` (bicubic),
+            centre-crop `size`, normalise with ImageNet's mean and std. Our model takes NHWC.
+        """),
+        code("image", """
+            import io
+            import urllib.request
+
+            from IPython.display import display
+            from PIL import Image as PILImage
+
+            image = None
+            if IMAGE_URL:
+                try:
+                    req = urllib.request.Request(IMAGE_URL, headers={"User-Agent": "effnet_jax-notebook"})
+                    with urllib.request.urlopen(req, timeout=20) as f:
+                        image = PILImage.open(io.BytesIO(f.read())).convert("RGB")
+                except OSError as e:
+                    print(f"cannot fetch {IMAGE_URL} ({e}); using a synthetic image")
+            if image is None:  # offline: smooth colour gradients with a bright disc
+                yy, xx = np.mgrid[0:256, 0:256] / 255.0
+                disc = ((xx - 0.55) ** 2 + (yy - 0.45) ** 2 < 0.08)[..., None]
+                rgb = np.stack([xx, yy, 1 - xx * yy], -1) * 0.6 + disc * 0.4
+                image = PILImage.fromarray((rgb * 255).clip(0, 255).astype(np.uint8))
+
+            def preprocess(img, size, crop_pct, mean, std):
+                scale = size / crop_pct / min(img.size)
+                img = img.resize((round(img.width * scale), round(img.height * scale)), PILImage.BICUBIC)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+                x = (np.asarray(img, np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
+                return x[None]  # (1, size, size, 3)
+
+            x = preprocess(image, size, cfg["crop_pct"], cfg["mean"], cfg["std"])
+            display(image.resize((160, round(160 * image.height / image.width))))
+            print("input", x.shape, x.dtype)
+        """),
+        md("compare-md", """
+            ## Same logits as timm
+        """),
+        code("compare", """
+            forward = nnx.jit(lambda m, x: m(x))
+            with torch.no_grad():
+                ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+            logits = np.asarray(forward(ours, jnp.asarray(x)))
+            diff = float(np.abs(logits - ref).max())
+            print(f"logits {logits.shape}: max |ours - timm| = {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
+            assert diff < 1e-3 * max(1.0, float(np.abs(ref).max())), diff
+        """),
+        code("classify", """
+            from timm.data import ImageNetInfo
+
+            names = ImageNetInfo()
+            probs = np.asarray(jax.nn.softmax(logits[0]))
+            if not PRETRAINED:
+                print("(random weights: the classes below mean nothing; on Colab PRETRAINED is True)")
+            for i in np.argsort(probs)[::-1][:5]:
+                print(f"{probs[i]:6.1%}  {names.index_to_description(int(i))}")
+        """),
+        md("save-md", """
+            ## Save in our format, fine-tune from it
+
+            `save_weights` writes a safetensors file whose metadata rebuilds the model;
+            `load_weights` reads it back and a training config starts from it with
+            `model.init_from` (`scripts/convert_timm.py` does the same from the command line).
+        """),
+        code("save", """
+            path = os.path.join(WORKDIR, f"{MODEL_NAME}.safetensors")
+            save_weights(model, path)
+            again = eval_view(load_weights(path))
+            same = np.asarray(forward(again, jnp.asarray(x)))
+            print(f"saved {path} ({os.path.getsize(path) / 1e6:.1f} MB); reloaded logits equal: "
+                  f"{np.array_equal(same, logits)}")
+            print(f"fine-tune: python -m effnet_jax.train --config=... --config.model.init_from={path}")
+        """),
+    ]
+    return notebook(cells, "pretrained.ipynb", accelerator=None)
+
+
+BUILDERS = {"quickstart.ipynb": quickstart, "pretrained.ipynb": pretrained}
+
+
+def render(nb: nbformat.NotebookNode) -> str:
+    nbformat.validate(nb)
+    return nbformat.writes(nb) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="compare with the committed notebooks, write nothing")
+    args = p.parse_args(argv)
+    stale = []
+    for name, build in BUILDERS.items():
+        path = os.path.join(NOTEBOOKS, name)
+        text = render(build())
+        if args.check:
+            if not os.path.exists(path) or open(path).read() != text:
+                stale.append(name)
+            continue
+        os.makedirs(NOTEBOOKS, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {os.path.relpath(path, ROOT)}")
+    if stale:
+        print(f"out of date (run python scripts/make_notebooks.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
