@@ -23,7 +23,7 @@ DATA = [  # tfds datasets and image folders; imported lazily, only by that path
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
 ]
 PEERS = ["torch>=2.4", "torchvision", "timm>=1.0"]  # numerical peer (timm)
-TEST = DATA + PEERS + ["pytest>=8", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]
+TEST = DATA + PEERS + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]
 
 setup(
     name="effnet_jax",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.nn import normalization as _bn_lib
 
 from effnet_jax import ops
 from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec
@@ -56,15 +57,60 @@ depthwise_init = _fan_out_init(2.0, "normal", lambda s: math.prod(s[:-2]))
 dense_init = _fan_out_init(1.0 / 3.0, "uniform", lambda s: s[-1])
 
 
+class PointwiseConv(nnx.Conv):
+    """A 1x1 stride-1 ``nnx.Conv`` (same variables) computed as a matrix product (ops.pointwise_conv)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        if out_sharding is not None:
+            return super().__call__(inputs, out_sharding)
+        x, kernel = (a.astype(self.dtype or a.dtype) for a in (inputs, self.kernel[...]))
+        y = ops.pointwise_conv(x, kernel)
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
 def _conv(cin: int, cout: int, kernel: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-    return nnx.Conv(
+    cls = PointwiseConv if kernel == 1 and stride == 1 else nnx.Conv
+    return cls(
         cin, cout, (kernel, kernel), strides=stride, padding="SAME", use_bias=False,
         kernel_init=conv_init, dtype=dtype, rngs=rngs,
     )
 
 
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` (same variables, same numbers) whose training update traces fast.
+
+    Flax writes the running statistics with ``self.mean[...] = ...``, whose
+    full-replace check reads ``.sharding`` of a tracer; jax answers that with an
+    error message that walks the whole jaxpr traced so far. Over 49 BatchNorms
+    that made tracing a B0 train step quadratic (about half of its ~10 s trace).
+    ``set_value`` without an index skips the check.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        if mask is not None or self.axis_name is not None or self.scale is None or self.bias is None:
+            return super().__call__(x, use_running_average, mask=mask)
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        if use_running_average is None:
+            return super().__call__(x, use_running_average)  # flax's error message
+        feature_axes = _bn_lib._canonicalize_axes(x.ndim, self.axis)
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype
+        )
+        if not use_running_average:
+            mean, var = _bn_lib._compute_stats(
+                x, reduction_axes, dtype=self.dtype, use_fast_variance=self.use_fast_variance
+            )
+            m = self.momentum
+            self.mean.set_value(jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
+            self.var.set_value(jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var))
+        return _bn_lib._normalize(
+            x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon
+        )
+
+
 def _bn(channels: int, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+    return BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
 
 
 class DepthwiseConv(nnx.Module):

@@ -2,12 +2,15 @@
 
 A depthwise conv through ``feature_group_count`` is fast on GPU/TPU but slow on
 XLA:CPU (grouped convs run single-threaded there); written as k*k shifted
-multiply-adds it is several times faster on CPU. Both compute TensorFlow 'SAME'
-padding (extra padding at the end for even totals), so they agree to float
-rounding, which tests/test_ops.py checks forward and backward.
+multiply-adds, with a hand-written backward, it is several times faster on CPU.
+Both compute TensorFlow 'SAME' padding (extra padding at the end for even
+totals), so they agree to float rounding, which tests/test_ops.py checks forward
+and backward. 1x1 convs run as matrix products (``pointwise_conv``) everywhere.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,21 +47,93 @@ def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arra
     )
 
 
-def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """Depthwise conv as a sum of k*k strided slices times per-channel weights."""
+def _correlate(xp: jax.Array, weights: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
+    """'VALID' depthwise correlation of padded ``xp`` with (k, k, C) weights: one fused loop."""
+    k = weights.shape[0]
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = lax.slice(
+                xp, (0, i, j, 0),
+                (xp.shape[0], i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            term = window * weights[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def _shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     k = kernel.shape[0]
     _, h, w, c = x.shape
     (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
     xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-    oh, ow = -(-h // stride), -(-w // stride)
-    weights = kernel.reshape(k, k, c)
-    out = None
+    return _correlate(xp, kernel.reshape(k, k, c), stride, -(-h // stride), -(-w // stride))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise conv as a sum of k*k strided slices times per-channel weights.
+
+    The custom VJP matters as much as the forward: differentiated naively, XLA
+    keeps every shifted slice alive for the weight gradient (k*k copies of the
+    activation, materialised one by one) and the input gradient becomes k*k
+    separate pad + add passes. Here the backward saves only ``x`` and computes
+    the input gradient as one more shifted correlation (of the zero-dilated
+    output gradient with the flipped kernel, the transposed convolution) and the
+    weight gradient as k*k reductions of shifted input times output gradient.
+    """
+    return _shift_forward(x, kernel, stride)
+
+
+def _shift_fwd(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _shift_forward(x, kernel, stride), (x, kernel)
+
+
+def _shift_bwd(stride: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    k = kernel.shape[0]
+    n, h, w, c = x.shape
+    _, oh, ow, _ = g.shape
+    (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
+    weights = kernel.reshape(k, k, c).astype(g.dtype)
+
+    # Input gradient = the transposed conv: correlate the output gradient, dilated by
+    # the stride and padded by k-1-pad, with the flipped kernel.
+    def edge(size: int, out: int, before: int) -> tuple[int, int, int]:
+        lo, dilated = k - 1 - before, (out - 1) * stride + 1
+        return lo, size + k - 1 - lo - dilated, stride - 1
+
+    gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), edge(h, oh, ph0), edge(w, ow, pw0), (0, 0, 0)))
+    dx = _correlate(gp, weights[::-1, ::-1], 1, h, w)
+    # Kernel gradient: dw[i, j, c] = sum over n, y, x of xp[n, i + y*s, j + x*s, c] * g[n, y, x, c],
+    # one streaming reduction per tap (stacking the taps into one reduction made XLA
+    # materialise k*k shifted copies of the activation: slower, more memory).
+    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    dw = []
     for i in range(k):
         for j in range(k):
-            window = xp[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride]
-            term = window * weights[i, j]
-            out = term if out is None else out + term
-    return out
+            window = lax.slice(
+                xp, (0, i, j, 0), (n, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c), (1, stride, stride, 1)
+            )
+            dw.append(jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32))
+    dw = jnp.stack(dw).reshape(kernel.shape).astype(kernel.dtype)
+    return dx.astype(x.dtype), dw
+
+
+depthwise_conv_shift.defvjp(_shift_fwd, _shift_bwd)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 stride-1 conv of NHWC ``x`` with a (1, 1, Cin, Cout) kernel, as one matrix product.
+
+    Same numbers as the convolution, but XLA:CPU runs a dot and its transposes
+    (both gradients are dots too) much faster than a conv and its backward
+    convolutions, which also need layout transposes (measured: docs/benchmarks.md).
+    """
+    n, h, w, cin = x.shape
+    y = jnp.dot(x.reshape(n * h * w, cin), kernel.reshape(cin, kernel.shape[-1]))
+    return y.reshape(n, h, w, kernel.shape[-1])
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto") -> jax.Array:

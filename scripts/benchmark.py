@@ -118,9 +118,9 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.nda
     opt_state = tx.init(params)
     xd, yd = jnp.asarray(x, dtype), jnp.asarray(y)
     step = make_train_step(graphdef, tx)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = step.lower(params, rest, opt_state, xd, yd).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     state = [params, rest, opt_state]
 
     def run(n: int) -> None:
@@ -132,7 +132,8 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.nda
     t0 = time.perf_counter()
     run(1)
     first_run_s = time.perf_counter() - t0
-    info = {"compile_s": compile_s, "first_step_s": compile_s + first_run_s, **memory_info(compiled)}
+    info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
+            **memory_info(compiled)}
     return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info)
 
 
@@ -142,9 +143,9 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     xd = jnp.asarray(x, dtype)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compiled = fwd.lower(state, xd).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     def run(n: int) -> None:
         out = None
@@ -154,7 +155,8 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
 
     t0 = time.perf_counter()
     run(1)
-    info = {"compile_s": compile_s, "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
+    info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
+            "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
     return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info)
 
 
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r.times.append((time.perf_counter() - t0) / args.steps)
 
     env = environment()
+    env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light
     peak = peak_device_bytes()
     records = []
     for r in runners:
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "impl": r.impl, "mode": r.mode, "variant": r.variant,
             "img_per_s": args.batch / step_s, "step_s": step_s,
             "step_s_all": r.times, "steps": args.steps, "repeats": args.repeats,
-            "compile_s": r.info.get("compile_s"), "first_step_s": r.info.get("first_step_s"),
+            "compile_s": r.info.get("compile_s"), "compile_cpu_s": r.info.get("compile_cpu_s"),
+            "first_step_s": r.info.get("first_step_s"),
             "compiled_temp_bytes": r.info.get("compiled_temp_bytes"),
             "peak_device_bytes": peak if r.impl == "effnet_jax" else None,
             "compile_cache": args.compile_cache, **env,
@@ -346,7 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(rec) + "\n" for rec in records)
     print(f"\n{spec.name} {res}px batch {args.batch} {args.dtype} on {env['backend']} "
-          f"({env['device']}, {env['cpu_threads']} threads)")
+          f"({env['device']}, {env['cpu_threads']} threads, load average {env['loadavg_1min']:.1f})")
     print(table(records))
     return records
 

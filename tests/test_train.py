@@ -14,7 +14,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
 # A tiny network at 32 px keeps each compile to seconds on 2 cores.
-TINY = ["--config.model.network=tiny", "--config.progress_bar=False", "--config.compile_cache_dir="]
+# One compilation cache for the whole test session: runs of the same program reuse it.
+CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+TINY = ["--config.model.network=tiny", "--config.progress_bar=False", f"--config.compile_cache_dir={CACHE}"]
 
 
 def run_train(workdir, *overrides, env=None, check=True):

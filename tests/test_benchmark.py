@@ -1,0 +1,62 @@
+"""Smoke test of scripts/benchmark.py at a tiny setting: fields, not timings."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
+FIELDS = {"model", "resolution", "batch", "dtype", "impl", "mode", "variant", "img_per_s", "step_s",
+          "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min"}
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_json_fields(capsys, tmp_path):
+    bench = load_benchmark()
+    argv = ["--phi", "0", "--batch", "2", "--resolution", "16", "--num_classes", "10",
+            "--warmup", "0", "--steps", "1", "--repeats", "1", "--json", str(tmp_path / "out.jsonl")]
+    peer = importlib.util.find_spec("timm") is not None
+    records = bench.main(argv + (["--peer", "timm", "--modes", "inference"] if peer else []))
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines == records == [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert {(r["impl"], r["mode"]) for r in records} >= {("effnet_jax", "inference")}
+    for r in records:
+        assert FIELDS <= r.keys() and r["img_per_s"] > 0
+    ours = next(r for r in records if r["impl"] == "effnet_jax")
+    assert ours["compile_s"] > 0 and ours["resolution"] == 16
+    if peer:
+        assert any(r["impl"] == "timm" for r in records)
+        assert "vs timm" in out
+
+
+def test_benchmark_train_step_runs(capsys):
+    bench = load_benchmark()
+    records = bench.main(["--batch", "2", "--resolution", "16", "--num_classes", "10", "--modes", "train",
+                          "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1", "--repeats", "1"])
+    (r,) = records
+    assert r["mode"] == "train" and r["variant"] == "shift" and r["first_step_s"] >= r["compile_s"] > 0
+
+
+def test_benchmark_rejects_bad_impl():
+    bench = load_benchmark()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--depthwise_impl", "fastest"])
+
+
+def test_no_tensorflow_in_import_chain():
+    # A fresh interpreter: other tests in this process may have imported tensorflow.
+    code = (f"import runpy, sys; runpy.run_path({SCRIPT!r}, run_name='smoke'); "
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
