@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -429,7 +430,9 @@ def _spawn_worker(argv: list[str], workdir: str, index: int, count: int) -> subp
         except OSError:
             pass
 
-    return subprocess.Popen(cmd, preexec_fn=die_with_parent)
+    with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
 
 def _parse_phis(text: str) -> list[float]:
