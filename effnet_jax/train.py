@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import input_pipeline, scaling
+from effnet_jax import compile_cache, input_pipeline, scaling
 from effnet_jax.arch import NETWORKS, NetworkSpec
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import UserError, exit_on_user_error
@@ -222,16 +222,6 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def enable_compile_cache(path: str) -> None:
-    """jax's persistent compilation cache: a rerun (or a resumed trial) skips XLA compiles."""
-    if not path:
-        return
-    path = os.path.expanduser(path)
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None) -> dict[str, Any]:
     """Train per ``config`` in ``workdir`` (resuming from its checkpoint) and return final metrics.
 
@@ -242,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     run = run or prepare(config)
     spec, source, total = run.spec, run.source, run.total_steps
     lead = jax.process_index() == 0
-    enable_compile_cache(config.compile_cache_dir)
+    if config.compile_cache_dir:  # a rerun, a resumed trial or a same-shaped trial skips XLA compiles
+        compile_cache.enable(config.compile_cache_dir, min_compile_time_s=0.5)
     os.makedirs(workdir, exist_ok=True)
     if lead:
         _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))

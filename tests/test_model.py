@@ -5,19 +5,10 @@ import pytest
 from flax import nnx
 
 from effnet_jax import EfficientNet, build_architecture, count_params, create_model, eval_view, train_view
-from effnet_jax.arch import NetworkSpec, StageSpec
+from effnet_jax.arch import TINY
 from effnet_jax.model import MBConv
 from effnet_jax.scaling import OFFICIAL, ScalingSpec
 
-TINY = NetworkSpec(
-    stages=(
-        StageSpec(kernel=3, stride=1, expand=1, out_channels=8, repeats=1),
-        StageSpec(kernel=3, stride=2, expand=4, out_channels=16, repeats=2),
-        StageSpec(kernel=5, stride=2, expand=4, out_channels=24, repeats=2),
-    ),
-    stem_channels=8,
-    head_channels=64,
-)
 TINY_SPEC = ScalingSpec("tiny", 1.0, 1.0, 32, 0.2)
 
 
