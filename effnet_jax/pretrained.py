@@ -538,6 +538,15 @@ def save_weights(model: EfficientNet, path: str | os.PathLike, spec: str | Scali
             os.remove(tmp)
 
 
+def _saved_layout(path: str | os.PathLike) -> tuple[dict[str, Any], Architecture, int]:
+    """A weight file's metadata, the architecture it holds and its class count."""
+    meta = read_metadata(path)
+    try:
+        return meta, _arch_from_json(meta["arch"]), int(meta["num_classes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt metadata ({e!r})") from None
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a ``save_weights`` file (spec, num_classes, arch, version)."""
     from safetensors import safe_open
@@ -588,12 +597,7 @@ def load_weights_into(
     """
     from safetensors.numpy import load_file
 
-    meta = read_metadata(path)
-    try:
-        saved_arch = _arch_from_json(meta["arch"])
-        saved_classes = int(meta["num_classes"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: corrupt metadata ({e!r})") from None
+    meta, saved_arch, saved_classes = _saved_layout(path)
     diff = _arch_difference(saved_arch, model.arch)
     if diff:
         name = (meta.get("spec") or {}).get("name", "another architecture")
@@ -640,12 +644,7 @@ def load_weights(
     that fresh from ``seed`` (fine-tuning). ``dropout`` defaults to the file's;
     ``drop_path_rate`` re-spreads stochastic depth linearly over the blocks.
     """
-    meta = read_metadata(path)
-    try:
-        arch = _arch_from_json(meta["arch"])
-        saved_classes = int(meta["num_classes"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: corrupt metadata ({e!r})") from None
+    meta, arch, saved_classes = _saved_layout(path)
     if drop_path_rate is not None:
         n = len(arch.blocks)
         arch = dataclasses.replace(arch, blocks=tuple(

@@ -138,6 +138,18 @@ def origin(family: str) -> float:
     return 0.0 if family == "compound" else 1.0
 
 
+def _first_reaching(at: Callable[[int], float], value: float, hi: int) -> int:
+    """Smallest grid index k in [0, hi] with at(k) >= value, given at(hi) >= value (MACs only rise)."""
+    lo = -1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid >= 0 and at(mid) >= value:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def match_budget(family: str, budget: float, base_macs: int, macs_at: Callable[[float], int],
                  tolerance: float) -> tuple[float, int]:
     """The coefficient (on the STEP grid) whose rounded model's MACs are closest to budget x base.
@@ -155,24 +167,10 @@ def match_budget(family: str, budget: float, base_macs: int, macs_at: Callable[[
         if start + hi * STEP > MAX_COEFFICIENT:
             raise UserError(f"{family}-only scaling does not reach {budget:g}x the baseline MACs below a "
                             f"coefficient of {MAX_COEFFICIENT:g}")
-    lo = -1  # at(lo) < target is assumed for lo < 0; at(hi) >= target
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if mid >= 0 and at(mid) >= target:
-            hi = mid
-        else:
-            lo = mid
+    hi = _first_reaching(at, target, hi)
     options = [hi]
     if hi > 0:  # the model just below the target: its first grid index
-        below = at(hi - 1)
-        first, last = -1, hi - 1
-        while last - first > 1:
-            mid = (first + last) // 2
-            if mid >= 0 and at(mid) >= below:
-                last = mid
-            else:
-                first = mid
-        options.append(last)
+        options.append(_first_reaching(at, at(hi - 1), hi - 1))
     k = min(options, key=lambda i: (abs(at(i) / target - 1), at(i)))
     macs = at(k)
     if abs(macs / target - 1) > tolerance:
