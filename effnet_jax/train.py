@@ -37,8 +37,9 @@ from effnet_jax import compile_cache, input_pipeline, scaling
 from effnet_jax.arch import NETWORKS, NetworkSpec
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
 from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import BN_MOMENTUM, create_model, eval_view, train_view
+from effnet_jax.model import BN_MOMENTUM, create_model
 
 State = dict[str, Any]
 
@@ -97,16 +98,9 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_
     raise UserError(f"optimizer.schedule must be exponential, cosine or constant, got {o.schedule!r}")
 
 
-def weight_decay_mask(params: nnx.State) -> Any:
-    """True for conv/dense weights and biases, False for BatchNorm scale and offset."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(str(getattr(k, "key", k)).endswith("_bn") for k in path), params)
-
-
-def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, params: nnx.State
-                   ) -> optax.GradientTransformation:
-    """optax chain for the configured optimizer; L2 decay enters as a gradient term."""
-    mask = weight_decay_mask(params)
+def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax chain for the configured optimizer over FlatModel's vectors; L2 decay enters as a gradient term."""
+    mask = WEIGHT_DECAY_MASK
     parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     if o.name == "rmsprop":  # TensorFlow's: eps inside the sqrt, accumulator starts at 1
         parts += [optax.add_decayed_weights(o.weight_decay, mask),
@@ -124,22 +118,21 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, param
 
 # --------------------------------------------------------------------------- steps
 
-def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef, rngs: nnx.State,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, config: ml_collections.ConfigDict,
-               num_classes: int) -> tuple[Callable, Callable]:
+def make_steps(layout: FlatModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict, num_classes: int) -> tuple[Callable, Callable]:
     """Pure train and eval steps over (state, batch); the caller jits them."""
     o = config.optimizer
 
     def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
         step = state["step"]
 
-        def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[jax.Array, nnx.State]]:
-            model = nnx.merge(graphdef, params, state["stats"], rngs, copy=True)
+        def loss_fn(params: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            model = layout.merge(params, state["stats"])
             nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state["dropout_key"]), step))
             logits = model(batch["image"])
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), o.label_smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, (logits, nnx.state(model, nnx.BatchStat))
+            return loss, (logits, layout.stats_of(model))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -157,8 +150,9 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef, rngs: nnx.St
         }
         return new, metrics
 
-    def eval_step(params: nnx.State, stats: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = nnx.merge(eval_graphdef, params, stats, rngs, copy=True)(batch["image"])
+    def eval_step(params: dict[str, jax.Array], stats: jax.Array, batch: dict[str, jax.Array]
+                  ) -> dict[str, jax.Array]:
+        logits = layout.merge(params, stats, train=False)(batch["image"])
         mask, label = batch["mask"], batch["label"]
         top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
@@ -250,10 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
         from effnet_jax import pretrained
 
         pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
-    graphdef, params, stats, rngs = nnx.split(train_view(model), nnx.Param, nnx.BatchStat, ...)
-    eval_graphdef = nnx.graphdef(eval_view(model))
+    layout, params, stats = FlatModel.create(model)
     schedule = learning_rate_schedule(config.optimizer, config.batch_size, run.steps_per_epoch, total)
-    tx = make_optimizer(config.optimizer, schedule, params)
+    tx = make_optimizer(config.optimizer, schedule)
     # The dropout key is state, not a constant baked into the program: trials that differ
     # only in seed then share one compiled step (persistent compilation cache).
     dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
@@ -265,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = _replicate(state, repl)
-    train_step, eval_step = make_steps(graphdef, eval_graphdef, rngs, tx, schedule, config, source.num_classes)
+    train_step, eval_step = make_steps(layout, tx, schedule, config, source.num_classes)
     p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
     p_eval = jax.jit(eval_step, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
 

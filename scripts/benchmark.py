@@ -42,7 +42,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from effnet_jax import compile_cache, ops  # noqa: E402
-from effnet_jax.model import create_model, eval_view, train_view  # noqa: E402
+from effnet_jax.flat_state import FlatModel  # noqa: E402
+from effnet_jax.model import create_model, eval_view  # noqa: E402
 from effnet_jax.scaling import ScalingSpec, from_constants, resolve  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32
@@ -71,20 +72,19 @@ class Runner:
 # --------------------------------------------------------------------------- ours
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-    """A pure train step over (params, rest, opt_state); state buffers are donated."""
+def make_train_step(layout: FlatModel, tx: optax.GradientTransformation) -> Callable:
+    """The trainer's state layout (flat vectors) and a pure RMSProp step; state buffers are donated."""
 
-    def step(params: nnx.State, rest: nnx.State, opt_state: Any, x: jax.Array, y: jax.Array):
-        def loss_fn(params: nnx.State, rest: nnx.State):  # rest traced too: BatchNorm mutates it
-            model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
+    def step(params: dict[str, jax.Array], stats: jax.Array, opt_state: Any, x: jax.Array, y: jax.Array):
+        def loss_fn(params: dict[str, jax.Array]):
+            model = layout.merge(params, stats)
             logits = model(x)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            _, _, new_rest = nnx.split(model, nnx.Param, ...)  # BatchNorm statistics, RNG counters
-            return loss, new_rest
+            return loss, layout.stats_of(model)
 
-        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_rest, opt_state, loss
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1, 2))
 
@@ -113,15 +113,15 @@ def peak_device_bytes() -> int | None:
 def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray, y: np.ndarray) -> Runner:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl)
-    graphdef, params, rest = nnx.split(train_view(model), nnx.Param, ...)
+    layout, params, stats = FlatModel.create(model)
     tx = optax.rmsprop(LEARNING_RATE, decay=0.9, eps=1e-3, momentum=0.9)
     opt_state = tx.init(params)
     xd, yd = jnp.asarray(x, dtype), jnp.asarray(y)
-    step = make_train_step(graphdef, tx)
+    step = make_train_step(layout, tx)
     t0, c0 = time.perf_counter(), time.process_time()
-    compiled = step.lower(params, rest, opt_state, xd, yd).compile()
+    compiled = step.lower(params, stats, opt_state, xd, yd).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    state = [params, rest, opt_state]
+    state = [params, stats, opt_state]
 
     def run(n: int) -> None:
         loss = None
