@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -41,7 +42,7 @@ class FlatModel:
 
     graphdef: nnx.GraphDef
     eval_graphdef: nnx.GraphDef
-    rest: nnx.State  # RNG state and other non-trained variables: constants of the program
+    rest: nnx.State  # dropout RNG streams: constants of the program, reseeded by every train step
     unravel: dict[str, Callable[[jax.Array], Any]]
 
     @classmethod
@@ -53,6 +54,11 @@ class FlatModel:
         vectors, unravel = {}, {}
         for name, tree in (("decay", decay), ("no_decay", no_decay), ("stats", stats)):
             vectors[name], unravel[name] = ravel_pytree(tree)
+        # The streams' keys become constants of the compiled step; the trainer reseeds every
+        # dropout stream from its state, so the seed-derived keys are replaced by one fixed
+        # key: trials that differ only in seed then share one compiled program.
+        rest = jax.tree.map(lambda v: jax.random.key(0) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+                            else jnp.zeros_like(v), rest)
         layout = cls(graphdef, eval_graphdef, rest, unravel)
         return layout, {"decay": vectors["decay"], "no_decay": vectors["no_decay"]}, vectors["stats"]
 

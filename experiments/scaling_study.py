@@ -27,15 +27,14 @@ Outputs in --workdir: study.jsonl, study.csv (one row per trial), summary.json (
 std per model, compound-vs-best-single-axis verdicts), accuracy_vs_macs.png (one line per
 strategy, the shape of the paper's Figure 8) and flops_growth.json.
 
-Default sizing (B0, digits, 32 px, batch 64): 9 models x 2 seeds = 18 trials of 2 epochs
-(32 steps) each. XLA compilation, not training, sets the wall time: on a 2-core CPU shared
-with other jobs (load 5-7) a 2-step trial took 144 s for B0 (16 blocks), 390 s for compound
-4x (23 blocks, 34 px) and 596 s for depth 4x (61 blocks), and a 4-epoch B0 trial 198 s (105 s
-of it compiling the train step). So the default does not fit 15 minutes on such a machine,
-whatever the epochs: the train step's HLO embeds the seed (its dropout key), so every seed
-compiles afresh. Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)',
-or --config.train.model.network=tiny. A rerun in the same workdir hits jax's persistent
-compilation cache (train.compile_cache_dir) and skips finished trials.
+Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 1.5 epochs
+(100 steps) each. Measured on a quiet 2-core CPU: 835 s in all. XLA compilation is a large
+share: a new model costs 20-70 s (depth 4x, 61 blocks, the most); the second seed of a
+model reuses the first's compiled program (nothing seed-dependent is compiled into the
+train step) through jax's persistent compilation cache (train.compile_cache_dir), so it
+costs only its training (18-36 s). Smaller runs: --config.study.seeds='(0,)',
+--config.study.budgets='(1,2)', or --config.train.model.network=tiny. A rerun in the same
+workdir skips finished trials.
 """
 
 from __future__ import annotations
