@@ -321,6 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
         final.update(_evaluate(p_eval, state, source, data_sharding))
     final.update(info)
     final["params_sha256"] = params_digest(state["params"])
+    if lead and status == "ok" and config.save_weights:
+        final["weights"] = _save_weights(layout, state, spec, workdir)
     final.update({
         "epochs": final["steps"] / run.steps_per_epoch,
         "wall_time_s": time.time() - t_start,
@@ -331,6 +333,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     if lead:
         _write_json(os.path.join(workdir, "result.json"), final)
     return final
+
+
+def _save_weights(layout: FlatModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
+    """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
+    from effnet_jax import pretrained
+
+    paths = []
+    for name, p, s in (("weights", "params", "stats"), ("ema_weights", "ema_params", "ema_stats")):
+        if p in state:
+            params, stats = jax.device_get((state[p], state[s]))
+            path = os.path.join(workdir, f"{name}.safetensors")
+            pretrained.save_weights(layout.merge(params, stats), path, spec)
+            paths.append(path)
+    return paths
 
 
 def params_digest(params: nnx.State) -> str:

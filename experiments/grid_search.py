@@ -13,8 +13,9 @@ Outputs in --workdir: results.jsonl (one row per finished trial, appended durabl
 results.csv, best.json (what ``config.model.constants`` takes), grid.png and
 accuracy_vs_macs.png, TensorBoard hparams. Rerunning with the same workdir skips
 finished trials and resumes an interrupted one from its checkpoint. Several machines
-share one grid with --num_workers/--worker_index on a shared workdir: trial i runs
-on worker i % num_workers; worker 0 writes the summary once every row is in.
+share one grid with --num_workers/--worker_index on a shared workdir: every worker
+computes the same balanced assignment of trials (``schedule``) and runs its own;
+worker 0 writes the summary once every row is in.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from effnet_jax import cost, scaling, train
 from effnet_jax import metrics as metrics_io
-from effnet_jax import train
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
 
@@ -124,6 +125,36 @@ def trial_config(config: ml_collections.ConfigDict, c: Candidate, seed: int, run
     else:
         cfg.num_epochs = float(cfg.num_epochs * budget)
     return cfg
+
+
+def schedule(config: ml_collections.ConfigDict, trials: Sequence[tuple[Candidate, int]], rung: int,
+             num_workers: int) -> list[tuple[int, int]]:
+    """(trial index, worker) pairs in the order to run them: longest trial first, least-loaded worker.
+
+    Every worker computes the same list (it depends only on the config). Estimated cost,
+    from measured CPU trials: about half of a phi = 1 trial is compiling its network and
+    half is training, which grows with MACs; a trial whose rounded network (width, depth,
+    resolution) is already scheduled reuses that compiled program (persistent cache) and
+    costs only its training. Round-robin (trial k on worker k mod N) left one of two local
+    workers idle for a whole trial at the end of the default search.
+    """
+    shapes = []
+    for c, seed in trials:
+        spec = train.model_spec(trial_config(config, c, seed, rung))
+        arch = scaling.build_architecture(spec, train.network(config.train), config.train.model.drop_path_rate)
+        shapes.append(((arch, spec.resolution), cost.count_macs(arch, spec.resolution, 10)))
+    top = max(m for _, m in shapes)
+    seen: set[tuple[Any, int]] = set()
+    costs = []
+    for key, macs in shapes:
+        costs.append(0.5 * macs / top + (0.0 if key in seen else 0.5))
+        seen.add(key)
+    load, out = [0.0] * num_workers, []
+    for i in sorted(range(len(trials)), key=lambda i: -costs[i]):  # stable: ties keep the config's order
+        w = min(range(num_workers), key=lambda k: (load[k], k))
+        load[w] += costs[i]
+        out.append((i, w))
+    return out
 
 
 # ----------------------------------------------------------------- results file
@@ -327,28 +358,24 @@ def search(config: ml_collections.ConfigDict, workdir: str, num_workers: int = 1
     results = ResultsLog(workdir)
     rungs = s.halving_rungs if s.strategy == "halving" else 1
     alive = list(cands)
-    order = 0
     ids: list[str] = []
     for rung in range(rungs):
         if rung > 0:  # successive halving: the best 1/eta of the scaled candidates go on
             rows = [r for r in _wait_for(results, ids, check).values() if r["rung"] == rung - 1]
             alive = halving_survivors(alive, rows, s.metric, s.halving_eta)
             log(f"rung {rung}: {len(alive)} candidates go on with {s.halving_eta ** rung}x the budget")
-        ids = []
-        for c in alive:
-            for seed in seeds:
-                tid = trial_id(c, seed, rung)
-                ids.append(tid)
-                mine = order % num_workers == worker_index
-                order += 1
-                if not mine or tid in results.rows():
-                    continue
-                log(f"trial {tid} ({c.label or 'grid'}, product {c.product:.3f}) ...")
-                row = run_trial(config, workdir, c, seed, rung)
-                results.append(row)
-                score = row.get(s.metric)
-                log(f"  {row['status']}: {s.metric} {score if score is None else round(score, 4)}, "
-                    f"{row.get('wall_time_s') or 0:.1f} s")
+        trials = [(c, seed) for c in alive for seed in seeds]
+        ids = [trial_id(c, seed, rung) for c, seed in trials]
+        for i, worker in schedule(config, trials, rung, num_workers):
+            (c, seed), tid = trials[i], ids[i]
+            if worker != worker_index or tid in results.rows():
+                continue
+            log(f"trial {tid} ({c.label or 'grid'}, product {c.product:.3f}) ...")
+            row = run_trial(config, workdir, c, seed, rung)
+            results.append(row)
+            score = row.get(s.metric)
+            log(f"  {row['status']}: {s.metric} {score if score is None else round(score, 4)}, "
+                f"{row.get('wall_time_s') or 0:.1f} s")
     if worker_index != 0:
         return {"rows": list(results.rows().values()), "summary": [], "best": None}
     rows = list(_wait_for(results, ids, check).values())

@@ -63,6 +63,29 @@ def test_no_candidate_names_the_closest_point():
         gs.candidates(s)
 
 
+def test_schedule_runs_every_trial_once_balanced_and_repeats_after_their_first():
+    c = grid_config.get_config()
+    c.search.seeds = (0, 1)
+    trials = [(cand, seed) for cand in gs.candidates(c.search) for seed in c.search.seeds]
+    plan = gs.schedule(c, trials, 0, 2)
+    assert plan == gs.schedule(c, trials, 0, 2)  # every worker computes the same plan
+    assert sorted(i for i, _ in plan) == list(range(len(trials))) and {w for _, w in plan} == {0, 1}
+    counts = [sum(w == k for _, w in plan) for k in (0, 1)]
+    assert abs(counts[0] - counts[1]) <= 2
+    # A second seed reuses its network's compiled program: it is cheap and runs after the first seed.
+    position = {i: n for n, (i, _) in enumerate(plan)}
+    for k in range(0, len(trials), 2):
+        assert position[k] < position[k + 1]
+    # Longest first: every network's first (compiling) trial of phi = 1 before any cheap repeat.
+    firsts = [position[k] for k in range(0, len(trials), 2) if trials[k][0].label == ""]
+    assert max(firsts) < min(position[k] for k in range(1, len(trials), 2))
+    # The paper's point rounds to the same network as (1.25, 1.1, 1.15) at 32 px: it runs after it.
+    paper = next(i for i, (cand, seed) in enumerate(trials) if cand.label == "paper" and seed == 0)
+    twin = next(i for i, (cand, seed) in enumerate(trials) if (cand.alpha, cand.beta, cand.gamma) == (1.25, 1.1, 1.15)
+                and seed == 0)
+    assert position[twin] < position[paper]
+
+
 def test_successive_halving_keeps_the_best_third():
     cands = [gs.Candidate(1.0 + i / 10, 1.0, 1.0) for i in range(6)] + [gs.Candidate(1.0, 1.0, 1.0, "baseline")]
     scores = [0.5, 0.9, 0.1, 0.8, 0.3, 0.7, 0.99]

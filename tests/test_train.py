@@ -49,6 +49,15 @@ def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     assert {"learning_rate", "img_per_s", "grad_norm"} <= set(rows[0])
     assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
     assert os.listdir(wd / "tensorboard")
+    # The final weights come out in our weight format and hold exactly the trained state.
+    from effnet_jax import pretrained, train
+    from effnet_jax.flat_state import FlatModel
+
+    assert result["weights"] == [str(wd / "weights.safetensors"), str(wd / "ema_weights.safetensors")]
+    model = pretrained.load_weights(wd / "weights.safetensors")
+    assert train.params_digest(FlatModel.create(model)[1]) == result["params_sha256"]
+    ema = pretrained.load_weights(wd / "ema_weights.safetensors")
+    assert train.params_digest(FlatModel.create(ema)[1]) != result["params_sha256"]
 
 
 def test_sharded_step_matches_single_device(tmp_path):

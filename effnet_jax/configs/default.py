@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0: once per epoch
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
+    # At the end: weights.safetensors (and ema_weights.safetensors) in our weight format, for
+    # pretrained.load_weights, --config.model.init_from, or scripts/convert_timm.py's reverse.
+    c.save_weights = True
     c.progress_bar = True
     c.compile_cache_dir = "~/.cache/effnet_jax/xla"  # jax persistent compilation cache; "" disables
     return c
