@@ -4,9 +4,10 @@
     python -m effnet_jax.train --config=effnet_jax/configs/imagenet.py:b3 --workdir=runs/b3 \
         --config.batch_size=1024
 
-The train step is one ``jax.jit`` over pure state (``nnx.split`` once, ``nnx.merge``
-inside the trace), data-parallel over a mesh of every device of every host: the
-batch is sharded on its leading axis, parameters are replicated, so BatchNorm
+The train step is one ``jax.jit`` over pure state (the model split once into flat
+vectors by ``flat_state.FlatModel``, merged back inside the trace), data-parallel
+over a mesh of every device of every host: the batch is sharded on its leading
+axis, parameters are replicated, so BatchNorm
 statistics and gradients are computed over the global batch. A workdir holding a
 checkpoint resumes from it: data order and dropout keys are functions of
 (seed, step), so a killed-and-resumed run ends where an uninterrupted one does.
