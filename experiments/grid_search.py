@@ -41,6 +41,7 @@ import ml_collections
 
 from effnet_jax import cost, scaling, train
 from effnet_jax import metrics as metrics_io
+from effnet_jax.arch import Architecture
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
 
@@ -127,22 +128,29 @@ def trial_config(config: ml_collections.ConfigDict, c: Candidate, seed: int, run
     return cfg
 
 
+def trial_model(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int,
+                phi: float | None = None) -> tuple[scaling.ScalingSpec, Architecture]:
+    """The spec and rounded architecture a trial trains (same config path as ``run_trial``)."""
+    cfg = trial_config(config, c, seed, rung, phi=phi)
+    spec = train.model_spec(cfg)
+    return spec, scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+
+
 def schedule(config: ml_collections.ConfigDict, trials: Sequence[tuple[Candidate, int]], rung: int,
              num_workers: int) -> list[tuple[int, int]]:
     """(trial index, worker) pairs in the order to run them: longest trial first, least-loaded worker.
 
     Every worker computes the same list (it depends only on the config). Estimated cost,
     from measured CPU trials: about half of a phi = 1 trial is compiling its network and
-    half is training, which grows with MACs; a trial whose rounded network (width, depth,
-    resolution) is already scheduled reuses that compiled program (persistent cache) and
-    costs only its training. Round-robin (trial k on worker k mod N) left one of two local
+    half is training, which grows with MACs; a trial whose rounded network (architecture
+    and resolution) is already scheduled reuses that compiled program (persistent cache)
+    and costs only its training. Round-robin (trial k on worker k mod N) left one of two local
     workers idle for a whole trial at the end of the default search.
     """
     shapes = []
     for c, seed in trials:
-        spec = train.model_spec(trial_config(config, c, seed, rung))
-        arch = scaling.build_architecture(spec, train.network(config.train), config.train.model.drop_path_rate)
-        shapes.append(((arch, spec.resolution), cost.count_macs(arch, spec.resolution, 10)))
+        spec, arch = trial_model(config, c, seed, rung)
+        shapes.append(((arch, spec.resolution), cost.count_macs(arch, spec.resolution, 10)))  # relative cost only
     top = max(m for _, m in shapes)
     seen: set[tuple[Any, int]] = set()
     costs = []

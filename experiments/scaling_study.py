@@ -125,9 +125,7 @@ def family_candidate(family: str, coefficient: float, constants: dict[str, float
 
 def measure(rc: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
     """Shape and MACs of the model the trial runner would train (same config path, same rounding)."""
-    cfg = grid_search.trial_config(rc, c, 0, 0, phi=phi)
-    spec = train.model_spec(cfg)
-    arch = scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+    spec, arch = grid_search.trial_model(rc, c, 0, 0, phi=phi)
     return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
             "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution, num_classes)}
 

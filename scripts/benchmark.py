@@ -191,7 +191,7 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
             torch.cuda.synchronize()
 
     # Each variant in both memory layouts: channels-last is PyTorch's faster layout for
-    # depthwise convs (measured 2.8x faster B0 inference on a 2-core CPU), so the ratios
+    # depthwise convs (measured 2.4x faster B0 inference at 32 px on a 2-core CPU), so the ratios
     # are against timm's best layout, not a default that flatters us.
     variants = ["eager"] + (["compile"] if cuda and not args.no_torch_compile else [])
     variants = [v + layout for v in variants for layout in ("", "-cl")]
