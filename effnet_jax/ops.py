@@ -1,4 +1,7 @@
-"""Convolution kernels whose fastest form depends on the backend.
+"""Kernels with a hand-written form that XLA runs faster than the obvious one.
+
+BatchNorm's training forward and backward (``batch_norm_train``) are written out so
+that the backward is one two-output reduction and one elementwise pass.
 
 A depthwise conv through ``feature_group_count`` is fast on GPU/TPU but slow on
 XLA:CPU (grouped convs run single-threaded there); written as k*k shifted
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEPTHWISE_IMPLS = ("auto", "xla", "shift")
+DEPTHWISE_IMPLS = ("auto", "xla", "shift", "hybrid")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -90,26 +93,33 @@ def _shift_fwd(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[jax.Array,
     return _shift_forward(x, kernel, stride), (x, kernel)
 
 
-def _shift_bwd(stride: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, kernel = res
+def _shift_input_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> jax.Array:
+    """The transposed conv: correlate ``g``, dilated by the stride and padded by k-1-pad, with the flipped kernel."""
     k = kernel.shape[0]
-    n, h, w, c = x.shape
+    _, h, w, c = x.shape
     _, oh, ow, _ = g.shape
-    (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
-    weights = kernel.reshape(k, k, c).astype(g.dtype)
+    (ph0, _), (pw0, _) = same_padding(h, k, stride), same_padding(w, k, stride)
 
-    # Input gradient = the transposed conv: correlate the output gradient, dilated by
-    # the stride and padded by k-1-pad, with the flipped kernel.
     def edge(size: int, out: int, before: int) -> tuple[int, int, int]:
         lo, dilated = k - 1 - before, (out - 1) * stride + 1
         return lo, size + k - 1 - lo - dilated, stride - 1
 
     gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), edge(h, oh, ph0), edge(w, ow, pw0), (0, 0, 0)))
-    dx = _correlate(gp, weights[::-1, ::-1], 1, h, w)
-    # Kernel gradient: dw[i, j, c] = sum over n, y, x of xp[n, i + y*s, j + x*s, c] * g[n, y, x, c],
-    # all k*k taps in one variadic reduction: one streaming pass over x and g, one kernel.
-    # (One reduction per tap was k*k kernels, 2.3x slower at 5x5; stacking the taps into a
-    # single array made XLA materialise k*k shifted copies of the activation.)
+    weights = kernel.reshape(k, k, c).astype(g.dtype)
+    return _correlate(gp, weights[::-1, ::-1], 1, h, w).astype(x.dtype)
+
+
+def _shift_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> jax.Array:
+    """dw[i, j, c] = sum over n, y, x of xp[n, i + y*s, j + x*s, c] * g[n, y, x, c].
+
+    All k*k taps in one variadic reduction: one streaming pass over x and g, one
+    kernel. (One reduction per tap was k*k kernels, 2.3x slower at 5x5; stacking
+    the taps into a single array made XLA materialise k*k shifted copies of x.)
+    """
+    k = kernel.shape[0]
+    n, h, w, c = x.shape
+    _, oh, ow, _ = g.shape
+    (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
     xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
     taps = []
     for i in range(k):
@@ -120,11 +130,38 @@ def _shift_bwd(stride: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> t
             taps.append((window * g).astype(jnp.float32))
     zeros = [jnp.zeros((), jnp.float32)] * len(taps)
     dw = lax.reduce(taps, zeros, lambda a, b: tuple(p + q for p, q in zip(a, b)), (0, 1, 2))
-    dw = jnp.stack(dw).reshape(kernel.shape).astype(kernel.dtype)
-    return dx.astype(x.dtype), dw
+    return jnp.stack(dw).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _shift_bwd(stride: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    return _shift_input_grad(x, kernel, stride, g), _shift_kernel_grad(x, kernel, stride, g)
 
 
 depthwise_conv_shift.defvjp(_shift_fwd, _shift_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_hybrid(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """XLA's grouped conv forward and input gradient, the shift reduction for the kernel gradient.
+
+    For backends whose grouped convolution is fast forward but whose depthwise
+    kernel gradient (a grouped backward-filter convolution) is not.
+    """
+    return depthwise_conv_xla(x, kernel, stride)
+
+
+def _hybrid_fwd(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return depthwise_conv_xla(x, kernel, stride), (x, kernel)
+
+
+def _hybrid_bwd(stride: int, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    (dx,) = jax.vjp(lambda x: depthwise_conv_xla(x, kernel, stride), x)[1](g)
+    return dx, _shift_kernel_grad(x, kernel, stride, g)
+
+
+depthwise_conv_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -141,6 +178,60 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto") -> jax.Array:
     """Depthwise 'SAME' conv of NHWC ``x`` with a (k, k, 1, C) kernel."""
-    if resolve_depthwise_impl(impl) == "shift":
+    impl = resolve_depthwise_impl(impl)
+    if impl == "shift":
         return depthwise_conv_shift(x, kernel, stride)
+    if impl == "hybrid":
+        return depthwise_conv_hybrid(x, kernel, stride)
     return depthwise_conv_xla(x, kernel, stride)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """BatchNorm over all axes but the last, on batch statistics: (y, mean, biased var).
+
+    Same numbers as flax's BatchNorm (float32 statistics from E[x^2] - E[x]^2, clipped at
+    0; y in x's dtype). The point is the backward: differentiated automatically, the
+    normalisation's gradient took several reductions and elementwise passes over the
+    activation; written out, dx = scale/std * (g - mean(g) - xhat * mean(g * xhat)) is one
+    two-output reduction and one elementwise pass (BatchNorm + SiLU gradient 1.4-3x
+    faster on XLA:CPU, measured: docs/benchmarks.md). Gradients through the returned
+    statistics are kept, so the function is exact to differentiate whichever outputs are used.
+    """
+    return _batch_norm_train(x, scale, bias, epsilon)
+
+
+def _bn_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axes)
+    var = jnp.maximum(jnp.mean(xf * xf, axes) - mean * mean, 0.0)
+    rstd = lax.rsqrt(var + epsilon)
+    y = (xf - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    return _bn_forward(x, scale, bias, epsilon)
+
+
+def _bn_bwd(epsilon: float, res: tuple, cts: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, mean, rstd, scale = res
+    gy, gmean, gvar = cts
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    centered = x.astype(jnp.float32) - mean
+    xhat = centered * rstd
+    g = gy.astype(jnp.float32)
+    dbias, dscale = jnp.sum(g, axes), jnp.sum(g * xhat, axes)
+    dx = (scale.astype(jnp.float32) * rstd) * (g - (dbias + xhat * dscale) / count)
+    dx = dx + (gmean + 2.0 * gvar * centered) / count  # through the returned statistics (zero when unused)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_bn_fwd, _bn_bwd)

@@ -134,6 +134,7 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.nda
     first_run_s = time.perf_counter() - t0
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
             **memory_info(compiled)}
+    print(f"compiled train ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
     return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info)
 
 
@@ -157,6 +158,7 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
     run(1)
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
             "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
+    print(f"compiled inference ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
     return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info)
 
 
@@ -180,6 +182,7 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # what a tuned PyTorch run uses: fastest conv algorithm per shape
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -190,11 +193,14 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
         if cuda:
             torch.cuda.synchronize()
 
-    # Each variant in both memory layouts: channels-last is PyTorch's faster layout for
+    # Each variant in both memory layouts by default: channels-last is PyTorch's faster layout for
     # depthwise convs (measured 2.4x faster B0 inference at 32 px on a 2-core CPU), so the ratios
     # are against timm's best layout, not a default that flatters us.
-    variants = ["eager"] + (["compile"] if cuda and not args.no_torch_compile else [])
-    variants = [v + layout for v in variants for layout in ("", "-cl")]
+    if args.timm_variants:
+        variants = args.timm_variants
+    else:
+        variants = ["eager"] + (["compile"] if cuda and not args.no_torch_compile else [])
+        variants = [v + layout for v in variants for layout in ("", "-cl")]
     runners = []
     for variant in variants:
         fmt = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
@@ -213,9 +219,9 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
                     opt.step()
                 sync()
 
-            t0 = time.perf_counter()
-            train(1)
-            runners.append(Runner("timm", "train", variant, train, {"first_step_s": time.perf_counter() - t0}))
+            first = _first_step(train, variant)
+            if first is not None:
+                runners.append(Runner("timm", "train", variant, train, {"first_step_s": first}))
         if "inference" in args.modes:
             model = timm_model(spec, args.num_classes).to(device, memory_format=fmt).eval()
             fwd = torch.compile(model) if variant.startswith("compile") else model
@@ -226,10 +232,24 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
                         fwd(xt)
                 sync()
 
-            t0 = time.perf_counter()
-            infer(1)
-            runners.append(Runner("timm", "inference", variant, infer, {"first_step_s": time.perf_counter() - t0}))
+            first = _first_step(infer, variant)
+            if first is not None:
+                runners.append(Runner("timm", "inference", variant, infer, {"first_step_s": first}))
     return runners
+
+
+def _first_step(run: Callable[[int], None], variant: str) -> float | None:
+    """Seconds of the first step (torch.compile compiles here); None, with a warning, if it fails."""
+    t0 = time.perf_counter()
+    try:
+        run(1)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        if not variant.startswith("compile"):
+            raise
+        print(f"warning: timm {variant} failed, skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
+        return None
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- driver
@@ -250,7 +270,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"one of {ops.DEPTHWISE_IMPLS}, or a comma list to compare several")
     p.add_argument("--modes", default="train,inference", help="comma list of train, inference")
     p.add_argument("--peer", choices=("timm",), default=None)
+    p.add_argument("--peer_only", action="store_true", help="time only the peer (compare with --report)")
     p.add_argument("--no_torch_compile", action="store_true", help="GPU only: skip the torch.compile peer")
+    p.add_argument("--timm_variants", default=None,
+                   help="comma list of eager, eager-cl, compile, compile-cl (default: eager and eager-cl, "
+                        "plus compile and compile-cl on GPU)")
+    p.add_argument("--profile", default=None, help="after timing, write a jax.profiler trace of our steps here")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
+                   help="only print the table of earlier --json files (e.g. runs split over processes)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
@@ -258,9 +285,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_cache", default=None, help="persistent XLA compilation cache directory")
     p.add_argument("--json", default=None, help="also write the JSON lines here")
     args = p.parse_args(argv)
+    if args.peer_only and not args.peer:
+        p.error("--peer_only needs --peer")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.modes) <= {"train", "inference"} or not args.modes:
         p.error("--modes takes train and/or inference")
+    args.timm_variants = [v.strip() for v in args.timm_variants.split(",") if v.strip()] if args.timm_variants else None
+    for v in args.timm_variants or []:
+        if v not in ("eager", "eager-cl", "compile", "compile-cl"):
+            p.error(f"--timm_variants: {v!r} is not one of eager, eager-cl, compile, compile-cl")
     args.impls = [i.strip() for i in args.depthwise_impl.split(",") if i.strip()]
     for impl in args.impls:
         if impl not in ops.DEPTHWISE_IMPLS:
@@ -285,25 +318,42 @@ def environment() -> dict[str, Any]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Rows: setting | peer img/s | ours img/s | ratio, then compile times."""
+    """One row per runner: img/s, ms/step, first step (compile included), and ours/peer ratios."""
     peer = {(r["mode"], r["variant"]): r for r in records if r["impl"] == "timm"}
-    lines = [f"{'mode':<10} {'impl':<11} {'variant':<10} {'img/s':>9} {'ms/step':>9} {'compile s':>9}  vs timm"]
+    lines = [f"{'mode':<10} {'impl':<11} {'variant':<10} {'img/s':>9} {'ms/step':>9} {'first s':>8}  vs timm"]
     for r in records:
         ratios = []
         if r["impl"] == "effnet_jax":
             for (mode, variant), p in peer.items():
                 if mode == r["mode"]:
                     ratios.append(f"{r['img_per_s'] / p['img_per_s']:.2f}x {variant}")
-        compile_s = r.get("compile_s")
+        first = r.get("first_step_s")
         lines.append(
             f"{r['mode']:<10} {r['impl']:<11} {r['variant']:<10} {r['img_per_s']:>9.1f} {1e3 * r['step_s']:>9.2f} "
-            f"{'' if compile_s is None else f'{compile_s:.2f}':>9}  {', '.join(ratios)}"
+            f"{'' if first is None else f'{first:.1f}':>8}  {', '.join(ratios)}"
         )
     return "\n".join(lines)
 
 
+def report(paths: list[str]) -> list[dict[str, Any]]:
+    """The table of JSON lines written by earlier runs, one table per (model, resolution, batch, dtype)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["resolution"], r["batch"], r["dtype"]), []).append(r)
+    for (model, res, batch, dtype), rs in groups.items():
+        print(f"\n{model} {res}px batch {batch} {dtype} on {rs[0]['backend']} ({rs[0]['device']})")
+        print(table(rs))
+    return records
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.report:
+        return report(args.report)
     if args.compile_cache:
         compile_cache.enable(args.compile_cache)
     if args.phi is not None:
@@ -316,7 +366,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
 
     runners: list[Runner] = []
-    for impl in args.impls:
+    for impl in [] if args.peer_only else args.impls:
         if "train" in args.modes:
             runners.append(ours_train(spec, args, impl, x, y))
         if "inference" in args.modes:
@@ -331,6 +381,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             r.run(args.steps)
             r.times.append((time.perf_counter() - t0) / args.steps)
+
+    if args.profile:  # a few steps of ours (first --depthwise_impl): per-kernel times for xprof / TensorBoard
+        with jax.profiler.trace(args.profile):
+            for r in runners:
+                if r.impl == "effnet_jax" and r.variant == ops.resolve_depthwise_impl(args.impls[0]):
+                    with jax.profiler.TraceAnnotation(f"{r.mode}-{r.variant}"):
+                        r.run(3)
 
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light

@@ -38,6 +38,11 @@ def test_benchmark_json_fields(capsys, tmp_path):
     if peer:
         assert {r["variant"] for r in records if r["impl"] == "timm"} >= {"eager", "eager-cl"}  # both layouts
         assert "vs timm" in out
+    # --report rebuilds the table from the JSON lines alone (parts of a GPU run are separate processes).
+    assert bench.main(["--report", str(tmp_path / "out.jsonl")]) == records
+    table = capsys.readouterr().out
+    ours_rows = [r for r in records if r["impl"] == "effnet_jax"]
+    assert "16px batch 2" in table and table.count("effnet_jax") == len(ours_rows)
 
 
 def test_benchmark_train_step_runs(capsys):
@@ -48,10 +53,11 @@ def test_benchmark_train_step_runs(capsys):
     assert r["mode"] == "train" and r["variant"] == "shift" and r["first_step_s"] >= r["compile_s"] > 0
 
 
-def test_benchmark_rejects_bad_impl():
+@pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"]])
+def test_benchmark_rejects_bad_arguments(argv):
     bench = load_benchmark()
     with pytest.raises(SystemExit):
-        bench.parse_args(["--depthwise_impl", "fastest"])
+        bench.parse_args(argv)
 
 
 def test_no_tensorflow_in_import_chain():
