@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = -1.0  # < 0: the spec's
     m.drop_path_rate = 0.2  # stochastic depth at the last block, linear in block index
     m.bn_momentum = 0.99  # running-statistics decay; short runs (a few hundred steps) need ~0.9
-    m.depthwise_impl = "auto"  # "auto" (per backend), "xla" or "shift"
+    m.depthwise_impl = "auto"  # "auto" (per backend), "xla", "shift" or "hybrid" (ops.py)
     m.dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU
     m.init_from = ""  # our safetensors checkpoint (scripts/convert_timm.py) to start from
 
