@@ -1,14 +1,17 @@
 """Kernels with a hand-written form that XLA runs faster than the obvious one.
 
 BatchNorm's training forward and backward (``batch_norm_train``) are written out so
-that the backward is one two-output reduction and one elementwise pass.
+that the backward is two per-channel sums and one elementwise pass.
 
 A depthwise conv through ``feature_group_count`` is fast on GPU/TPU but slow on
 XLA:CPU (grouped convs run single-threaded there); written as k*k shifted
 multiply-adds, with a hand-written backward, it is several times faster on CPU.
-Both compute TensorFlow 'SAME' padding (extra padding at the end for even
-totals), so they agree to float rounding, which tests/test_ops.py checks forward
-and backward. 1x1 convs run as matrix products (``pointwise_conv``) everywhere.
+``hybrid`` keeps XLA's conv and input gradient and takes the kernel gradient from
+the shifted form (for backends whose depthwise backward-filter conv is slow; not
+yet measured to win anywhere). All compute TensorFlow 'SAME' padding (extra
+padding at the end for even totals), so they agree to float rounding, which
+tests/test_ops.py checks forward and backward. 1x1 convs run as matrix products
+(``pointwise_conv``) everywhere.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ def _window(xp: jax.Array, i: int, j: int, stride: int, oh: int, ow: int) -> jax
 def _correlate(xp: jax.Array, weights: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
     """'VALID' depthwise correlation of padded ``xp`` with (k, k, C) weights: one fused loop.
 
-    Written in lax primitives: jnp's indexing and broadcasting operators cost ~1 ms of
-    tracing each, and a B0 train step has thousands of these taps.
+    Written in lax primitives: jnp's indexing and broadcasting operators cost ~0.3 ms of
+    tracing each, and a B0 train step has ~1,500 of them here (0.5 s of its trace).
     """
     k, c = weights.shape[0], weights.shape[-1]
     taps = weights.astype(xp.dtype).reshape(k * k, c)
@@ -198,10 +201,12 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     Same numbers as flax's BatchNorm (float32 statistics from E[x^2] - E[x]^2, clipped at
     0; y in x's dtype). The point is the backward: differentiated automatically, the
     normalisation's gradient took several reductions and elementwise passes over the
-    activation; written out, dx = scale/std * (g - mean(g) - xhat * mean(g * xhat)) is one
-    two-output reduction and one elementwise pass (BatchNorm + SiLU gradient 1.4-3x
-    faster on XLA:CPU, measured: docs/benchmarks.md). Gradients through the returned
-    statistics are kept, so the function is exact to differentiate whichever outputs are used.
+    activation; written out, dx = scale/std * (g - mean(g) - xhat * mean(g * xhat)) is two
+    per-channel sums and one elementwise pass (BatchNorm + SiLU gradient 1.4-3x faster on
+    XLA:CPU, measured: docs/benchmarks.md). The two sums stay two reductions: XLA:CPU runs
+    each as a fast library reduction, and one two-output ``lax.reduce`` measured 1.7-2x
+    slower. Gradients through the returned statistics are kept, so the function is exact
+    to differentiate whichever outputs are used.
     """
     return _batch_norm_train(x, scale, bias, epsilon)
 

@@ -9,6 +9,10 @@ backend reports it (GPU/TPU), peak device memory. ``--peer timm`` times timm's
 ``tf_efficientnet_*`` equivalent in the same process, interleaved with ours so that
 noise from other jobs on the machine hits both alike, and prints ours/peer ratios.
 
+On a GPU, where compiles are long, ``scripts/gpu_suite.sh`` runs each setting in its own
+process (``--peer_only`` times timm alone) and ``--report FILES`` joins their JSON lines
+into one table.
+
 Only jax, flax, optax (and torch, timm for the peer) are imported: no tensorflow.
 One JSON object per measurement goes to stdout (``--json`` also writes them to a
 file), then a readable table.
