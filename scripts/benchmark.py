@@ -71,6 +71,7 @@ class Runner:
     run: Callable[[int], None]
     info: dict[str, Any] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)  # seconds per step, one per repeat
+    hlo: Callable[[], str] | None = None  # ours: the compiled program's HLO text (for --profile)
 
 
 # --------------------------------------------------------------------------- ours
@@ -139,7 +140,7 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.nda
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
             **memory_info(compiled)}
     print(f"compiled train ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info)
+    return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info, hlo=compiled.as_text)
 
 
 def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray) -> Runner:
@@ -163,7 +164,7 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
             "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
     print(f"compiled inference ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info)
+    return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info, hlo=compiled.as_text)
 
 
 # --------------------------------------------------------------------------- timm
@@ -279,7 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timm_variants", default=None,
                    help="comma list of eager, eager-cl, compile, compile-cl (default: eager and eager-cl, "
                         "plus compile and compile-cl on GPU)")
-    p.add_argument("--profile", default=None, help="after timing, write a jax.profiler trace of our steps here")
+    p.add_argument("--profile", default=None,
+                   help="after timing, trace a few of our steps into this folder (see scripts/profile_summary.py)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
                    help="only print the table of earlier --json files (e.g. runs split over processes)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
@@ -339,6 +341,28 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PROFILE_STEPS = 3
+
+
+def profile(runners: list[Runner], args: argparse.Namespace) -> None:
+    """Trace PROFILE_STEPS steps of each of ours (first --depthwise_impl) into ``args.profile``.
+
+    Writes a Perfetto trace (``*.trace.json.gz``, also readable by xprof / TensorBoard) and
+    each program's optimized HLO (``<mode>.hlo.txt``); ``scripts/profile_summary.py``
+    turns the two into milliseconds per step by op.
+    """
+    ours = [r for r in runners if r.impl == "effnet_jax" and r.variant == ops.resolve_depthwise_impl(args.impls[0])]
+    os.makedirs(args.profile, exist_ok=True)
+    with open(os.path.join(args.profile, "profile.json"), "w") as f:
+        json.dump({"steps": PROFILE_STEPS, "modes": [r.mode for r in ours]}, f)
+    for r in ours:
+        with open(os.path.join(args.profile, f"{r.mode}.hlo.txt"), "w") as f:
+            f.write(r.hlo())
+    for r in ours:  # one trace per program, so that kernels are not mixed up between them
+        with jax.profiler.trace(os.path.join(args.profile, r.mode), create_perfetto_trace=True):
+            r.run(PROFILE_STEPS)
+
+
 def report(paths: list[str]) -> list[dict[str, Any]]:
     """The table of JSON lines written by earlier runs, one table per (model, resolution, batch, dtype)."""
     records = []
@@ -386,12 +410,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r.run(args.steps)
             r.times.append((time.perf_counter() - t0) / args.steps)
 
-    if args.profile:  # a few steps of ours (first --depthwise_impl): per-kernel times for xprof / TensorBoard
-        with jax.profiler.trace(args.profile):
-            for r in runners:
-                if r.impl == "effnet_jax" and r.variant == ops.resolve_depthwise_impl(args.impls[0]):
-                    with jax.profiler.TraceAnnotation(f"{r.mode}-{r.variant}"):
-                        r.run(3)
+    if args.profile:
+        profile(runners, args)
 
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light

@@ -4,7 +4,7 @@
 #
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b0          # B0 224 px batch 256: ~6 min on an H200
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b3 impls    # B3 300 px batch 128; B0 hybrid/shift depthwise
-#   OUT=runs/gpu bash scripts/gpu_suite.sh profile     # jax.profiler trace of B0 steps (gzipped xplane)
+#   OUT=runs/gpu bash scripts/gpu_suite.sh profile     # B0 kernel time by op (scripts/profile_summary.py)
 #   SMOKE=1 OUT=/tmp/s bash scripts/gpu_suite.sh b0    # tiny sizes, any backend: try it before a lease
 #
 # Every part is its own process with its own time cap, and prints its table as soon as it
@@ -52,11 +52,11 @@ for group in "$@"; do
     impls)
       part b0_hybrid_train 120 $B0 $COMMON --depthwise_impl hybrid --modes train
       part b0_shift 150 $B0 $COMMON --depthwise_impl shift ;;
-    profile)
+    profile)  # per-kernel time by JAX op: `python scripts/profile_summary.py prof` after untarring
       part b0_profile 200 $B0 --dtype bfloat16 --warmup 1 --steps 2 --repeats 1 --depthwise_impl xla \
-        --profile "$OUT/trace"
-      find "$OUT/trace" -name '*.xplane.pb' -exec sh -c 'gzip -c "$1" >"$2"' _ {} "$OUT/b0.xplane.pb.gz" \;
-      rm -rf "$OUT/trace" ;;
+        --profile "$OUT/prof"
+      $PY scripts/profile_summary.py "$OUT/prof" --top 25
+      tar czf "$OUT/b0_profile.tgz" --exclude='*.xplane.pb' -C "$OUT" prof && rm -rf "$OUT/prof" ;;
     *) echo "unknown group $group (b0, b3, impls, profile)"; exit 2 ;;
   esac
 done

@@ -45,12 +45,26 @@ def test_benchmark_json_fields(capsys, tmp_path):
     assert "16px batch 2" in table and table.count("effnet_jax") == len(ours_rows)
 
 
-def test_benchmark_train_step_runs(capsys):
+def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     bench = load_benchmark()
     records = bench.main(["--batch", "2", "--resolution", "16", "--num_classes", "10", "--modes", "train",
-                          "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1", "--repeats", "1"])
+                          "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1", "--repeats", "1",
+                          "--profile", str(tmp_path / "prof")])
     (r,) = records
     assert r["mode"] == "train" and r["variant"] == "shift" and r["first_step_s"] >= r["compile_s"] > 0
+    # The profile maps kernel time back to the JAX ops of the forward and backward pass.
+    spec = importlib.util.spec_from_file_location("profile_summary", os.path.join(os.path.dirname(SCRIPT),
+                                                                                  "profile_summary.py"))
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    result = summary.main([str(tmp_path / "prof")])
+    train = result["train"]
+    assert set(result) == {"train"} and train["total_ms"] > 0
+    assert sum(ms for _, ms in train["by_op"]) == pytest.approx(train["total_ms"])
+    assert {cat.split()[0] for cat, _ in train["by_op"]} == {"fwd", "bwd"}
+    assert "ms of kernels per step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        summary.main([str(tmp_path)])  # not a profile folder: one-line usage error
 
 
 @pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"]])
