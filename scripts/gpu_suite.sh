@@ -2,14 +2,14 @@
 # Issue 6's GPU measurements, for a lent GPU machine with jax, flax, optax, torch and timm:
 # ours against timm eager / channels-last / torch.compile, bf16.
 #
-#   OUT=runs/gpu bash scripts/gpu_suite.sh b0          # B0 224 px batch 256: ~6 min on an H200
+#   OUT=runs/gpu bash scripts/gpu_suite.sh b0          # B0 224 px batch 256: ~5-6 min on an H200 (estimated)
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b3 impls    # B3 300 px batch 128; B0 hybrid/shift depthwise
 #   OUT=runs/gpu bash scripts/gpu_suite.sh profile     # B0 kernel time by op (scripts/profile_summary.py)
 #   SMOKE=1 OUT=/tmp/s bash scripts/gpu_suite.sh b0    # tiny sizes, any backend: try it before a lease
 #
 # Every part is its own process with its own time cap, and prints its table as soon as it
 # ends, so a slow compile costs only its part (measured on an H200, 2026-11-26: compiling our
-# B0 train step at batch 256 took 58 s, mostly XLA's GPU autotuning; timm's torch.compile 74 s).
+# B0 train step at batch 256 took 58 s, autotuning included; timm's first torch.compile step 74 s).
 # Parts of one call run on one machine; `--report` prints the combined table last.
 # Use the machine's own jax/flax: a flax wheel carried from here (0.12.8) did not import
 # with its jax 0.11.2.
