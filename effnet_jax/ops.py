@@ -78,12 +78,16 @@ def _correlate(xp: jax.Array, weights: jax.Array, stride: int, oh: int, ow: int)
     return out
 
 
+def _pad_same(x: jax.Array, k: int, stride: int) -> jax.Array:
+    """``x`` zero-padded by TensorFlow 'SAME' rules for a k x k kernel at ``stride``."""
+    _, h, w, _ = x.shape
+    return jnp.pad(x, ((0, 0), same_padding(h, k, stride), same_padding(w, k, stride), (0, 0)))
+
+
 def _shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     k = kernel.shape[0]
     _, h, w, c = x.shape
-    (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
-    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-    return _correlate(xp, kernel.reshape(k, k, c), stride, -(-h // stride), -(-w // stride))
+    return _correlate(_pad_same(x, k, stride), kernel.reshape(k, k, c), stride, -(-h // stride), -(-w // stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -117,8 +121,7 @@ def _shift_input_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array
         return lo, size + k - 1 - lo - dilated, stride - 1
 
     gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), edge(h, oh, ph0), edge(w, ow, pw0), (0, 0, 0)))
-    weights = kernel.reshape(k, k, c).astype(g.dtype)
-    return _correlate(gp, weights[::-1, ::-1], 1, h, w).astype(x.dtype)
+    return _correlate(gp, kernel.reshape(k, k, c)[::-1, ::-1], 1, h, w).astype(x.dtype)
 
 
 def _shift_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> jax.Array:
@@ -129,10 +132,8 @@ def _shift_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Arra
     the taps into a single array made XLA materialise k*k shifted copies of x.)
     """
     k = kernel.shape[0]
-    _, h, w, _ = x.shape
     _, oh, ow, _ = g.shape
-    (ph0, ph1), (pw0, pw1) = same_padding(h, k, stride), same_padding(w, k, stride)
-    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    xp = _pad_same(x, k, stride)
     g = g.astype(x.dtype)
     taps = [lax.convert_element_type(lax.mul(_window(xp, i, j, stride, oh, ow), g), jnp.float32)
             for i in range(k) for j in range(k)]
@@ -194,6 +195,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "au
     return depthwise_conv_xla(x, kernel, stride)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """BatchNorm over all axes but the last, on batch statistics: (y, mean, biased var).
@@ -208,7 +210,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     slower. Gradients through the returned statistics are kept, so the function is exact
     to differentiate whichever outputs are used.
     """
-    return _batch_norm_train(x, scale, bias, epsilon)
+    return _bn_forward(x, scale, bias, epsilon)[0]
 
 
 def _bn_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
@@ -219,15 +221,6 @@ def _bn_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float)
     rstd = lax.rsqrt(var + epsilon)
     y = (xf - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
     return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    return _bn_forward(x, scale, bias, epsilon)[0]
-
-
-def _bn_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    return _bn_forward(x, scale, bias, epsilon)
 
 
 def _bn_bwd(epsilon: float, res: tuple, cts: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -244,4 +237,4 @@ def _bn_bwd(epsilon: float, res: tuple, cts: tuple) -> tuple[jax.Array, jax.Arra
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-_batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+batch_norm_train.defvjp(_bn_forward, _bn_bwd)

@@ -91,8 +91,9 @@ def test_fast_layers_match_flax_layers():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_batchnorm_gradients_match_flax(dtype):
-    # ops.batch_norm_train's hand-written backward against autodiff of nnx.BatchNorm, through
-    # the output and through the running statistics it updates.
+    # ops.batch_norm_train's hand-written backward against autodiff of nnx.BatchNorm, in the
+    # module (which stops gradients at the running statistics; the next test differentiates
+    # the function's statistics outputs).
     x = (jax.random.normal(jax.random.key(5), (3, 4, 5, 6)) * 2 + 0.5).astype(dtype)
     probe = jax.random.normal(jax.random.key(6), x.shape)
 
