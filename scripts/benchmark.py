@@ -21,6 +21,7 @@ file), then a readable table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +47,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from effnet_jax import compile_cache, ops  # noqa: E402
+from effnet_jax import model as model_lib  # noqa: E402
 from effnet_jax.flat_state import FlatModel  # noqa: E402
 from effnet_jax.model import create_model, eval_view  # noqa: E402
 from effnet_jax.scaling import ScalingSpec, from_constants, resolve  # noqa: E402
@@ -115,6 +117,29 @@ def peak_device_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+def variant_name(impl: str, args: argparse.Namespace) -> str:
+    """The depthwise implementation, plus '+flax' when flax's own BatchNorm and 1x1 conv are used."""
+    return ops.resolve_depthwise_impl(impl) + ("+flax" if args.flax_layers else "")
+
+
+@contextlib.contextmanager
+def flax_layers(enabled: bool):
+    """For an A/B on this backend: flax's own BatchNorm and 1x1 Conv in place of ours.
+
+    Ours (``ops.batch_norm_train``'s backward, ``ops.pointwise_conv``'s matrix product) were
+    chosen by CPU measurements; same variables, same numbers, so only speed can differ.
+    """
+    if not enabled:
+        yield
+        return
+    saved = model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__
+    model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__ = nnx.BatchNorm.__call__, nnx.Conv.__call__
+    try:
+        yield
+    finally:
+        model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__ = saved
+
+
 def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray, y: np.ndarray) -> Runner:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl)
@@ -140,7 +165,7 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.nda
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
             **memory_info(compiled)}
     print(f"compiled train ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "train", ops.resolve_depthwise_impl(impl), run, info, hlo=compiled.as_text)
+    return Runner("effnet_jax", "train", variant_name(impl, args), run, info, hlo=compiled.as_text)
 
 
 def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray) -> Runner:
@@ -164,7 +189,7 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
             "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
     print(f"compiled inference ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "inference", ops.resolve_depthwise_impl(impl), run, info, hlo=compiled.as_text)
+    return Runner("effnet_jax", "inference", variant_name(impl, args), run, info, hlo=compiled.as_text)
 
 
 # --------------------------------------------------------------------------- timm
@@ -280,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timm_variants", default=None,
                    help="comma list of eager, eager-cl, compile, compile-cl (default: eager and eager-cl, "
                         "plus compile and compile-cl on GPU)")
+    p.add_argument("--flax_layers", action="store_true",
+                   help="A/B: flax's own BatchNorm and 1x1 Conv in place of ours (chosen on CPU)")
     p.add_argument("--profile", default=None,
                    help="after timing, trace a few of our steps into this folder (see scripts/profile_summary.py)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
@@ -351,7 +378,7 @@ def profile(runners: list[Runner], args: argparse.Namespace) -> None:
     each program's optimized HLO (``<mode>.hlo.txt``); ``scripts/profile_summary.py``
     turns the two into milliseconds per step by op.
     """
-    ours = [r for r in runners if r.impl == "effnet_jax" and r.variant == ops.resolve_depthwise_impl(args.impls[0])]
+    ours = [r for r in runners if r.impl == "effnet_jax" and r.variant == variant_name(args.impls[0], args)]
     os.makedirs(args.profile, exist_ok=True)
     with open(os.path.join(args.profile, "profile.json"), "w") as f:
         json.dump({"steps": PROFILE_STEPS, "modes": [r.mode for r in ours]}, f)
@@ -394,11 +421,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
 
     runners: list[Runner] = []
-    for impl in [] if args.peer_only else args.impls:
-        if "train" in args.modes:
-            runners.append(ours_train(spec, args, impl, x, y))
-        if "inference" in args.modes:
-            runners.append(ours_inference(spec, args, impl, x))
+    with flax_layers(args.flax_layers):  # the models are built and traced inside
+        for impl in [] if args.peer_only else args.impls:
+            if "train" in args.modes:
+                runners.append(ours_train(spec, args, impl, x, y))
+            if "inference" in args.modes:
+                runners.append(ours_inference(spec, args, impl, x))
     if args.peer == "timm":
         runners += timm_runners(spec, args, x, y)
 
@@ -410,8 +438,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r.run(args.steps)
             r.times.append((time.perf_counter() - t0) / args.steps)
 
-    if args.profile:
-        profile(runners, args)
 
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light
@@ -439,6 +465,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"\n{spec.name} {res}px batch {args.batch} {args.dtype} on {env['backend']} "
           f"({env['device']}, {env['cpu_threads']} threads, load average {env['loadavg_1min']:.1f})")
     print(table(records))
+    if args.profile:  # after the records are out: a profiler failure must not lose the timings
+        try:
+            profile(runners, args)
+        except Exception as e:  # noqa: BLE001 - reported, the timings above stand
+            print(f"warning: profiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
     return records
 
 
