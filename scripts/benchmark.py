@@ -343,6 +343,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "flax": __import__("flax").__version__,
         "optax": optax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS") or None,
     }
     if "torch" in sys.modules:
         env["torch"] = sys.modules["torch"].__version__

@@ -1,30 +1,26 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurements in one device call, for a lent GPU machine with jax, flax,
-# optax, torch and timm: ours against timm (eager, torch.compile; channels-last), bf16.
+# Issue 6's GPU measurements, for a lent GPU machine with jax, flax, optax, torch and timm:
+# ours against timm (eager, torch.compile; channels-last), bf16. Results: docs/benchmarks.md.
 #
-#   OUT=runs/gpu bash scripts/gpu_suite.sh           # everything below; ~8 min on an H200 (estimated)
-#   OUT=runs/gpu bash scripts/gpu_suite.sh b0_ours   # only the named parts
-#   SMOKE=1 OUT=/tmp/s bash scripts/gpu_suite.sh     # tiny sizes, any backend: try it before a lease
+#   OUT=runs/gpu bash scripts/gpu_suite.sh b0      # B0 224 px batch 256 + profile: ~4.5 min on an H200
+#   OUT=runs/gpu bash scripts/gpu_suite.sh b3      # B3 300 px batch 128: ~5 min (estimated)
+#   OUT=runs/gpu bash scripts/gpu_suite.sh ab      # flax's BatchNorm/1x1 conv, hybrid depthwise, autotune off
+#   OUT=runs/gpu bash scripts/gpu_suite.sh b0_ours b3_timm_compile   # single parts
+#   SMOKE=1 OUT=/tmp/s bash scripts/gpu_suite.sh b0   # tiny sizes, any backend: try it before a lease
 #
-# Compiles dominate a GPU call (measured on an H200, 2026-11-26: our B0 train step at batch
-# 256 took 58 s, autotuning included; timm's first torch.compile step 74 s), so the suite runs
-# in two phases:
-#   1. warm: every part that compiles runs once, all at the same time, into persistent
-#      caches (JAX's compilation cache in $WORK/cache/xla, torch inductor's in one folder per
-#      part: two inductors compiling into one cache raced on a half-written library here).
-#      Their compile times are cold but contended, and the autotuner timed its candidates
-#      beside the other compiles; the logs keep them (warm_*.jsonl).
-#   2. timed: the parts one after another, each its own process with its own cap, loading
-#      the compiled programs from the caches; only these timings are reported. Parts named
-#      *cold* skip both the warm phase and the cache: their compile time is the measurement.
-# Everything goes to $WORK and is packed into $OUT/gpu_suite.tgz after every part, so a call
-# killed at its limit still brings back what finished. Use the machine's own jax/flax: a
-# flax wheel carried from here (0.12.8) did not import with its jax 0.11.2.
+# Parts run one after another, each its own process with its own time cap, compiling cold.
+# Do not compile our programs side by side to save time: XLA autotunes each convolution by
+# timing candidates on the GPU, and under contention it picked kernels that made our B0 train
+# step 15% slower (measured on an H200, 2026-11-26: 7,746 against 9,107 img/s compiled alone).
+# Compile times alone, same day: our B0 train step 52 s, inference 7 s; timm's first
+# torch.compile steps 74 s and 16 s. Each part's log and JSON lines go to $WORK, packed into
+# $OUT/gpu_suite.tgz after every part, so a call killed at its limit still brings back what
+# finished. Use the machine's own jax/flax: a flax wheel carried from here (0.12.8) did not
+# import with its jax 0.11.2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_suite}
 WORK=${WORK:-$(mktemp -d)}
-WARM_CAP=${WARM_CAP:-240}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the GPU
 PY=${PY:-python3}
@@ -39,55 +35,28 @@ else
   B0="--model b0 --resolution 224 --batch 256" B3="--model b3 --resolution 300 --batch 128" STEPS="--steps 20 --repeats 3"
 fi
 TIMED="--dtype bfloat16 --warmup 3 $STEPS"
-WARM="--dtype bfloat16 --warmup 0 --steps 1 --repeats 1"
 
-# name | cap (s) of its timed run | XLA_FLAGS | benchmark.py arguments; in priority order.
+# group | name | cap (s) | XLA_FLAGS | benchmark.py arguments
 PARTS=(
-  "b0_ours|150||$B0 --depthwise_impl xla --profile $WORK/prof"
-  "b0_timm_compile|150||$B0 --peer_only --peer timm --timm_variants compile-cl"
-  "b3_ours|120||$B3 --depthwise_impl xla"
-  "b3_timm_compile|150||$B3 --peer_only --peer timm --timm_variants compile-cl"
-  "b0_flax_layers|90||$B0 --depthwise_impl xla --flax_layers"
-  "b0_timm_eager|60||$B0 --peer_only --peer timm --timm_variants eager,eager-cl"
-  "b0_hybrid|60||$B0 --depthwise_impl hybrid --modes train"
-  "b0_cold_autotune0|120|--xla_gpu_autotune_level=0|$B0 --depthwise_impl xla --modes train"
+  "b0|b0_ours|150||$B0 --depthwise_impl xla --profile $WORK/prof"
+  "b0|b0_timm_compile|150||$B0 --peer_only --peer timm --timm_variants compile-cl"
+  "b0|b0_timm_eager|60||$B0 --peer_only --peer timm --timm_variants eager,eager-cl"
+  "b3|b3_ours|200||$B3 --depthwise_impl xla"
+  "b3|b3_timm_compile|200||$B3 --peer_only --peer timm --timm_variants compile-cl"
+  "ab|b0_flax_layers|150||$B0 --depthwise_impl xla --flax_layers"
+  "ab|b0_hybrid|120||$B0 --depthwise_impl hybrid --modes train"
+  "ab|b0_autotune0|90|--xla_gpu_autotune_level=0|$B0 --depthwise_impl xla --modes train"
 )
+[ $# -gt 0 ] || { echo "name groups (b0, b3, ab) or parts"; exit 2; }
 WANT=" $* "
 
-pack() { tar czf "$OUT/gpu_suite.tgz.tmp" -C "$WORK" --exclude=./cache --exclude='*.xplane.pb' . \
-  && mv "$OUT/gpu_suite.tgz.tmp" "$OUT/gpu_suite.tgz"; }
-
-echo "== warm: compiling every part at once (cap ${WARM_CAP}s)"
-declare -A PIDS
-for p in "${PARTS[@]}"; do
-  IFS='|' read -r name cap flags args <<<"$p"
-  [[ $# -gt 0 && $WANT != *" $name "* ]] && continue
-  [[ $name == *eager* || $name == *cold* ]] && continue  # nothing to compile / compile time measured cold
-  args=${args%% --profile*}
-  TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor_$name XLA_FLAGS=$flags timeout "$WARM_CAP" \
-    $PY scripts/benchmark.py $args $WARM --compile_cache "$WORK/cache/xla" \
-    --json "$WORK/warm_$name.jsonl" >"$WORK/warm_$name.log" 2>&1 &
-  PIDS[$name]=$!
-done
-for name in "${!PIDS[@]}"; do
-  wait "${PIDS[$name]}" || { echo "   warm $name failed (exit $?): its timed run compiles afresh"
-                             rm -rf "$WORK/cache/inductor_$name"; }
-done
-for f in "$WORK"/warm_*.log; do
-  [ -e "$f" ] || continue
-  echo "   $(basename "$f" .log): $(grep -ho 'compiled [a-z]* ([^)]*) in [0-9.]* s' "$f" | tr '\n' ' ')"
-done
-echo "   warm phase done at $((SECONDS - START))s"
-pack
+pack() { tar czf "$OUT/gpu_suite.tgz.tmp" -C "$WORK" --exclude='*.xplane.pb' . && mv "$OUT/gpu_suite.tgz.tmp" "$OUT/gpu_suite.tgz"; }
 
 for p in "${PARTS[@]}"; do
-  IFS='|' read -r name cap flags args <<<"$p"
-  [[ $# -gt 0 && $WANT != *" $name "* ]] && continue
+  IFS='|' read -r group name cap flags args <<<"$p"
+  [[ $WANT == *" $group "* || $WANT == *" $name "* ]] || continue
   echo "== $name (cap ${cap}s, at $((SECONDS - START))s)"
-  cache="--compile_cache $WORK/cache/xla"
-  [[ $name == *cold* ]] && cache=""
-  TORCHINDUCTOR_CACHE_DIR=$WORK/cache/inductor_$name XLA_FLAGS=$flags timeout "$cap" \
-    $PY scripts/benchmark.py $args $TIMED $cache --json "$WORK/$name.jsonl" >"$WORK/$name.log" 2>&1
+  XLA_FLAGS=$flags timeout "$cap" $PY scripts/benchmark.py $args $TIMED --json "$WORK/$name.jsonl" >"$WORK/$name.log" 2>&1
   echo "   exit $?, at $((SECONDS - START))s"
   grep -v -e '^{' -e cuda_timer "$WORK/$name.log" | tail -n 8
   if [[ $name == b0_ours && -d $WORK/prof ]]; then
@@ -96,5 +65,5 @@ for p in "${PARTS[@]}"; do
   pack
 done
 echo "== done in $((SECONDS - START))s"
-ls "$WORK"/b*.jsonl >/dev/null 2>&1 && $PY scripts/benchmark.py --report "$WORK"/b*.jsonl | tee "$WORK/report.txt"
+ls "$WORK"/*.jsonl >/dev/null 2>&1 && $PY scripts/benchmark.py --report "$WORK"/*.jsonl | tee "$WORK/report.txt"
 pack

@@ -80,3 +80,20 @@ def test_no_tensorflow_in_import_chain():
             "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_flax_layers_swaps_in_flax_and_restores_ours():
+    # The GPU A/B (--flax_layers) patches two classes for one process; the patch must not outlive it,
+    # even when the measurement fails.
+    from flax import nnx
+
+    from effnet_jax import model
+
+    bench = load_benchmark()
+    ours = model.BatchNorm.__call__, model.PointwiseConv.__call__
+    with pytest.raises(RuntimeError), bench.flax_layers(True):
+        assert (model.BatchNorm.__call__, model.PointwiseConv.__call__) == (nnx.BatchNorm.__call__, nnx.Conv.__call__)
+        raise RuntimeError("a failed measurement")
+    assert (model.BatchNorm.__call__, model.PointwiseConv.__call__) == ours
+    args = bench.parse_args(["--flax_layers", "--depthwise_impl", "xla"])
+    assert bench.variant_name("xla", args) == "xla+flax"
