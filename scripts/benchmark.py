@@ -439,7 +439,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             r.run(args.steps)
             r.times.append((time.perf_counter() - t0) / args.steps)
 
-
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light
     peak = peak_device_bytes()
