@@ -420,6 +420,12 @@ def summary_line(result: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
+def _module_name(path: str) -> str:
+    """'.../experiments/grid_search.py' -> 'experiments.grid_search' (for the usage line)."""
+    parts = os.path.normpath(os.path.splitext(path)[0]).split(os.sep)
+    return ".".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
+
+
 def parse_config_flags(argv: list[str], default_config: str | None = None,
                        define_extra: Callable[[Any], None] | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """Parse --config / --config.x=y / --workdir (+ extra flags); mistakes become one-line UserErrors.
@@ -442,6 +448,11 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     flags.DEFINE_integer("process_id", None, "this process's index (when not auto-detected)", flag_values=fv)
     if define_extra is not None:
         define_extra(fv)
+    if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(f"usage: python -m {_module_name(argv[0])} [--flag=value ...]\n"
+              "Any field of the --config file's get_config() can be overridden: --config.<field>=<value>.\n")
+        print(fv.get_help())
+        raise SystemExit(0)
     try:
         fv(argv)
         config = fv.config

@@ -398,7 +398,9 @@ def _define_flags(fv: Any) -> None:
 
     flags.DEFINE_integer("num_workers", 1, "machines sharing this grid through one workdir", flag_values=fv)
     flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU backend with >= 2 "
-                         "cores, else 1); XLA compiles on one core, so two workers halve a CPU search",
+                         "cores, else 1); XLA compiles on one core, so two workers halve a CPU search. Keep 1 "
+                         "per GPU: XLA autotunes convolutions by timing them, and compiles side by side on one "
+                         "GPU chose kernels that made a B0 step 15% slower (docs/benchmarks.md)",
                          flag_values=fv)
     flags.DEFINE_integer("worker_index", 0, "this machine's index in [0, num_workers)", flag_values=fv)
     flags.DEFINE_string("then_scale", "", "comma-separated phi values to scale the winner to", flag_values=fv)
@@ -417,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_workers, children = fv.num_workers, []
     local = fv.local_workers or (2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1)
     if local > 1 and fv.num_workers == 1:
+        if jax.default_backend() == "gpu":
+            print(f"warning: {local} workers share one GPU; their compiles autotune side by side, which can "
+                  "pick slower kernels (see --helpfull local_workers)", file=sys.stderr, flush=True)
         candidates(config.search)  # a bad search config fails here, once, before any worker starts
         num_workers = local
         children = [_spawn_worker(argv_list, workdir, i, local) for i in range(1, local)]

@@ -226,3 +226,14 @@ def test_two_local_workers_share_one_grid(tmp_path, cache_dir):
     expected = {gs.trial_id(c, 0, 0) for c in gs.candidates(small_config(cache_dir).search)}
     assert sorted(ids) == sorted(expected)
     assert (wd / "best.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_flags_and_exits_0_without_running(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)  # a run would create runs/ here
+    with pytest.raises(SystemExit) as e:
+        gs.main(["prog", flag])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "--local_workers" in out and "--workdir" in out and "--config.<field>" in out
+    assert not os.listdir(tmp_path)
