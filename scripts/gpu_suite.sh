@@ -2,7 +2,7 @@
 # Issue 6's GPU measurements, for a lent GPU machine with jax, flax, optax, torch and timm:
 # ours against timm (eager, torch.compile; channels-last), bf16. Results: docs/benchmarks.md.
 #
-#   OUT=runs/gpu bash scripts/gpu_suite.sh b0      # B0 224 px batch 256 + profile: ~4.5 min on an H200
+#   OUT=runs/gpu bash scripts/gpu_suite.sh b0      # B0 224 px batch 256 + profile: ~4.5 min on an H200 (estimated)
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b3      # B3 300 px batch 128: ~5 min (estimated)
 #   OUT=runs/gpu bash scripts/gpu_suite.sh ab      # flax's BatchNorm/1x1 conv, hybrid depthwise, autotune off
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b0_ours b3_timm_compile   # single parts
