@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if local > 1 and fv.num_workers == 1:
         if jax.default_backend() == "gpu":
             print(f"warning: {local} workers share one GPU; their compiles autotune side by side, which can "
-                  "pick slower kernels (see --helpfull local_workers)", file=sys.stderr, flush=True)
+                  "pick slower kernels (see --help, --local_workers)", file=sys.stderr, flush=True)
         candidates(config.search)  # a bad search config fails here, once, before any worker starts
         num_workers = local
         children = [_spawn_worker(argv_list, workdir, i, local) for i in range(1, local)]
