@@ -417,9 +417,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
     num_workers, children = fv.num_workers, []
-    local = fv.local_workers or (2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1)
+    backend = jax.default_backend()
+    local = fv.local_workers or (2 if backend == "cpu" and (os.cpu_count() or 1) >= 2 else 1)
     if local > 1 and fv.num_workers == 1:
-        if jax.default_backend() == "gpu":
+        if backend == "gpu":
             print(f"warning: {local} workers share one GPU; their compiles autotune side by side, which can "
                   "pick slower kernels (see --help, --local_workers)", file=sys.stderr, flush=True)
         candidates(config.search)  # a bad search config fails here, once, before any worker starts

@@ -268,6 +268,11 @@ def timm_runners(spec: ScalingSpec, args: argparse.Namespace, x: np.ndarray, y: 
     return runners
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line for a warning (its message may be empty or span pages)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def _first_step(run: Callable[[int], None], variant: str) -> float | None:
     """Seconds of the first step (torch.compile compiles here); None, with a warning, if it fails."""
     t0 = time.perf_counter()
@@ -276,8 +281,7 @@ def _first_step(run: Callable[[int], None], variant: str) -> float | None:
     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
         if not variant.startswith("compile"):
             raise
-        print(f"warning: timm {variant} failed, skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-              file=sys.stderr)
+        print(f"warning: timm {variant} failed, skipped: {_first_line(e)}", file=sys.stderr)
         return None
     return time.perf_counter() - t0
 
@@ -469,7 +473,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         try:
             profile(runners, args)
         except Exception as e:  # noqa: BLE001 - reported, the timings above stand
-            print(f"warning: profiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            print(f"warning: profiling failed: {_first_line(e)}", file=sys.stderr)
     return records
 
 
