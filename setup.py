@@ -15,6 +15,8 @@ CORE = [
     "tqdm>=4.66",
     "tensorboard>=2.15",  # event files, written without TensorFlow
     "safetensors>=0.4",
+    "optuna>=4.2",  # the experiment layer: studies, durable storages (journal file, SQLite, PostgreSQL)
+    "scipy>=1.11",  # t quantiles, Welch's test and rank correlations for the search's verdicts
 ]
 DATA = [  # tfds datasets and image folders; imported lazily, only by that path
     "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
@@ -23,7 +25,8 @@ DATA = [  # tfds datasets and image folders; imported lazily, only by that path
     "importlib_resources",  # tfds 4.9.10 imports it without declaring it
 ]
 PEERS = ["torch>=2.4", "torchvision", "timm>=1.0"]  # numerical peer (timm)
-TEST = DATA + PEERS + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]
+POSTGRES = ["psycopg[binary]>=3.1"]  # --storage=postgresql://... (SQLAlchemy's psycopg 3 driver)
+TEST = DATA + PEERS + POSTGRES + ["pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"]
 
 setup(
     name="effnet_jax",
@@ -38,6 +41,8 @@ setup(
     extras_require={
         "data": DATA,
         "peers": PEERS,
+        "postgres": POSTGRES,
+        "dashboard": ["optuna-dashboard>=0.16"],
         "test": TEST,
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],

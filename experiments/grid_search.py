@@ -1,21 +1,34 @@
 """Grid search over EfficientNet's compound-scaling constants (alpha, beta, gamma).
 
-    python -m experiments.grid_search                    # embedded digits, a laptop CPU, minutes
-    python -m experiments.grid_search --workdir=runs/grid --config.search.strategy=halving
+    python -m experiments.grid_search                      # embedded digits, a laptop CPU, minutes
+    python -m experiments.grid_search --workdir=runs/grid --storage=postgresql://user:pw@db/effnet
     python -m experiments.grid_search --then_scale=1,2,3  # scale the winner, print params/MACs
 
 Candidates satisfy |alpha * beta**2 * gamma**2 - target| <= tolerance on a grid; the
-paper's (1.2, 1.1, 1.15) and the unscaled B0 ride along as labelled references.
-Each trial is B0 scaled at phi = 1 by a candidate, trained through the one trainer
-(``effnet_jax.train.train_and_evaluate``) and scored on a validation split.
+paper's (1.2, 1.1, 1.15) and the unscaled B0 ride along as labelled references. Each
+trial is B0 scaled at phi = 1 by a candidate, trained through the one trainer and scored
+on a validation split.
 
-Outputs in --workdir: results.jsonl (one row per finished trial, appended durably),
-results.csv, best.json (what ``config.model.constants`` takes), grid.png and
-accuracy_vs_macs.png, TensorBoard hparams. Rerunning with the same workdir skips
-finished trials and resumes an interrupted one from its checkpoint. Several machines
-share one grid with --num_workers/--worker_index on a shared workdir: every worker
-computes the same balanced assignment of trials (``schedule``) and runs its own;
-worker 0 writes the summary once every row is in.
+The search is an Optuna study worked by ``experiments.runner`` (a journal file in the
+workdir by default, or ``--storage``): every process that runs the same command on the same
+storage shares the queue, each trial runs once, a killed worker's trial resumes from its
+checkpoint. ``--local_workers`` starts several worker processes on this machine.
+
+Successive halving (``search.strategy = "halving"``, the default) runs in synchronous
+rungs: every candidate trains ``b`` steps with ``search.seeds``; the best 1/eta of the grid
+points (and the two references) go on to eta·b steps with ``search.final_seeds``. Every
+rung's learning-rate schedule spans the top rung's length (``schedule_steps``), so a
+promoted run *continues* its shorter run's checkpoint instead of training again from
+scratch, and the winner is decided at the largest budget with every final seed.
+Synchronous rungs rather than Optuna's asynchronous pruners because the survivors are then a
+function of the config alone (the same on every rerun and worker count), and because a
+pruner stops a trial part-way while here the cost that dominates, compiling each network,
+is paid before the first step either way.
+
+Outputs in --workdir: study.journal (the study), results.csv (one row per trial), best.json
+(alpha, beta, gamma, the interval, the verdict and the whole search config: what
+``experiments.scale_up`` and ``config.model.constants`` read), grid.png,
+accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study file.
 """
 
 from __future__ import annotations
@@ -23,34 +36,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import fcntl
-import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 
 from effnet_jax import cost, scaling, train
-from effnet_jax import metrics as metrics_io
 from effnet_jax.arch import Architecture
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
+from experiments import report, runner, stats
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
-RESULT_FIELDS = (
-    "status", "reason", "val_top1", "val_top5", "val_loss", "ema_val_top1", "ema_val_top5", "train_loss",
-    "resolution", "width", "depth", "blocks", "params", "macs", "steps", "epochs", "wall_time_s", "compile_s",
-    "train_img_per_s",
-)
+METRICS = ("val_top1", "ema_val_top1", "val_top5", "ema_val_top5")
+CSV_FIELDS = ("trial_id", "trial_number", "state", "label", "alpha", "beta", "gamma", "product", "phi", "seed",
+              "rung", *runner.RESULT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,130 +110,153 @@ def satisfies(c: Candidate, search: ml_collections.ConfigDict) -> bool:
     return c.label != "baseline" and abs(c.product - search.target) <= search.tolerance + 1e-9
 
 
-def trial_id(c: Candidate, seed: int, rung: int) -> str:
-    return f"{c.key}-s{seed}-r{rung}"
+def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, seed: int, phi: float = 1.0,
+                 steps: int = 0, schedule_steps: int = 0) -> ml_collections.ConfigDict:
+    """The trainer config of one trial: B0 scaled by the candidate at ``phi``, this seed, ``steps`` steps.
 
-
-def trial_config(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int,
-                 phi: float | None = None) -> ml_collections.ConfigDict:
-    """The trainer config of one trial: B0 scaled by the candidate, this seed, this rung's budget.
-
-    ``phi`` (default config.search.phi) lets the scaling study grow a candidate past phi = 1.
+    ``steps`` = 0 keeps the train config's own budget; ``schedule_steps`` > 0 stretches the
+    learning-rate schedule over that many steps, so that a longer run continues a shorter one.
     """
-    cfg = copy.deepcopy(config.train)
+    cfg = copy.deepcopy(train_config)
     cfg.unlock()
     m = cfg.model
     m.name, m.constants = "formula", ""
     m.alpha, m.beta, m.gamma = c.alpha, c.beta, c.gamma
-    m.phi = 0.0 if c.label == "baseline" else float(config.search.phi if phi is None else phi)
+    m.phi = 0.0 if c.label == "baseline" else float(phi)
     cfg.seed = int(seed)
-    budget = config.search.halving_eta**rung
-    if cfg.num_train_steps:
-        cfg.num_train_steps = int(cfg.num_train_steps * budget)
-    else:
-        cfg.num_epochs = float(cfg.num_epochs * budget)
+    if steps:
+        cfg.num_train_steps = int(steps)
+    cfg.schedule_steps = int(schedule_steps)
     return cfg
 
 
-def trial_model(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int,
-                phi: float | None = None) -> tuple[scaling.ScalingSpec, Architecture]:
-    """The spec and rounded architecture a trial trains (same config path as ``run_trial``)."""
-    cfg = trial_config(config, c, seed, rung, phi=phi)
+def trial_model(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0
+                ) -> tuple[scaling.ScalingSpec, Architecture]:
+    """The spec and rounded architecture a trial of ``c`` trains (the trainer's own config path)."""
+    cfg = trial_config(train_config, c, 0, phi)
     spec = train.model_spec(cfg)
     return spec, scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
 
 
-def schedule(config: ml_collections.ConfigDict, trials: Sequence[tuple[Candidate, int]], rung: int,
-             num_workers: int) -> list[tuple[int, int]]:
-    """(trial index, worker) pairs in the order to run them: longest trial first, least-loaded worker.
+def _macs(train_config: ml_collections.ConfigDict, c: Candidate, num_classes: int, phi: float = 1.0) -> int:
+    spec, arch = trial_model(train_config, c, phi)
+    return cost.count_macs(arch, spec.resolution, num_classes)
 
-    Every worker computes the same list (it depends only on the config). Estimated cost,
-    from measured CPU trials: about half of a phi = 1 trial is compiling its network and
-    half is training, which grows with MACs; a trial whose rounded network (architecture
-    and resolution) is already scheduled reuses that compiled program (persistent cache)
-    and costs only its training. Round-robin (trial k on worker k mod N) left one of two local
-    workers idle for a whole trial at the end of the default search.
+
+# ---------------------------------------------------------------------- the plan
+
+def check_search(config: ml_collections.ConfigDict) -> list[Candidate]:
+    """Validate the whole search section before the first trial; returns the candidates."""
+    s = config.search
+    if s.strategy not in ("exhaustive", "halving"):
+        raise UserError(f"search.strategy must be exhaustive or halving, got {s.strategy!r}")
+    if s.metric not in METRICS:
+        raise UserError(f"search.metric must be one of {', '.join(METRICS)}, got {s.metric!r}")
+    if s.strategy == "halving":
+        if isinstance(s.halving_eta, bool) or not isinstance(s.halving_eta, int) or s.halving_eta < 2:
+            raise UserError(f"search.halving_eta must be an integer >= 2, got {s.halving_eta!r}")
+        if isinstance(s.halving_rungs, bool) or not isinstance(s.halving_rungs, int) or s.halving_rungs < 1:
+            raise UserError(f"search.halving_rungs must be an integer >= 1, got {s.halving_rungs!r}")
+    for name in ("seeds", "final_seeds"):
+        seeds = list(s[name])
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) or len(set(seeds)) != len(seeds):
+            raise UserError(f"search.{name} must be distinct integers, got {tuple(seeds)}")
+    if not list(s.seeds):
+        raise UserError("search.seeds is empty")
+    if s.sampler not in ("grid", "tpe"):
+        raise UserError(f"search.sampler must be grid or tpe, got {s.sampler!r}")
+    if s.sampler == "tpe" and (isinstance(s.n_trials, bool) or not isinstance(s.n_trials, int) or s.n_trials < 1):
+        raise UserError(f"search.n_trials must be a positive integer with search.sampler=tpe, got {s.n_trials!r}")
+    if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
+        raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
+    if config.train.model.resolution > 0:
+        raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")
+    return candidates(s)
+
+
+def rung_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+    """Training steps of each rung: the train config's budget, times eta per rung when halving."""
+    t, s = config.train, config.search
+    base = int(t.num_train_steps) or max(1, math.ceil(t.num_epochs * steps_per_epoch))
+    rungs = s.halving_rungs if s.strategy == "halving" else 1
+    return [base * s.halving_eta**r for r in range(rungs)]
+
+
+def rung_seeds(config: ml_collections.ConfigDict, rung: int, rungs: int) -> list[int]:
+    s = config.search
+    last = rung == rungs - 1
+    return [int(x) for x in (s.final_seeds if last and list(s.final_seeds) else s.seeds)]
+
+
+def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], rung: int, steps: Sequence[int],
+              num_classes: int) -> list[runner.TrialPlan]:
+    """The trials of one rung, longest first.
+
+    Estimated cost, from measured CPU trials: a trial compiles its network (about half of a
+    phi = 1 trial at the old budgets) unless another trial of the same rounded network came
+    before it (the persistent compilation cache), then trains for a time that grows with
+    MACs. Claimed in this order by every worker, the longest trials start first and the cheap
+    repeats fill the gaps at the end (greedy list scheduling).
     """
-    shapes = []
-    for c, seed in trials:
-        spec, arch = trial_model(config, c, seed, rung)
-        shapes.append(((arch, spec.resolution), cost.count_macs(arch, spec.resolution, 10)))  # relative cost only
-    top = max(m for _, m in shapes)
-    seen: set[tuple[Any, int]] = set()
-    costs = []
-    for key, macs in shapes:
-        costs.append(0.5 * macs / top + (0.0 if key in seen else 0.5))
-        seen.add(key)
-    load, out = [0.0] * num_workers, []
-    for i in sorted(range(len(trials)), key=lambda i: -costs[i]):  # stable: ties keep the config's order
-        w = min(range(num_workers), key=lambda k: (load[k], k))
-        load[w] += costs[i]
-        out.append((i, w))
-    return out
+    rungs = len(steps)
+    last = rung == rungs - 1
+    plans, cost_of, seen = [], {}, set()
+    shapes = {c: trial_model(config.train, c) for c in cands}
+    top = max(cost.count_macs(a, sp.resolution, num_classes) for sp, a in shapes.values())
+    for c in cands:
+        for seed in rung_seeds(config, rung, rungs):
+            cfg = trial_config(config.train, c, seed, config.search.phi, steps[rung],
+                               steps[-1] if rungs > 1 else 0)
+            key = f"{c.key}-s{seed}-n{steps[rung]}"
+            attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
+                     "phi": cfg.model.phi, "seed": seed, "rung": rung, "budget_steps": steps[rung]}
+            plans.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}", keep_checkpoint=not last))
+            spec, arch = shapes[c]
+            shape = (arch, spec.resolution)
+            macs = cost.count_macs(arch, spec.resolution, num_classes)
+            cost_of[key] = macs / top * steps[rung] / steps[0] + (0.0 if shape in seen else 1.0)
+            seen.add(shape)
+    return sorted(plans, key=lambda p: -cost_of[p.key])  # stable: ties keep the config's order
 
 
-# ----------------------------------------------------------------- results file
+def proposer(config: ml_collections.ConfigDict, steps: Sequence[int]) -> Callable[[Any], runner.TrialPlan | None]:
+    """For ``search.sampler = "tpe"``: a point on the constraint surface from an Optuna trial.
 
-class ResultsLog:
-    """results.jsonl: appended one complete line per finished trial, under a lock."""
+    The sampler chooses alpha and u in [0, 1]; beta is u of the way through the betas that
+    keep gamma = sqrt(target / (alpha * beta^2)) inside the gamma range, so every proposal
+    satisfies alpha * beta^2 * gamma^2 = target exactly (rounded to 3 decimals) and none is
+    wasted off the surface. An alpha with no feasible beta is pruned untrained.
+    """
+    s = config.search
+    rungs = len(steps)
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "results.jsonl")
+    def propose(trial: Any) -> runner.TrialPlan | None:
+        a = trial.suggest_float("alpha", float(s.alpha[0]), float(s.alpha[1]))
+        u = trial.suggest_float("u", 0.0, 1.0)
+        lo = max(float(s.beta[0]), math.sqrt(s.target / (a * float(s.gamma[1]) ** 2)))
+        hi = min(float(s.beta[1]), math.sqrt(s.target / (a * float(s.gamma[0]) ** 2)))
+        if lo > hi:
+            return None
+        b = lo + u * (hi - lo)
+        c = Candidate(round(a, 3), round(b, 3), round(math.sqrt(s.target / (a * b * b)), 3))
+        seed = rung_seeds(config, 0, rungs)[0]
+        cfg = trial_config(config.train, c, seed, s.phi, steps[0], steps[-1] if rungs > 1 else 0)
+        attrs = {"label": "", "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
+                 "phi": cfg.model.phi, "seed": seed, "rung": 0, "budget_steps": steps[0]}
+        return runner.TrialPlan(f"{c.key}-s{seed}-n{steps[0]}", cfg, attrs, directory=f"{c.key}-s{seed}",
+                                keep_checkpoint=rungs > 1)
 
-    def rows(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for row in metrics_io.read_jsonl(self.path):
-            out.setdefault(row["trial_id"], row)  # first one wins, whatever happened
-        return out
-
-    def append(self, row: dict[str, Any]) -> bool:
-        """Append unless a row for this trial is already there (another worker, an earlier run)."""
-        with open(self.path + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if row["trial_id"] in self.rows():
-                return False
-            self._repair_torn_tail()
-            metrics_io.append_jsonl(self.path, row)
-            return True
-
-    def _repair_torn_tail(self) -> None:
-        """A kill mid-write can leave an unterminated last line: cut it before appending."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+    return propose
 
 
-def run_trial(config: ml_collections.ConfigDict, workdir: str, c: Candidate, seed: int, rung: int,
-              phi: float | None = None) -> dict[str, Any]:
-    """Train one trial (resuming its checkpoint if any) and return its results row."""
-    tid = trial_id(c, seed, rung)
-    cfg = trial_config(config, c, seed, rung, phi)
-    row = {"trial_id": tid, "label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma,
-           "product": c.product, "phi": cfg.model.phi, "seed": seed, "rung": rung}
-    start = time.time()
-    try:
-        result = train.train_and_evaluate(cfg, os.path.join(workdir, "trials", tid))
-    except UserError:
-        raise
-    except Exception as e:  # a broken trial is a result, not the end of the search
-        result = {"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300],
-                  "wall_time_s": time.time() - start}
-    row.update({k: result.get(k) for k in RESULT_FIELDS})
-    if row["status"] == "diverged":
-        row["reason"] = "non-finite training loss"
-    return row
+# ---------------------------------------------------------------------- summary
 
-
-# --------------------------------------------------------------------- summary
-
-def summarize(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """One entry per candidate at the highest rung it reached: mean +- std over seeds."""
-    by_cand: dict[str, list[dict[str, Any]]] = {}
+def summarize(rows: Sequence[dict[str, Any]], metric: str, base_macs: int | None = None,
+              num_eval: int | None = None) -> list[dict[str, Any]]:
+    """One entry per candidate at the highest rung it reached: mean, 95% interval, MACs / baseline."""
+    by_cand: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        by_cand.setdefault(f"a{r['alpha']:.3f}-b{r['beta']:.3f}-g{r['gamma']:.3f}-{r['label']}", []).append(r)
+        by_cand.setdefault((r["alpha"], r["beta"], r["gamma"], r["label"]), []).append(r)
     out = []
     for group in by_cand.values():
         top = max(r["rung"] for r in group)
@@ -234,17 +264,26 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any
         ok = [r for r in group if r["status"] == "ok" and r.get(metric) is not None]
         values = [r[metric] for r in ok]
         first = ok[0] if ok else group[0]
+        ci = stats.interval(values, n_val=num_eval) if values else {}
         out.append({
             "label": first["label"], "alpha": first["alpha"], "beta": first["beta"], "gamma": first["gamma"],
             "product": first["product"], "rung": top, "seeds": len(group), "ok": len(ok),
-            "status": "ok" if ok else group[0]["status"],
-            "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+            "status": "ok" if ok else group[0]["status"], "values": values,
+            "mean": ci.get("mean"), "std": ci.get("std"), "half": ci.get("half"),
             **{k: first.get(k) for k in ("resolution", "width", "depth", "blocks", "params", "macs")},
+            "macs_ratio": (first["macs"] / base_macs) if base_macs and first.get("macs") else None,
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
             "train_img_per_s": first.get("train_img_per_s"),
         })
-    return sorted(out, key=lambda s: (s["mean"] is None, -(s["mean"] or 0.0), s["macs"] or 0))
+    return sorted(out, key=lambda s: (-s["rung"], s["mean"] is None, -(s["mean"] or 0.0), s["macs"] or 0))
+
+
+def survivors(summary: Sequence[dict[str, Any]], cands: Sequence[Candidate], rung: int, eta: int
+              ) -> list[Candidate]:
+    """Successive halving: the best 1/eta (at least one) of rung ``rung``'s grid points, plus the references."""
+    ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
+    keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: max(1, len(ranked) // eta)]}
+    return [c for c in cands if c.label or (c.alpha, c.beta, c.gamma) in keep]
 
 
 def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -257,211 +296,311 @@ def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDi
     return max(eligible, key=lambda s: (s["mean"], -(s["macs"] or 0)))
 
 
-def halving_survivors(alive: Sequence[Candidate], rows: Sequence[dict[str, Any]], metric: str, eta: int
-                      ) -> list[Candidate]:
-    """Successive halving: keep the top 1/eta (at least one) of the non-baseline candidates by ``metric``."""
-    ranked = [x for x in summarize(rows, metric) if x["mean"] is not None and x["label"] != "baseline"]
-    keep = {(x["alpha"], x["beta"], x["gamma"], x["label"]) for x in ranked[: max(1, len(ranked) // eta)]}
-    return [c for c in alive if (c.alpha, c.beta, c.gamma, c.label) in keep]
+def judge(summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, search: ml_collections.ConfigDict
+          ) -> dict[str, Any]:
+    """Verdicts at the top rung: each candidate against the winner (Welch's t-test over seeds)."""
+    top = max((s["rung"] for s in summary), default=0)
+    pool = [s for s in summary if s["rung"] == top and s["mean"] is not None
+            and (s is best or s["label"] == "paper"
+                 or satisfies(Candidate(s["alpha"], s["beta"], s["gamma"], s["label"]), search))]
+    if best is None or not pool:
+        return {"verdicts": {}, "sentence": "no constraint-satisfying candidate finished: nothing to judge"}
+    name = {id(s): _name(s) for s in pool}
+    ranked = [best] + [s for s in pool if s is not best]
+    out = stats.verdicts([{"key": name[id(s)], "values": s["values"]} for s in ranked], alpha=search.alpha_level,
+                         reference=next((name[id(s)] for s in pool if s["label"] == "paper"), None))
+    return out
 
 
-def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
-    head = (f"{'':2}{'alpha':>6} {'beta':>6} {'gamma':>6} {'a*b2*g2':>8} {'res':>4} {'blocks':>6} {'params':>10} "
-            f"{'MMACs':>8} {metric:>16} {'rung':>4} {'time s':>7}  status")
-    lines = [head, "-" * len(head)]
+def _name(s: dict[str, Any]) -> str:
+    tag = {"paper": " (paper)", "baseline": " (baseline)"}.get(s["label"], "")
+    return f"({s['alpha']:g}, {s['beta']:g}, {s['gamma']:g}){tag}"
+
+
+def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[str, str] | None = None) -> str:
+    verdicts = verdicts or {}
+    columns: list[report.Column] = [
+        ("", 1, lambda s: {"paper": "P", "baseline": "B"}.get(s["label"], "")),
+        ("alpha", 5, lambda s: f"{s['alpha']:.2f}"), ("beta", 5, lambda s: f"{s['beta']:.2f}"),
+        ("gamma", 5, lambda s: f"{s['gamma']:.2f}"), ("a*b2*g2", 7, lambda s: f"{s['product']:.3f}"),
+        ("res", 4, lambda s: str(s["resolution"] or 0)), ("blocks", 6, lambda s: str(s["blocks"] or 0)),
+        ("params", 10, lambda s: f"{s['params'] or 0:,}"), ("MMACs", 6, lambda s: f"{(s['macs'] or 0) / 1e6:.1f}"),
+        ("xMACs", 5, lambda s: "-" if s.get("macs_ratio") is None else f"{s['macs_ratio']:.2f}"),
+        (f"{metric} ±95%", 16, report.score_text), ("seeds", 5, lambda s: f"{s['ok']}/{s['seeds']}"),
+        ("rung", 4, lambda s: str(s["rung"])), ("time s", 7, lambda s: f"{s['wall_time_s']:.1f}"),
+        ("verdict", 14, lambda s: verdicts.get(_name(s), s["status"] if s["status"] != "ok" else "")),
+    ]
+    return report.format_table(summary, columns, [
+        "P = the paper's constants, B = unscaled B0 (phi = 0); xMACs = MACs / unscaled B0's; "
+        "±95%: t interval over seeds with the validation sample's binomial error"])
+
+
+def macs_warnings(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict) -> list[str]:
+    """Where rounding makes the real network's MACs disagree with the formula's alpha*beta^2*gamma^2."""
+    out = []
     for s in summary:
-        score = "-" if s["mean"] is None else f"{s['mean']:.4f}" + (f"±{s['std']:.4f}" if s["seeds"] > 1 else "")
-        tag = {"paper": "P ", "baseline": "B "}.get(s["label"], "  ")
-        lines.append(
-            f"{tag}{s['alpha']:>6.2f} {s['beta']:>6.2f} {s['gamma']:>6.2f} {s['product']:>8.3f} "
-            f"{s['resolution'] or 0:>4} {s['blocks'] or 0:>6} {s['params'] or 0:>10,} {(s['macs'] or 0) / 1e6:>8.1f} "
-            f"{score:>16} {s['rung']:>4} {s['wall_time_s']:>7.1f}  {s['status']}")
-    lines.append("P = the paper's constants, B = unscaled B0 (phi = 0)")
-    return "\n".join(lines)
+        if s["label"] == "baseline" or s.get("macs_ratio") is None:
+            continue
+        if abs(s["macs_ratio"] - s["product"]) > max(search.tolerance, 0.1 * s["product"]):
+            out.append(f"({s['alpha']:g}, {s['beta']:g}, {s['gamma']:g}): the rounded network costs "
+                       f"{s['macs_ratio']:.2f}x the baseline's MACs, the formula says {s['product']:.2f}x")
+    return out
+
+
+def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Rank agreement (Kendall tau, Spearman) of each rung's scores with the top rung's, over the candidates
+    that reached the top rung: does the cheap proxy rank them as the long budget does?"""
+    by_rung: dict[int, dict[str, list[float]]] = {}
+    for r in summary_rows:
+        if r["status"] == "ok" and r.get(metric) is not None:
+            key = f"{r['alpha']}-{r['beta']}-{r['gamma']}-{r['label']}"
+            by_rung.setdefault(r["rung"], {}).setdefault(key, []).append(r[metric])
+    if len(by_rung) < 2:
+        return []
+    top = max(by_rung)
+    final = {k: sum(v) / len(v) for k, v in by_rung[top].items()}
+    out = []
+    for rung in sorted(by_rung):
+        if rung == top:
+            continue
+        scores = {k: sum(v) / len(v) for k, v in by_rung[rung].items() if k in final}
+        if len(scores) >= 2:
+            out.append({"rung": rung, "top_rung": top, **stats.rank_agreement(scores, final)})
+    return out
 
 
 def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
-                  summary: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
-    """results.csv, best.json, plots and TensorBoard hparams (each file replaced atomically)."""
-    import csv
-    import io
-
-    fields = ["trial_id", "label", "alpha", "beta", "gamma", "product", "phi", "seed", "rung", *RESULT_FIELDS]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    _atomic_write(os.path.join(workdir, "results.csv"), buf.getvalue())
+                  summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, verdict: dict[str, Any],
+                  extra: dict[str, Any]) -> None:
+    """results.csv, best.json, plots and TensorBoard hparams (each file replaced whole)."""
+    report.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
     if best is not None:
         metric = config.search.metric
-        out = {"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"], "product": best["product"],
-               metric: best["mean"], f"{metric}_std": best["std"], "seeds": best["seeds"], "rung": best["rung"],
-               **{k: best[k] for k in ("resolution", "width", "depth", "blocks", "params", "macs")},
-               "config": json.loads(config.to_json_best_effort()),
-               "created": datetime.datetime.now().isoformat(timespec="seconds")}
-        _atomic_write(os.path.join(workdir, "best.json"), json.dumps(out, indent=2) + "\n")
+        report.write_json(os.path.join(workdir, "best.json"), {
+            "alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"], "product": best["product"],
+            metric: best["mean"], f"{metric}_std": best["std"], f"{metric}_ci95_half": best["half"],
+            f"{metric}_values": best["values"], "seeds": best["ok"], "rung": best["rung"],
+            **{k: best[k] for k in ("resolution", "width", "depth", "blocks", "params", "macs", "macs_ratio")},
+            "verdict": verdict, **extra, "config": config.to_dict(), "created": report.now()})
     from experiments import plots
 
-    plots.grid_plots(summary, config.search.metric, workdir)
-    _write_hparams(workdir, rows, config.search.metric)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_hparams(workdir: str, rows: Sequence[dict[str, Any]], metric: str) -> None:
-    """One TensorBoard run per trial with its hparams and final metrics (HParams dashboard)."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.plugins.hparams import summary_v2 as hp
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    root = os.path.join(workdir, "tensorboard_hparams")
-    for r in rows:
-        path = os.path.join(root, r["trial_id"])
-        if os.path.isdir(path):
-            continue
-        writer = EventFileWriter(path)
-        hparams = {k: r[k] for k in ("alpha", "beta", "gamma", "product", "seed", "rung")}
-        hparams["label"] = r["label"] or "grid"
-        writer.add_event(Event(wall_time=time.time(), step=0, summary=hp.hparams_pb(hparams, trial_id=r["trial_id"])))
-        values = [Summary.Value(tag=k, simple_value=float(r[k])) for k in (metric, "params", "macs", "wall_time_s")
-                  if isinstance(r.get(k), (int, float))]
-        writer.add_event(Event(wall_time=time.time(), step=0, summary=Summary(value=values)))
-        writer.close()
+    top = max((s["rung"] for s in summary), default=0)
+    plots.grid_plots([s for s in summary if s["rung"] == top], config.search.metric, workdir)
+    report.write_hparams(workdir, rows, ("alpha", "beta", "gamma", "product", "seed", "rung", "label"),
+                         (config.search.metric, "params", "macs", "wall_time_s"))
 
 
 # ------------------------------------------------------------------------ driver
 
-def _wait_for(log: ResultsLog, ids: Sequence[str], check: Any = None, poll_s: float = 2.0
-              ) -> dict[str, dict[str, Any]]:
-    """Rows once every trial in ``ids`` has one (other workers' included); ``check`` raises if one died."""
-    rows = log.rows()
-    while any(i not in rows for i in ids):
-        if check is not None:
-            check()
-        time.sleep(poll_s)
-        rows = log.rows()
-    return rows
+def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
+           study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True
+           ) -> dict[str, Any]:
+    """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", ...}.
 
-
-def search(config: ml_collections.ConfigDict, workdir: str, num_workers: int = 1, worker_index: int = 0,
-           log: Any = print, check: Any = None) -> dict[str, Any]:
-    """Run (or resume) the search in ``workdir``; returns {"rows", "summary", "best"}."""
+    Several processes may call this at once on one storage: they share the trials.
+    """
     s = config.search
-    cands = candidates(s)
-    if s.strategy not in ("exhaustive", "halving"):
-        raise UserError(f"search.strategy must be exhaustive or halving, got {s.strategy!r}")
-    if not 0 <= worker_index < num_workers:
-        raise UserError(f"--worker_index must be in [0, {num_workers}), got {worker_index}")
-    seeds = [int(x) for x in s.seeds]
-    if not seeds:
-        raise UserError("search.seeds is empty")
-    train.prepare(trial_config(config, cands[0], seeds[0], 0))  # validate before writing anything
-    os.makedirs(workdir, exist_ok=True)
-    results = ResultsLog(workdir)
-    rungs = s.halving_rungs if s.strategy == "halving" else 1
-    alive = list(cands)
-    ids: list[str] = []
-    for rung in range(rungs):
-        if rung > 0:  # successive halving: the best 1/eta of the scaled candidates go on
-            rows = [r for r in _wait_for(results, ids, check).values() if r["rung"] == rung - 1]
-            alive = halving_survivors(alive, rows, s.metric, s.halving_eta)
-            log(f"rung {rung}: {len(alive)} candidates go on with {s.halving_eta ** rung}x the budget")
-        trials = [(c, seed) for c in alive for seed in seeds]
-        ids = [trial_id(c, seed, rung) for c, seed in trials]
-        for i, worker in schedule(config, trials, rung, num_workers):
-            (c, seed), tid = trials[i], ids[i]
-            if worker != worker_index or tid in results.rows():
-                continue
-            log(f"trial {tid} ({c.label or 'grid'}, product {c.product:.3f}) ...")
-            row = run_trial(config, workdir, c, seed, rung)
-            results.append(row)
-            score = row.get(s.metric)
-            log(f"  {row['status']}: {s.metric} {score if score is None else round(score, 4)}, "
-                f"{row.get('wall_time_s') or 0:.1f} s")
-    if worker_index != 0:
-        return {"rows": list(results.rows().values()), "summary": [], "best": None}
-    rows = list(_wait_for(results, ids, check).values())
-    summary = summarize(rows, s.metric)
-    best = pick_best(summary, s)
-    write_outputs(workdir, config, rows, summary, best)
-    return {"rows": rows, "summary": summary, "best": best}
+    cands = check_search(config)
+    base = trial_config(config.train, cands[-1] if cands[-1].label == "baseline" else Candidate(1, 1, 1, "baseline"),
+                        int(s.seeds[0]))
+    prepared = train.prepare(base)  # validates the train config and opens the data: writes nothing
+    num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
+    steps = rung_steps(config, prepared.steps_per_epoch)
+    _refuse_old_workdir(workdir, storage)
+    sampler = None
+    if s.sampler == "tpe":
+        import optuna
 
+        # unseeded: workers sharing the study must not propose the same startup points
+        sampler = optuna.samplers.TPESampler(n_startup_trials=max(2, s.n_trials // 3))
+    study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
+                              storage or workdir, sampler=sampler)
+    t0 = time.time()
+    alive, rows = list(cands), {}
+    for rung in range(len(steps)):
+        if rung == 0 and s.sampler == "tpe":  # the references as planned trials, the rest proposed by TPE
+            alive = [c for c in cands if c.label]
+            rows.update(runner.run(study, plan_rung(config, alive, 0, steps, num_classes), workdir,
+                                   train.train_and_evaluate, s.metric, log))
+            sampled = runner.run_sampled(study, s.n_trials, proposer(config, steps), workdir,
+                                         train.train_and_evaluate, s.metric, log)
+            rows.update({r["trial_id"]: r for r in sampled})
+            alive += list(dict.fromkeys(Candidate(r["alpha"], r["beta"], r["gamma"]) for r in sampled))
+            continue
+        if rung > 0:
+            prev = summarize(list(rows.values()), s.metric)
+            alive = survivors(prev, alive, rung - 1, s.halving_eta)
+            for c in cands:  # the rest never continues: its checkpoints go
+                if c not in alive:
+                    for seed in rung_seeds(config, rung - 1, len(steps)):
+                        runner.drop_checkpoints(os.path.join(workdir, "trials", f"{c.key}-s{seed}"))
+            log(f"rung {rung}: {len(alive)} candidates go on to {steps[rung]} steps with seeds "
+                f"{rung_seeds(config, rung, len(steps))}")
+        plans = plan_rung(config, alive, rung, steps, num_classes)
+        rows.update(runner.run(study, plans, workdir, train.train_and_evaluate, s.metric, log))
+    rows_list = list(rows.values())
+    base_macs = _macs(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), num_classes)
+    summary = summarize(rows_list, s.metric, base_macs, num_eval)
+    best = pick_best(summary, s)
+    verdict = judge(summary, best, s)
+    extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
+             "rung_steps": steps, "rung_agreement": rung_agreement(rows_list, s.metric),
+             "macs_warnings": macs_warnings(summary, s), "training_share": training_share(rows_list, t0)}
+    if write:
+        write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
+    return {"rows": rows_list, "summary": summary, "best": best, "verdict": verdict, **extra}
+
+
+def training_share(rows: Sequence[dict[str, Any]], t0: float) -> float | None:
+    """Share of the trials' wall time spent in timed training steps (the rest: compile, eval, data, saves)."""
+    train_s = sum(r["steps"] * r["batch_size"] / r["train_img_per_s"] for r in rows
+                  if r.get("train_img_per_s") and r.get("steps") and r.get("batch_size"))
+    wall = sum(r.get("wall_time_s") or 0.0 for r in rows)
+    return train_s / wall if wall > 0 and train_s > 0 else None
+
+
+def _refuse_old_workdir(workdir: str, storage: str | None) -> None:
+    if not storage and os.path.exists(os.path.join(workdir, "results.jsonl")) and \
+            not os.path.exists(os.path.join(workdir, "study.journal")):
+        raise UserError(f"{workdir} holds a results.jsonl from a grid search before Optuna studies: it cannot be "
+                        "resumed. Its results.csv and best.json stay readable; start this search in a new --workdir")
+
+
+# --------------------------------------------------------------------------- CLI
 
 def _define_flags(fv: Any) -> None:
     from absl import flags
 
-    flags.DEFINE_integer("num_workers", 1, "machines sharing this grid through one workdir", flag_values=fv)
-    flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU backend with >= 2 "
-                         "cores, else 1); XLA compiles on one core, so two workers halve a CPU search. Keep 1 "
-                         "per GPU: XLA autotunes convolutions by timing them, and compiles side by side on one "
-                         "GPU chose kernels that made a B0 step 15% slower (docs/benchmarks.md)",
+    flags.DEFINE_string("storage", None, "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal "
+                        "file path shared by every machine of this search; default: WORKDIR/study.journal",
+                        flag_values=fv)
+    flags.DEFINE_string("study_name", "grid_search", "study name in the storage", flag_values=fv)
+    flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU with >= 2 cores, one "
+                         "per GPU / per devices_per_trial GPUs, 1 on TPU); XLA compiles on one core, so two workers "
+                         "halve a CPU search. On a GPU each worker gets its own devices: compiles side by side on one "
+                         "GPU autotuned slower kernels (docs/benchmarks.md)", flag_values=fv)
+    flags.DEFINE_integer("devices_per_trial", 1, "GPUs per worker (each trial runs data-parallel on them)",
                          flag_values=fv)
-    flags.DEFINE_integer("worker_index", 0, "this machine's index in [0, num_workers)", flag_values=fv)
+    flags.DEFINE_bool("worker", False, "internal: run trials only, no report (a local worker)", flag_values=fv)
     flags.DEFINE_string("then_scale", "", "comma-separated phi values to scale the winner to", flag_values=fv)
-    flags.DEFINE_bool("then_train", False, "also train the --then_scale models with the trial budget",
+    flags.DEFINE_bool("then_train", False, "also train the --then_scale models with the trial config",
                       flag_values=fv)
 
 
+def _workers(fv: Any) -> tuple[int, list[dict[str, str]]]:
+    """How many local workers and the environment of each (its own GPUs on a GPU host)."""
+    import jax
+
+    backend = jax.default_backend()
+    if fv.devices_per_trial < 1:
+        raise UserError(f"--devices_per_trial must be >= 1, got {fv.devices_per_trial}")
+    if backend == "gpu":
+        per = fv.devices_per_trial
+        n = fv.local_workers or max(1, jax.local_device_count() // per)
+        if n * per > jax.local_device_count():
+            raise UserError(f"{n} workers x {per} GPUs need {n * per} GPUs; this host has {jax.local_device_count()}")
+        return n, [{"CUDA_VISIBLE_DEVICES": ",".join(str(i * per + k) for k in range(per))} for i in range(n)]
+    if backend == "tpu":
+        if fv.local_workers > 1:
+            raise UserError("on TPU only one process can hold the chips: --local_workers must be 1 "
+                            "(run one search per host against a shared --storage)")
+        return 1, [{}]
+    n = fv.local_workers or (2 if (os.cpu_count() or 1) >= 2 else 1)
+    return n, [{} for _ in range(n)]
+
+
 @exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv_list = list(sys.argv if argv is None else argv)
     config, fv = train.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    phis = _parse_phis(fv.then_scale)
+    phis = report.parse_floats(fv.then_scale, "--then_scale")
+    check_search(config)  # a bad search config fails here, once, before any worker starts
+    log = print
+    if fv.worker:
+        log = lambda m: print(f"[{os.getpid()}] {m}", flush=True)  # noqa: E731
+        return _interruptible(lambda: search(config, workdir, fv.storage, fv.study_name, log, write=False),
+                              argv_list, quiet=True)
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    num_workers, children = fv.num_workers, []
-    backend = jax.default_backend()
-    local = fv.local_workers or (2 if backend == "cpu" and (os.cpu_count() or 1) >= 2 else 1)
-    if local > 1 and fv.num_workers == 1:
-        if backend == "gpu":
-            print(f"warning: {local} workers share one GPU; their compiles autotune side by side, which can "
-                  "pick slower kernels (see --help, --local_workers)", file=sys.stderr, flush=True)
-        candidates(config.search)  # a bad search config fails here, once, before any worker starts
-        num_workers = local
-        children = [_spawn_worker(argv_list, workdir, i, local) for i in range(1, local)]
-    prefix = f"[worker {fv.worker_index}] " if num_workers > 1 else ""
-    def check_children() -> None:
-        for child in children:
-            if child.poll() not in (None, 0):
-                raise UserError(f"worker process ({child.args[-1]}) failed with exit code {child.returncode}")
+    n, envs = _workers(fv)
+    children = [_spawn_worker(argv_list, workdir, env) for env in envs[1:]] if n > 1 else []
+    if envs[0]:
+        print("note: the first worker runs in this process on the default devices", file=sys.stderr)
 
-    out = search(config, workdir, num_workers, fv.worker_index, log=lambda m: print(prefix + m, flush=True),
-                 check=check_children)
-    for child in children:
-        child.wait()
-    check_children()
-    if fv.worker_index != 0:
-        print(f"worker {fv.worker_index} done in {time.time() - t0:.0f} s; worker 0 writes the summary")
+    def run() -> dict[str, Any]:
+        out = search(config, workdir, fv.storage, fv.study_name,
+                     lambda m: print(("[main] " if children else "") + m, flush=True))
+        for child in children:
+            child.wait()
         return out
-    print(format_table(out["summary"], config.search.metric))
+
+    out = _interruptible(run, argv_list, children=children)
+    for child in children:
+        if child.returncode not in (0, None):
+            raise UserError(f"a worker process failed with exit code {child.returncode}; rerun the same command "
+                            "to finish its trials")
+    _print_summary(out, config, workdir, time.time() - t0)
+    best = out["best"]
+    if phis and best is not None:
+        from experiments import scale_up
+
+        scale_up.scale_up(os.path.join(workdir, "best.json"), phis,
+                          os.path.join(workdir, "scale_up") if fv.then_train else None)
+    return out
+
+
+def _print_summary(out: dict[str, Any], config: ml_collections.ConfigDict, workdir: str, took: float) -> None:
+    metric = config.search.metric
+    print(format_table(out["summary"], metric, out["verdict"].get("verdicts", {})))
+    for w in out["macs_warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    for a in out["rung_agreement"]:
+        print(f"rung {a['rung']} vs rung {a['top_rung']} ranking over {a['n']} candidates: Kendall tau "
+              f"{_num(a['kendall_tau'])}, Spearman {_num(a['spearman_rho'])}"
+              + ("" if a["same_winner"] else " (the winner changed)"))
     best = out["best"]
     if best is None:
         print("no constraint-satisfying candidate finished; nothing written to best.json")
     else:
         print(f"winner: alpha={best['alpha']} beta={best['beta']} gamma={best['gamma']} "
-              f"({config.search.metric} {best['mean']:.4f}) -> {os.path.join(workdir, 'best.json')}")
-    print(f"grid search took {time.time() - t0:.0f} s; results in {workdir}")
-    if phis and best is not None:
-        from experiments import scale_up
-
-        scale_up.scale_up(os.path.join(workdir, "best.json"), phis, config.train,
-                          os.path.join(workdir, "scale_up") if fv.then_train else None)
-    return out
+              f"({metric} {report.score_text(best)}, {best['ok']} seeds) -> {os.path.join(workdir, 'best.json')}")
+    print(out["verdict"]["sentence"])
+    share = out["training_share"]
+    print(f"grid search took {took:.0f} s" + (f" ({share:.0%} of trial time in training steps)" if share else "")
+          + f"; results in {workdir}")
 
 
-def _spawn_worker(argv: list[str], workdir: str, index: int, count: int) -> subprocess.Popen:
+def _num(x: float | None) -> str:
+    return "n/a (constant scores)" if x is None else f"{x:.2f}"
+
+
+def _interruptible(fn: Callable[[], Any], argv: Sequence[str], children: Sequence[subprocess.Popen] = (),
+                   quiet: bool = False) -> Any:
+    """Ctrl-C: stop every local worker and say how to resume, in one line (exit 130)."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if not quiet:
+            cmd = " ".join(["python -m experiments.grid_search", *[a for a in argv[1:]]])
+            print(f"error: interrupted; finished trials are kept and the interrupted ones resume from their "
+                  f"checkpoints: rerun `{cmd}`", file=sys.stderr)
+        sys.exit(130)
+
+
+def _spawn_worker(argv: list[str], workdir: str, env: dict[str, str]) -> subprocess.Popen:
     """Another worker process on this machine, killed with us (Linux) so no orphan trains on."""
-    args = [a for a in argv[1:] if not a.startswith(("--workdir", "--worker_index", "--num_workers",
-                                                      "--local_workers", "--then_"))]
-    cmd = [sys.executable, "-m", "experiments.grid_search", *args, f"--workdir={workdir}",
-           f"--num_workers={count}", "--local_workers=1", f"--worker_index={index}"]
+    args = [a for a in argv[1:] if not a.startswith(("--workdir", "--local_workers", "--then_", "--worker"))]
+    cmd = [sys.executable, "-m", "experiments.grid_search", *args, f"--workdir={workdir}", "--local_workers=1",
+           "--worker"]
 
     def die_with_parent() -> None:
         try:
@@ -473,14 +612,7 @@ def _spawn_worker(argv: list[str], workdir: str, index: int, count: int) -> subp
 
     with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
         warnings.simplefilter("ignore", RuntimeWarning)
-        return subprocess.Popen(cmd, preexec_fn=die_with_parent)
-
-
-def _parse_phis(text: str) -> list[float]:
-    try:
-        return [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UserError(f"--then_scale takes comma-separated phi values, got {text!r}") from None
+        return subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env})
 
 
 if __name__ == "__main__":

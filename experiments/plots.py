@@ -45,7 +45,7 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for s in done:
         color = {"paper": "red", "baseline": "gray"}.get(s["label"], "C0")
-        ax.errorbar(s["macs"] / 1e6, s["mean"], yerr=s["std"] or 0.0, fmt="o", color=color, capsize=3)
+        ax.errorbar(s["macs"] / 1e6, s["mean"], yerr=s.get("half") or 0.0, fmt="o", color=color, capsize=3)
         if s["label"]:
             ax.annotate(s["label"], (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -10),
                         fontsize=8, color=color)
@@ -61,7 +61,7 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
 
 def scaling_study_plot(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> str | None:
     """accuracy_vs_macs.png for the scaling study: one line per strategy, each starting at the
-    shared baseline (the shape of the paper's Figure 8), error bars = std over seeds."""
+    shared baseline (the shape of the paper's Figure 8), error bars = 95% intervals over seeds."""
     plt = _pyplot()
     done = [s for s in summary if s["mean"] is not None]
     if not done:
@@ -73,14 +73,14 @@ def scaling_study_plot(summary: Sequence[dict[str, Any]], metric: str, outdir: s
         pts = sorted(base + [s for s in done if s["family"] == family], key=lambda s: s["macs"])
         if len(pts) == len(base):
             continue
-        ax.errorbar([s["macs"] / 1e6 for s in pts], [s["mean"] for s in pts], yerr=[s["std"] or 0.0 for s in pts],
+        ax.errorbar([s["macs"] / 1e6 for s in pts], [s["mean"] for s in pts], yerr=[s.get("half") or 0.0 for s in pts],
                     fmt="-" + marker, color=color, capsize=3, label=f"{family} scaling",
                     linewidth=2 if family == "compound" else 1.2)
     for s in base:
         ax.annotate("baseline", (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -12),
                     fontsize=8)
     ax.set_xlabel("MMACs per image (achieved)")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.set_ylabel(f"{metric} (mean ± 95% interval over seeds)")
     ax.set_title("one dimension vs compound scaling at matched MACs")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -2,14 +2,17 @@
 
     python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2,3
     python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2 --train --workdir=runs/scaled
+    python -m experiments.scale_up --constants=runs/grid/best.json --train --config.num_epochs=30
 
-Resolutions grow from the training config's ``model.base_resolution``. Trained
-models go through the one trainer, one workdir per phi (resumable).
+The search's best.json holds its whole config: the models are built and trained with the
+search's own trainer config (dataset, class count, base resolution, recipe), any field of
+which ``--config.<field>=<value>`` overrides. Trained models go through the one trainer,
+one workdir per phi (resumable).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -17,56 +20,119 @@ from typing import Any
 
 import ml_collections
 
+from effnet_jax import cost, scaling
 from effnet_jax import summary as summary_mod
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.scaling import load_constants
+from experiments import report
 
 
-def scale_up(constants_path: str, phis: Sequence[float], train_config: ml_collections.ConfigDict,
-             workdir: str | None = None) -> list[dict[str, Any]]:
-    """Print params/MACs of each phi model; train them into ``workdir`` when given."""
-    constants = load_constants(constants_path)
+def read_best(path: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """(constants, the whole best.json) of a grid search; best.json is read here, once."""
+    constants = scaling.load_constants(path)
+    with open(path) as f:
+        return constants, json.load(f)
+
+
+def search_train_config(best: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The trainer config the search used (best.json's config.train); refuses a best.json without one."""
+    train_cfg = (best.get("config") or {}).get("train")
+    if not isinstance(train_cfg, dict):
+        raise UserError("this best.json holds no search config (written by an older grid search): rerun the "
+                        "search, or train with python -m effnet_jax.train --config.model.constants=best.json")
+    from experiments.configs import grid_search as grid_config
+
+    cfg = grid_config.get_config().train  # every field the trainer reads, then the search's values
+    _update(cfg, train_cfg)
+    return cfg
+
+
+def _update(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), ml_collections.ConfigDict):
+            _update(cfg[k], v)
+        else:
+            cfg[k] = tuple(v) if isinstance(v, list) else v
+
+
+def phi_config(train_config: ml_collections.ConfigDict, constants_path: str, phi: float) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(train_config.to_dict())
+    cfg.model.name, cfg.model.constants, cfg.model.phi, cfg.model.resolution = (
+        "formula", os.path.abspath(constants_path), float(phi), 0)
+    return cfg
+
+
+def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = None,
+             overrides: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+    """Print params/MACs of each phi model (the search's network, dataset classes, base resolution);
+    train them into ``workdir`` when given."""
+    from effnet_jax import train
+
+    constants, best = read_best(constants_path)
+    train_config = overrides if overrides is not None else search_train_config(best)
+    num_classes = int(best.get("num_classes") or 0)
+    if not num_classes or (overrides is not None and train_config.data.name != best["config"]["train"]["data"]["name"]):
+        num_classes = train.prepare(phi_config(train_config, constants_path, 0.0)).source.num_classes
     m = train_config.model
-    rows = summary_mod.formula_rows(constants, phis, m.base_resolution, m.resolution_multiple,
-                                    _num_classes(train_config))
+    rows, base_macs = [], None
+    for phi in [0.0, *phis]:
+        cfg = phi_config(train_config, constants_path, phi)
+        spec = train.model_spec(cfg)
+        arch = scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+        row = {"name": f"{m.network} phi={phi:g}", "phi": phi, "width": spec.width, "depth": spec.depth,
+               "resolution": spec.resolution, "blocks": len(arch.blocks),
+               "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution,
+                                                                                       num_classes)}
+        base_macs = base_macs or row["macs"]
+        row["macs_ratio"] = row["macs"] / base_macs
+        row["predicted_ratio"] = (constants["alpha"] * constants["beta"] ** 2 * constants["gamma"] ** 2) ** phi
+        if phi in phis:
+            rows.append(row)
     print(f"scaling alpha={constants['alpha']} beta={constants['beta']} gamma={constants['gamma']} "
-          f"from {m.base_resolution} px:")
+          f"from {m.base_resolution} px, {num_classes} classes ({train_config.data.name}):")
     print(summary_mod.format_table(rows))
     if workdir is None:
         return rows
-    from effnet_jax import train
-
     for row in rows:
-        cfg = ml_collections.ConfigDict(train_config.to_dict())
-        cfg.model.name, cfg.model.constants, cfg.model.phi, cfg.model.resolution = (
-            "formula", os.path.abspath(constants_path), float(row["phi"]), 0)
-        result = train.train_and_evaluate(cfg, os.path.join(workdir, f"phi{row['phi']:g}"))
-        row.update({k: result.get(k) for k in ("status", "val_top1", "ema_val_top1", "wall_time_s")})
+        result = train.train_and_evaluate(phi_config(train_config, constants_path, row["phi"]),
+                                          os.path.join(workdir, f"phi{row['phi']:g}"))
+        row.update({k: result.get(k) for k in ("status", "val_top1", "ema_val_top1", "wall_time_s", "num_classes")})
         print(train.summary_line(result), flush=True)
     return rows
 
 
-def _num_classes(cfg: ml_collections.ConfigDict) -> int:
-    return 10 if cfg.data.name == "digits" else 1000
-
-
 @exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> None:
-    from experiments.configs import grid_search as grid_config
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    from absl import flags
+    from ml_collections import config_flags
 
-    p = argparse.ArgumentParser(prog="python -m experiments.scale_up", description=__doc__.split("\n")[0])
-    p.error = lambda message: (_ for _ in ()).throw(UserError(message))  # one line, exit 2
-    p.add_argument("--constants", required=True, help="best.json from the grid search")
-    p.add_argument("--phi", default="1,2,3")
-    p.add_argument("--train", action="store_true", help="train each model with the grid search's trial config")
-    p.add_argument("--workdir", default="runs/scale_up")
-    args = p.parse_args(argv)
+    argv = list(sys.argv if argv is None else argv)
+    constants = next((a.split("=", 1)[1] for a in argv if a.startswith("--constants=")), None)
+    fv = flags.FlagValues()
+    flags.DEFINE_string("constants", None, "best.json from the grid search", flag_values=fv)
+    flags.DEFINE_string("phi", "1,2,3", "comma-separated phi values", flag_values=fv)
+    flags.DEFINE_bool("train", False, "train each model with the search's trainer config", flag_values=fv)
+    flags.DEFINE_string("workdir", "runs/scale_up", "where trained models go (one folder per phi)", flag_values=fv)
+    best_cfg = None
+    if constants:
+        best_cfg = search_train_config(read_best(constants)[1])
+        config_flags.DEFINE_config_dict("config", best_cfg, "the search's trainer config; override any field "
+                                        "with --config.<field>=<value>", flag_values=fv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print("usage: python -m experiments.scale_up --constants=best.json [--phi=1,2,3] [--train] "
+              "[--config.<field>=<value> ...]\n")
+        print(fv.get_help())
+        raise SystemExit(0)
     try:
-        phis = [float(x) for x in args.phi.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--phi takes comma-separated numbers, got {args.phi!r}") from None
-    scale_up(args.constants, phis, grid_config.get_config().train, args.workdir if args.train else None)
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(str(e).strip().split("\n")[0]) from None
+    if not fv.constants:
+        raise UserError("--constants=best.json is required")
+    phis = report.parse_floats(fv.phi, "--phi")
+    overridden = any(a.startswith("--config.") for a in argv[1:])
+    rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None)
     sys.stdout.flush()
+    return rows
 
 
 if __name__ == "__main__":

@@ -19,13 +19,15 @@ build (official rounding of channels, repeats and resolution, counted by
 ``cost.count_macs``) are non-decreasing in it, so bisection finds the first grid point at
 or above the target; that model and the one just below compete, the closer one wins, and
 its achieved MACs must be within ``study.tolerance`` of the target (else a UserError).
-Every model is trained by ``experiments.grid_search.run_trial``, the grid search's trial
-runner, with the same budget for all; ``study.jsonl`` gets one durable line per finished
-trial (a rerun with the same workdir skips them and resumes an interrupted one).
+Every model is a grid-search trial config (``grid_search.trial_config``), trained with the
+same budget for all by the one trial runner (``experiments.runner``) as an Optuna study
+(``study.journal`` in the workdir, or ``--storage``): a rerun skips finished trials and
+resumes an interrupted one; several processes on one storage share the trials.
 
-Outputs in --workdir: study.jsonl, study.csv (one row per trial), summary.json (mean +-
-std per model, compound-vs-best-single-axis verdicts), accuracy_vs_macs.png (one line per
-strategy, the shape of the paper's Figure 8) and flops_growth.json.
+Outputs in --workdir: study.journal, study.csv (one row per trial), summary.json (mean and
+95% interval per model, compound-vs-best-single-axis verdicts by Welch's t-test),
+accuracy_vs_macs.png (one line per strategy, the shape of the paper's Figure 8) and
+flops_growth.json.
 
 Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 1.5 epochs
 (100 steps) each. Measured on a quiet 2-core CPU: 835 s in all. XLA compilation is a large
@@ -39,14 +41,10 @@ workdir skips finished trials.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
-import io
-import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,15 +54,15 @@ import ml_collections
 
 from effnet_jax import cost, scaling, train
 from effnet_jax.errors import UserError, exit_on_user_error
-from experiments import grid_search
-from experiments.grid_search import Candidate, ResultsLog
+from experiments import grid_search, report, runner, stats
+from experiments.grid_search import Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "scaling_study.py")
 FAMILIES = ("width", "depth", "resolution", "compound")
 STEP = 1e-4  # grid of the searched coefficient (w, d, gamma or phi)
 MAX_COEFFICIENT = 64.0  # a budget no family reaches below this is refused
 CSV_FIELDS = ("trial_id", "family", "budget", "coefficient", "alpha", "beta", "gamma", "phi", "seed",
-              "target_macs", "macs_ratio", *grid_search.RESULT_FIELDS)
+              "target_macs", "macs_ratio", "trial_number", "state", *runner.RESULT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +93,6 @@ class Point:
         return f"{self.key}-s{seed}"
 
 
-class StudyLog(ResultsLog):
-    """The grid search's locked, torn-tail-safe results log, writing study.jsonl."""
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "study.jsonl")
-
-
-def runner_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """What grid_search.trial_config reads: the train config and a one-rung search at phi = 1."""
-    rc = ml_collections.ConfigDict()
-    rc.train = config.train
-    rc.search = ml_collections.ConfigDict({"phi": 1.0, "halving_eta": 1})
-    return rc
-
-
 def family_candidate(family: str, coefficient: float, constants: dict[str, float]) -> tuple[Candidate, float]:
     """The grid-search candidate and phi of ``family`` scaled by ``coefficient``."""
     if family == "width":
@@ -123,9 +106,9 @@ def family_candidate(family: str, coefficient: float, constants: dict[str, float
     raise UserError(f"unknown family {family!r}; expected some of {', '.join(FAMILIES)}")
 
 
-def measure(rc: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
+def measure(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
     """Shape and MACs of the model the trial runner would train (same config path, same rounding)."""
-    spec, arch = grid_search.trial_model(rc, c, 0, 0, phi=phi)
+    spec, arch = grid_search.trial_model(train_config, c, phi)
     return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
             "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution, num_classes)}
 
@@ -180,7 +163,7 @@ def match_budget(family: str, budget: float, base_macs: int, macs_at: Callable[[
 def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_classes: int) -> list[Point]:
     """The baseline, then every (family, budget) model above it, each matched to its budget."""
     s = config.study
-    rc = runner_config(config)
+    rc = config.train
     base_c = Candidate(1.0, 1.0, 1.0, label="baseline")
     base = measure(rc, base_c, 0.0, num_classes)
     points = [Point("baseline", 1.0, base_c, 0.0, 1.0, **base, ratio=1.0)]
@@ -224,6 +207,11 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 # --------------------------------------------------------------------- summary
 
+def _interval(values: Sequence[float]) -> dict[str, Any]:
+    ci = stats.interval(values) if values else {}
+    return {"mean": ci.get("mean"), "std": ci.get("std"), "half": ci.get("half")}
+
+
 def summarize(rows: Sequence[dict[str, Any]], points: Sequence[Point], metric: str) -> list[dict[str, Any]]:
     """One entry per planned model: mean +- std of ``metric`` over its finished seeds."""
     out = []
@@ -237,19 +225,14 @@ def summarize(rows: Sequence[dict[str, Any]], points: Sequence[Point], metric: s
             "width": p.width, "depth": p.depth, "resolution": p.resolution, "blocks": p.blocks,
             "params": p.params, "macs": p.macs, "ratio": p.ratio,
             "seeds": len(group), "ok": len(ok), "status": "ok" if ok else (group[0]["status"] if group else "missing"),
-            "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+            "values": values, **_interval(values),
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
         })
     return out
 
 
-def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per budget: compound minus the best single-axis family, against the seed spread.
-
-    "clear" needs the gap to exceed twice the combined std (sqrt(std_c^2 + std_o^2)); with
-    two seeds that std is itself rough, which is why the numbers are reported, not just the word.
-    """
+def verdicts(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Per budget: compound against the best single-axis family, by Welch's t-test over seeds."""
     out = []
     for budget in sorted({s["budget"] for s in summary if s["family"] == "compound"}):
         comp = next(s for s in summary if s["family"] == "compound" and s["budget"] == budget)
@@ -258,17 +241,20 @@ def verdicts(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if comp["mean"] is None or not others:
             continue
         best = max(others, key=lambda s: s["mean"])
+        test = stats.compare(comp["values"], best["values"])
         gap = comp["mean"] - best["mean"]
-        spread = math.hypot(comp["std"], best["std"])
-        if min(comp["ok"], best["ok"]) < 2:
+        if test["p_value"] is None:
             word = "one seed: no spread to judge against"
-        elif abs(gap) > 2 * spread:
+        elif test["p_value"] < alpha:
             word = "compound better" if gap > 0 else "compound worse"
         else:
             word = "no clear difference"
-        out.append({"budget": budget, "compound": comp["mean"], "compound_std": comp["std"],
-                    "best_other": best["family"], "best_other_mean": best["mean"], "best_other_std": best["std"],
-                    "gap": gap, "spread": spread, "verdict": word})
+        sentence = (f"{budget:g}x: compound {report.score_text(comp)} vs {best['family']} {report.score_text(best)}: "
+                    f"gap {gap:+.4f}" + ("" if test["p_value"] is None else
+                                         f", Welch's t-test p = {test['p_value']:.3f}") + f" -> {word}")
+        out.append({"budget": budget, "compound": comp["mean"], "compound_half": comp["half"],
+                    "best_other": best["family"], "best_other_mean": best["mean"], "best_other_half": best["half"],
+                    "gap": gap, "p_value": test["p_value"], "verdict": word, "sentence": sentence})
     return out
 
 
@@ -291,7 +277,7 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
             f"{'params':>10} {'MMACs':>8} {'x base':>6} {metric:>16} {'seeds':>5} {'time s':>7}")
     lines = [head, "-" * len(head)]
     for s in summary:
-        score = "-" if s["mean"] is None else f"{s['mean']:.4f}±{s['std']:.4f}"
+        score = report.score_text(s)
         lines.append(
             f"{s['family']:<10} {s['budget']:>5g}x {s['coefficient']:>7.4f} {s['width']:>6.3f} {s['depth']:>6.3f} "
             f"{s['resolution']:>4} {s['blocks']:>6} {s['params']:>10,} {s['macs'] / 1e6:>8.2f} {s['ratio']:>6.2f} "
@@ -311,26 +297,14 @@ def format_growth(growth: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
                   summary: Sequence[dict[str, Any]], growth: dict[str, Any]) -> None:
     """study.csv, summary.json, flops_growth.json and accuracy_vs_macs.png (each replaced whole)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    _atomic_write(os.path.join(workdir, "study.csv"), buf.getvalue())
-    out = {"metric": config.study.metric, "models": list(summary), "verdicts": verdicts(summary),
-           "config": json.loads(config.to_json_best_effort()),
-           "created": datetime.datetime.now().isoformat(timespec="seconds")}
-    _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(out, indent=2) + "\n")
-    _atomic_write(os.path.join(workdir, "flops_growth.json"), json.dumps(growth, indent=2) + "\n")
+    report.write_csv(os.path.join(workdir, "study.csv"), rows, CSV_FIELDS)
+    report.write_json(os.path.join(workdir, "summary.json"), {
+        "metric": config.study.metric, "models": list(summary), "verdicts": verdicts(summary),
+        "config": config.to_dict(), "created": report.now()})
+    report.write_json(os.path.join(workdir, "flops_growth.json"), growth)
     from experiments import plots
 
     plots.scaling_study_plot(summary, config.study.metric, workdir)
@@ -338,59 +312,67 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
 
 # ------------------------------------------------------------------------ driver
 
-def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run (or resume) the study in ``workdir``; returns {"points", "rows", "summary", "growth"}."""
+def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequence[int]
+                ) -> list[runner.TrialPlan]:
+    """Every (model, seed) as a runner plan; the seeds of one model share its directory's name prefix."""
+    base_macs = points[0].macs
+    plans = []
+    for p in points:
+        for seed in seeds:
+            cfg = grid_search.trial_config(config.train, p.candidate, seed, phi=p.phi)
+            attrs = {"point": p.key, "family": p.family, "budget": p.budget, "coefficient": p.coefficient,
+                     "label": p.candidate.label, "alpha": p.candidate.alpha, "beta": p.candidate.beta,
+                     "gamma": p.candidate.gamma, "phi": p.phi, "seed": seed, "target_macs": p.budget * base_macs,
+                     "macs_ratio": p.ratio}
+            plans.append(runner.TrialPlan(p.trial_id(seed), cfg, attrs))
+    return plans
+
+
+def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print,
+          storage: str | None = None, study_name: str = "scaling_study") -> dict[str, Any]:
+    """Run (or join, or resume) the study; returns {"points", "rows", "summary", "growth"}."""
     constants = check_config(config)
-    rc = runner_config(config)
     seeds = [int(x) for x in config.study.seeds]
-    base_cfg = grid_search.trial_config(rc, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0], 0)
+    base_cfg = grid_search.trial_config(config.train, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0])
     num_classes = train.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
     points = plan(config, constants, num_classes)
     base_macs = points[0].macs
     phis = [p.phi for p in points if p.family == "compound"]
     top = max(1, math.ceil(math.log(max(config.study.budgets)) / math.log(2)))
-    growth = flops_growth(rc, constants, [*range(0, top + 1), *phis], num_classes)
+    growth = flops_growth(config.train, constants, [*range(0, top + 1), *phis], num_classes)
     log(f"matched budgets (baseline {base_macs / 1e6:.2f} MMACs at {points[0].resolution} px):")
     for p in points[1:]:
         log(f"  {p.family:<10} {p.budget:>4g}x: coefficient {p.coefficient:.4f} -> width {p.width:.3f}, "
             f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x")
-
-    os.makedirs(workdir, exist_ok=True)
-    results = StudyLog(workdir)
-    for p in points:
-        for seed in seeds:
-            tid = p.trial_id(seed)
-            if tid in results.rows():
-                continue
-            log(f"trial {tid} ...")
-            row = grid_search.run_trial(rc, os.path.join(workdir, "trials", p.key), p.candidate, seed, 0, phi=p.phi)
-            row.update({"trial_id": tid, "point": p.key, "family": p.family, "budget": p.budget,
-                        "coefficient": p.coefficient, "target_macs": p.budget * base_macs,
-                        "macs_ratio": (row.get("macs") or p.macs) / base_macs})
-            results.append(row)
-            score = row.get(config.study.metric)
-            log(f"  {row['status']}: {config.study.metric} {score if score is None else round(score, 4)}, "
-                f"{row.get('wall_time_s') or 0:.1f} s")
-    wanted = {p.trial_id(s) for p in points for s in seeds}
-    rows = [r for r in results.rows().values() if r["trial_id"] in wanted]
+    study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
+                               storage or workdir)
+    rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, train.train_and_evaluate,
+                           config.study.metric, log).values())
     summary = summarize(rows, points, config.study.metric)
     write_outputs(workdir, config, rows, summary, growth)
     return {"points": points, "rows": rows, "summary": summary, "growth": growth}
 
 
+def _define_flags(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("storage", None, "Optuna storage (RDB URL or journal file); default WORKDIR/study.journal",
+                        flag_values=fv)
+    flags.DEFINE_string("study_name", "scaling_study", "study name in the storage", flag_values=fv)
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG)
+    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
     workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    out = study(config, workdir, log=lambda msg: print(msg, flush=True))
+    out = study(config, workdir, log=lambda msg: print(msg, flush=True), storage=fv.storage,
+                study_name=fv.study_name)
     print(format_table(out["summary"], config.study.metric))
     print(format_growth(out["growth"]))
     for v in verdicts(out["summary"]):
-        print(f"{v['budget']:g}x: compound {v['compound']:.4f}±{v['compound_std']:.4f} vs {v['best_other']} "
-              f"{v['best_other_mean']:.4f}±{v['best_other_std']:.4f}: gap {v['gap']:+.4f}, "
-              f"combined seed std {v['spread']:.4f} -> {v['verdict']}")
+        print(v["sentence"])
     print(f"scaling study took {time.time() - t0:.0f} s; results in {workdir}")
     return out
 

@@ -1,17 +1,16 @@
-"""Grid search: candidates, halving, divergence, resume after SIGKILL, best.json hand-off."""
+"""Grid search: candidates, the plan, halving with continuation, verdicts, outputs, best.json hand-off."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
+import numpy as np
 import pytest
 
 from effnet_jax import create_model, from_constants, load_constants
 from effnet_jax.errors import UserError
 from experiments import grid_search as gs
+from experiments import runner
 from experiments.configs import grid_search as grid_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +23,15 @@ def small_config(cache_dir, steps=2, **search):
     c.train.model.network = "tiny"
     c.train.num_train_steps = steps
     c.train.compile_cache_dir = str(cache_dir)
+    c.search.strategy = "exhaustive"
+    c.search.final_seeds = ()
     for k, v in {**SMALL, **search}.items():
         c.search[k] = v
     return c
+
+
+def quiet(*_):
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -63,40 +68,51 @@ def test_no_candidate_names_the_closest_point():
         gs.candidates(s)
 
 
-def test_schedule_runs_every_trial_once_balanced_and_repeats_after_their_first():
+@pytest.mark.parametrize("field, value, message", [
+    ("halving_eta", 0, "halving_eta"), ("halving_eta", 1, "halving_eta"), ("halving_rungs", 0, "halving_rungs"),
+    ("strategy", "random", "strategy"), ("metric", "accuracy", "metric"), ("seeds", (), "seeds"),
+    ("final_seeds", (0, 0), "final_seeds"), ("alpha_level", 2.0, "alpha_level"),
+])
+def test_whole_search_config_is_checked_before_any_trial(field, value, message):
     c = grid_config.get_config()
-    c.search.seeds = (0, 1)
-    trials = [(cand, seed) for cand in gs.candidates(c.search) for seed in c.search.seeds]
-    plan = gs.schedule(c, trials, 0, 2)
-    assert plan == gs.schedule(c, trials, 0, 2)  # every worker computes the same plan
-    assert sorted(i for i, _ in plan) == list(range(len(trials))) and {w for _, w in plan} == {0, 1}
-    counts = [sum(w == k for _, w in plan) for k in (0, 1)]
-    assert abs(counts[0] - counts[1]) <= 2
-    # A second seed reuses its network's compiled program: it is cheap and runs after the first seed.
-    position = {i: n for n, (i, _) in enumerate(plan)}
-    for k in range(0, len(trials), 2):
-        assert position[k] < position[k + 1]
-    # Longest first: every network's first (compiling) trial of phi = 1 before any cheap repeat.
-    firsts = [position[k] for k in range(0, len(trials), 2) if trials[k][0].label == ""]
-    assert max(firsts) < min(position[k] for k in range(1, len(trials), 2))
-    # The paper's point rounds to the same network as (1.25, 1.1, 1.15) at 32 px: it runs after it.
-    paper = next(i for i, (cand, seed) in enumerate(trials) if cand.label == "paper" and seed == 0)
-    twin = next(i for i, (cand, seed) in enumerate(trials) if (cand.alpha, cand.beta, cand.gamma) == (1.25, 1.1, 1.15)
-                and seed == 0)
-    assert position[twin] < position[paper]
+    c.search[field] = value
+    with pytest.raises(UserError, match=message):
+        gs.check_search(c)
 
 
-def test_successive_halving_keeps_the_best_third():
-    cands = [gs.Candidate(1.0 + i / 10, 1.0, 1.0) for i in range(6)] + [gs.Candidate(1.0, 1.0, 1.0, "baseline")]
-    scores = [0.5, 0.9, 0.1, 0.8, 0.3, 0.7, 0.99]
-    rows = [{"trial_id": gs.trial_id(c, 0, 0), "label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma,
-             "product": c.product, "rung": 0, "status": "ok", "val_top1": v, "macs": 1}
-            for c, v in zip(cands, scores)]
-    kept = gs.halving_survivors(cands, rows, "val_top1", 3)
-    assert [c.alpha for c in kept] == [1.1, 1.3]  # 6 scaled candidates // 3 = 2 best; baseline never goes on
+def test_plan_longest_first_rungs_and_continuation():
+    c = grid_config.get_config()
+    cands = gs.candidates(c.search)
+    steps = gs.rung_steps(c, steps_per_epoch=67)
+    assert steps == [67, 201]  # halving: eta = 3 times longer at the top rung
+    plans = gs.plan_rung(c, cands, 0, steps, 10)
+    assert len(plans) == len(cands) * len(c.search.seeds) and len({p.key for p in plans}) == len(plans)
+    assert all(p.keep_checkpoint and p.config.num_train_steps == 67 and p.config.schedule_steps == 201
+               for p in plans)
+    # every trial's schedule spans the top rung, so a promoted run continues its rung-0 directory
+    top = gs.plan_rung(c, cands[:2], 1, steps, 10)
+    assert {p.attrs["seed"] for p in top} == set(c.search.final_seeds)
+    assert all(not p.keep_checkpoint and p.config.num_train_steps == 201 for p in top)
+    assert {p.directory for p in top} >= {p.directory for p in plans if p.attrs["alpha"] == cands[0].alpha
+                                          and p.attrs["beta"] == cands[0].beta and p.attrs["gamma"] == cands[0].gamma}
+    # longest first: every network's first (compiling) trial before any repeat; the paper's point rounds to the
+    # network of (1.25, 1.1, 1.15) at 32 px, so it reuses that compile and runs last; the baseline before it
+    order = [(p.attrs["alpha"], p.attrs["beta"], p.attrs["gamma"], p.attrs["label"]) for p in plans]
+    assert order[-1][3] == "paper" and order[-2][3] == "baseline"
+    assert order.index((1.25, 1.1, 1.15, "")) < order.index((1.2, 1.1, 1.15, "paper"))
 
 
-def test_pick_best_skips_baseline_and_off_constraint(tmp_path):
+def test_survivors_keep_the_best_third_and_the_references():
+    cands = [gs.Candidate(1.0 + i / 10, 1.0, 1.0) for i in range(6)] + [
+        gs.Candidate(1.2, 1.1, 1.15, "paper"), gs.Candidate(1.0, 1.0, 1.0, "baseline")]
+    scores = [0.5, 0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.99]
+    rows = [{"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product, "rung": 0,
+             "status": "ok", "val_top1": v, "macs": 1} for c, v in zip(cands, scores)]
+    kept = gs.survivors(gs.summarize(rows, "val_top1"), cands, 0, 3)
+    assert [(c.alpha, c.label) for c in kept] == [(1.1, ""), (1.3, ""), (1.2, "paper"), (1.0, "baseline")]
+
+
+def test_pick_best_skips_baseline_and_off_constraint():
     s = grid_config.get_config().search
     summary = [
         {"label": "baseline", "alpha": 1.0, "beta": 1.0, "gamma": 1.0, "product": 1.0, "mean": 0.99, "rung": 0,
@@ -109,17 +125,58 @@ def test_pick_best_skips_baseline_and_off_constraint(tmp_path):
     assert (best["alpha"], best["beta"], best["gamma"]) == (1.25, 1.1, 1.15)
 
 
+def _rows(scores: dict, rung: int = 0):
+    out = []
+    for (a, b, g, label), values in scores.items():
+        for seed, v in enumerate(values):
+            out.append({"label": label, "alpha": a, "beta": b, "gamma": g, "product": a * b * b * g * g,
+                        "rung": rung, "seed": seed, "status": "ok", "val_top1": v, "macs": 10})
+    return out
+
+
+def test_verdicts_separated_tied_and_one_seed():
+    s = grid_config.get_config().search
+    win, tie, low = (1.25, 1.1, 1.15, ""), (1.15, 1.15, 1.15, ""), (1.15, 1.25, 1.05, "")
+    paper = (1.2, 1.1, 1.15, "paper")
+    rows = _rows({win: [0.90, 0.91, 0.89], tie: [0.88, 0.93, 0.86], low: [0.50, 0.52, 0.51],
+                  paper: [0.60, 0.61, 0.62]})
+    summary = gs.summarize(rows, "val_top1", base_macs=5, num_eval=360)
+    best = gs.pick_best(summary, s)
+    assert (best["alpha"], best["beta"], best["gamma"]) == win[:3]
+    assert best["half"] is not None and best["macs_ratio"] == 2.0
+    v = gs.judge(summary, best, s)
+    assert v["verdicts"][gs._name(best)] == "best"
+    assert v["verdicts"]["(1.15, 1.15, 1.15)"] == "tied with best"
+    assert v["verdicts"]["(1.15, 1.25, 1.05)"] == "below"
+    assert "Welch" in v["sentence"]
+    one = gs.summarize(_rows({win: [0.9], low: [0.5]}), "val_top1")
+    v1 = gs.judge(one, gs.pick_best(one, s), s)
+    assert "one seed" in v1["sentence"].lower() or "nothing" in v1["sentence"].lower()
+    assert "below" not in v1["verdicts"].values()
+
+
+def test_rung_agreement_between_rungs():
+    a, b, c = (1.25, 1.1, 1.15, ""), (1.15, 1.15, 1.15, ""), (1.15, 1.25, 1.05, "")
+    rows = _rows({a: [0.3], b: [0.2], c: [0.1]}, rung=0) + _rows({a: [0.9, 0.9], b: [0.8, 0.8], c: [0.7, 0.7]}, 1)
+    (agree,) = gs.rung_agreement(rows, "val_top1")
+    assert agree["kendall_tau"] == pytest.approx(1.0) and agree["same_winner"]
+    rows = _rows({a: [0.1], b: [0.2], c: [0.3]}, rung=0) + _rows({a: [0.9], b: [0.8], c: [0.7]}, 1)
+    (agree,) = gs.rung_agreement(rows, "val_top1")
+    assert agree["kendall_tau"] == pytest.approx(-1.0) and not agree["same_winner"]
+
+
 def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     c = small_config(cache_dir)
-    out = gs.search(c, str(tmp_path), log=lambda *_: None)
+    out = gs.search(c, str(tmp_path), log=quiet)
     rows = out["rows"]
     assert len(rows) == len(gs.candidates(c.search))
-    assert all(r["status"] == "ok" for r in rows)
-    for name in ("results.jsonl", "results.csv", "best.json", "grid.png", "accuracy_vs_macs.png"):
+    assert all(r["status"] == "ok" and r["state"] == "COMPLETE" for r in rows)
+    for name in ("study.journal", "results.csv", "best.json", "grid.png", "accuracy_vs_macs.png"):
         assert (tmp_path / name).exists(), name
     assert os.listdir(tmp_path / "tensorboard_hparams")
     best = json.loads((tmp_path / "best.json").read_text())
-    assert best["config"]["search"]["target"] == 2.0
+    assert best["config"]["search"]["target"] == 2.0 and best["config"]["train"]["model"]["network"] == "tiny"
+    assert best["num_classes"] == 10 and best["dataset"] == "digits" and "sentence" in best["verdict"]
     constants = load_constants(tmp_path / "best.json")
     assert constants == {"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]}
     spec = from_constants(**constants, phi=1, base_resolution=32, resolution_multiple=1)
@@ -129,24 +186,80 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     for key in ("alpha", "beta", "gamma", "product", "resolution", "width", "depth", "blocks", "params", "macs",
                 "val_top1", "train_loss", "wall_time_s", "train_img_per_s", "status", "seed"):
         assert row.get(key) is not None, key
-    # A rerun finds every trial done: same rows, nothing trained.
-    again = gs.search(c, str(tmp_path), log=lambda *_: None)
-    assert len(again["rows"]) == len(rows)
-    assert len(gs.ResultsLog(str(tmp_path)).rows()) == len(rows)
+    # finished trials keep no checkpoint
+    assert not any(os.path.exists(tmp_path / "trials" / d / "checkpoints") for d in os.listdir(tmp_path / "trials"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished trial was trained again")
+
+    real = gs.train.train_and_evaluate
+    gs.train.train_and_evaluate = no_training
+    try:  # a rerun finds every trial done: same rows, nothing trained
+        again = gs.search(c, str(tmp_path), log=quiet)
+    finally:
+        gs.train.train_and_evaluate = real
+    assert [r["val_top1"] for r in again["rows"]] == [r["val_top1"] for r in rows]
+
+
+def test_changed_trial_config_is_refused_by_name(tmp_path, cache_dir):
+    c = small_config(cache_dir, include_baseline=False, include_paper=False)
+    gs.search(c, str(tmp_path), log=quiet)
+    c.train.batch_size = 8
+    with pytest.raises(UserError, match=r"batch_size 16 -> 8"):
+        gs.search(c, str(tmp_path), log=quiet)
+    c = small_config(cache_dir, steps=3, include_baseline=False, include_paper=False)
+    with pytest.raises(UserError, match=r"num_train_steps 2 -> 3"):
+        gs.search(c, str(tmp_path), log=quiet)
+
+
+def test_old_results_jsonl_workdir_is_refused_with_what_to_do(tmp_path, cache_dir):
+    (tmp_path / "results.jsonl").write_text('{"alpha": 1.2}\n')
+    with pytest.raises(UserError, match="new --workdir"):
+        gs.search(small_config(cache_dir), str(tmp_path), log=quiet)
+
+
+def test_halving_continues_promoted_runs_and_decides_at_the_top_rung(tmp_path, cache_dir):
+    c = small_config(cache_dir, steps=2, strategy="halving", halving_eta=2, halving_rungs=2, include_paper=False,
+                     final_seeds=(0, 1), alpha=(1.2, 1.3), tolerance=0.3)
+    c.train.checkpoint_every_steps = 1
+    seen = []
+    real = gs.train.train_and_evaluate
+
+    def spy(cfg, workdir, *a, **k):
+        ckpt = os.path.join(workdir, "checkpoints")
+        seen.append((os.path.basename(workdir), cfg.num_train_steps,
+                     sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []))
+        return real(cfg, workdir, *a, **k)
+
+    gs.train.train_and_evaluate = spy
+    try:
+        out = gs.search(c, str(tmp_path), log=quiet)
+    finally:
+        gs.train.train_and_evaluate = real
+    grid = [x for x in gs.candidates(c.search) if not x.label]
+    assert len(grid) == 3
+    top = [r for r in out["rows"] if r["rung"] == 1]
+    assert {r["seed"] for r in top} == {0, 1} and all(r["steps"] == 4 for r in top)
+    assert len({(r["alpha"], r["beta"], r["gamma"]) for r in top if not r["label"]}) == 1  # 3 // 2 = 1 goes on
+    continued = [s for s in seen if s[1] == 4 and s[0].endswith("-s0")]
+    assert continued and all(2 in s[2] for s in continued)  # rung 1 seed 0 starts from rung 0's step-2 checkpoint
+    assert out["best"]["rung"] == 1 and out["best"]["ok"] == 2
+    # nothing that stopped, and nothing finished, keeps its checkpoints
+    assert not any(os.path.exists(tmp_path / "trials" / d / "checkpoints") for d in os.listdir(tmp_path / "trials"))
 
 
 def test_diverging_trials_are_recorded_and_the_search_goes_on(tmp_path, cache_dir):
     c = small_config(cache_dir, steps=3, include_baseline=False, include_paper=False)
     c.train.optimizer.name, c.train.optimizer.learning_rate, c.train.log_every_steps = "sgd", 1e12, 1
     c.train.optimizer.warmup_epochs = 0.0
-    out = gs.search(c, str(tmp_path), log=lambda *_: None)
+    out = gs.search(c, str(tmp_path), log=quiet)
     assert len(out["rows"]) == len(gs.candidates(c.search)) >= 2
-    assert {r["status"] for r in out["rows"]} == {"diverged"}
+    assert {r["status"] for r in out["rows"]} == {"diverged"} and {r["state"] for r in out["rows"]} == {"PRUNED"}
     assert all(r["reason"] == "non-finite training loss" for r in out["rows"])
     assert out["best"] is None and not (tmp_path / "best.json").exists()
 
 
-def test_failed_trial_is_a_row_not_a_crash(tmp_path, cache_dir, monkeypatch):
+def test_failed_trial_is_a_row_not_a_crash_and_a_rerun_retries_it(tmp_path, cache_dir, monkeypatch):
     c = small_config(cache_dir, include_baseline=False, include_paper=False)
     real = gs.train.train_and_evaluate
     calls = []
@@ -158,74 +271,61 @@ def test_failed_trial_is_a_row_not_a_crash(tmp_path, cache_dir, monkeypatch):
         return real(cfg, workdir)
 
     monkeypatch.setattr(gs.train, "train_and_evaluate", flaky)
-    out = gs.search(c, str(tmp_path), log=lambda *_: None)
+    out = gs.search(c, str(tmp_path), log=quiet)
     statuses = sorted(r["status"] for r in out["rows"])
     assert statuses.count("failed") == 1 and statuses.count("ok") == len(statuses) - 1
     failed = next(r for r in out["rows"] if r["status"] == "failed")
-    assert failed["reason"] == "RuntimeError: out of memory"
+    assert failed["reason"] == "RuntimeError: out of memory" and failed["state"] == "FAIL"
     assert out["best"] is not None
+    again = gs.search(c, str(tmp_path), log=quiet)  # the failed key is tried again; the rest is kept
+    assert len(calls) == len(statuses) + 1 and {r["status"] for r in again["rows"]} == {"ok"}
 
 
-def test_sigkill_mid_trial_then_resume_has_no_lost_or_duplicate_rows(tmp_path, cache_dir):
-    wd = tmp_path / "grid"
-    args = [sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}",
-            "--config.train.model.network=tiny", "--config.train.num_train_steps=8",
-            "--config.train.checkpoint_every_steps=2", f"--config.train.compile_cache_dir={cache_dir}",
-            *[f"--config.search.{k}={v}".replace(" ", "") for k, v in SMALL.items()],
-            "--config.search.include_baseline=False", "--local_workers=1"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    killed_in = None
-    while time.time() < deadline and killed_in is None:  # kill once the 2nd trial has a checkpoint
-        done = len(gs.ResultsLog(str(wd)).rows()) if wd.exists() else 0
-        trials = sorted((wd / "trials").iterdir()) if (wd / "trials").exists() else []
-        for t in trials:
-            ck = t / "checkpoints"
-            started = ck.exists() and any(d.isdigit() for d in os.listdir(ck))
-            if done >= 1 and started and not (t / "result.json").exists():
-                killed_in = t.name
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert killed_in is not None, "never caught a trial mid-way"
-    before = gs.ResultsLog(str(wd)).rows()
-    assert killed_in not in {tid for tid in before}
-    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    with open(wd / "results.jsonl") as f:
-        ids = [json.loads(line)["trial_id"] for line in f]
-    c = small_config(cache_dir, include_baseline=False)
-    expected = {gs.trial_id(cand, 0, 0) for cand in gs.candidates(c.search)}
-    assert len(ids) == len(set(ids)) and set(ids) == expected
-    assert killed_in in ids
+def _folder(root, classes=7, per_class=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for k in range(classes):
+            os.makedirs(root / split / f"c{k}")
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    root / split / f"c{k}" / f"{i}.png")
+
+
+def test_scale_up_trains_with_the_searchs_dataset_and_classes(tmp_path, cache_dir, capsys):
+    pytest.importorskip("tensorflow_datasets", reason="image folders need TFDS: pip install -e '.[data]'")
+    from experiments import scale_up
+
+    _folder(tmp_path / "data")
+    c = small_config(cache_dir, include_baseline=False, include_paper=False)
+    c.train.data.name, c.train.data.train_split, c.train.data.eval_split = f"folder:{tmp_path / 'data'}", "train", "val"
+    c.train.batch_size = 8
+    out = gs.search(c, str(tmp_path / "grid"), log=quiet)
+    assert out["best"] is not None and out["num_classes"] == 7
+    rows = scale_up.main(["prog", f"--constants={tmp_path / 'grid' / 'best.json'}", "--phi=1", "--train",
+                          f"--workdir={tmp_path / 'scaled'}"])
+    printed = capsys.readouterr().out
+    assert "7 classes" in printed and f"folder:{tmp_path / 'data'}" in printed
+    assert rows[0]["status"] == "ok" and rows[0]["num_classes"] == 7
+    result = json.loads((tmp_path / "scaled" / "phi1" / "result.json").read_text())
+    assert result["num_classes"] == 7
+    assert rows[0]["params"] == result["params"]  # the table counted the real head (7 classes)
 
 
 def test_bad_search_config_one_line_exit_2(tmp_path):
+    import subprocess
+
     wd = tmp_path / "wd"
-    proc = subprocess.run([sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}",
-                           "--config.search.tolerance=0.0001", "--config.search.alpha=(1.0,1.1)"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "closest is" in lines[0]
-    assert not wd.exists()
-
-
-
-def test_two_local_workers_share_one_grid(tmp_path, cache_dir):
-    wd = tmp_path / "grid2"
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}", "--local_workers=2",
-         "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
-         f"--config.train.compile_cache_dir={cache_dir}",
-         *[f"--config.search.{k}={v}".replace(" ", "") for k, v in SMALL.items()]],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[worker 1]" in proc.stdout and "[worker 0]" in proc.stdout and "winner:" in proc.stdout
-    with open(wd / "results.jsonl") as f:
-        ids = [json.loads(line)["trial_id"] for line in f]
-    expected = {gs.trial_id(c, 0, 0) for c in gs.candidates(small_config(cache_dir).search)}
-    assert sorted(ids) == sorted(expected)
-    assert (wd / "best.json").exists()
+    for override in ("--config.search.alpha=(1.0,1.1)", "--config.search.halving_eta=0",
+                     "--config.search.nosuch=3"):
+        proc = subprocess.run([sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}",
+                               "--config.search.tolerance=0.0001", override],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        assert not wd.exists()
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -235,5 +335,28 @@ def test_help_lists_flags_and_exits_0_without_running(tmp_path, capsys, monkeypa
         gs.main(["prog", flag])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "usage:" in out and "--local_workers" in out and "--workdir" in out and "--config.<field>" in out
+    assert "usage:" in out and "--local_workers" in out and "--storage" in out and "--config.<field>" in out
     assert not os.listdir(tmp_path)
+
+
+def test_identity_ignores_cosmetic_fields():
+    a = grid_config.get_config().train
+    b = grid_config.get_config().train
+    b.progress_bar, b.log_every_steps = True, 1
+    assert runner.identity(a) == runner.identity(b)
+    b.batch_size = 7
+    assert runner.differences(runner.identity(a), runner.identity(b)) == ["batch_size 16 -> 7"]
+
+
+def test_tpe_sampler_proposes_points_on_the_surface_and_promotes_the_best(tmp_path, cache_dir):
+    c = small_config(cache_dir, sampler="tpe", n_trials=4, strategy="halving", halving_eta=2, halving_rungs=2,
+                     alpha=(1.1, 1.3), beta=(1.0, 1.2), gamma=(1.0, 1.3), include_baseline=False)
+    out = gs.search(c, str(tmp_path), log=quiet)
+    sampled = [r for r in out["rows"] if r["rung"] == 0 and not r["label"]]
+    assert 1 <= len(sampled) <= 4
+    for r in sampled:
+        assert abs(r["alpha"] * r["beta"] ** 2 * r["gamma"] ** 2 - 2.0) < 0.01
+        assert 1.0 <= r["gamma"] <= 1.3 and 1.0 <= r["beta"] <= 1.2
+    top = [r for r in out["rows"] if r["rung"] == 1]
+    assert any(r["label"] == "paper" for r in top) and any(not r["label"] for r in top)
+    assert out["best"] is not None and out["best"]["rung"] == 1

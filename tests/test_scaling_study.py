@@ -44,7 +44,7 @@ def test_each_family_matches_its_budget_and_scales_only_its_axis(network, budget
             assert (c.alpha, c.beta, c.gamma) == tuple(PAPER_CONSTANTS.values()) and p.phi > 0
             assert (p.width, p.depth) == pytest.approx((1.1**p.phi, 1.2**p.phi))
         # the MACs are those of the model the trial runner trains
-        cfg = grid_search.trial_config(scaling_study.runner_config(config), c, 0, 0, phi=p.phi)
+        cfg = grid_search.trial_config(config.train, c, 0, phi=p.phi)
         assert (cfg.model.alpha, cfg.model.beta, cfg.model.gamma, cfg.model.phi) == (c.alpha, c.beta, c.gamma, p.phi)
 
 
@@ -78,7 +78,7 @@ def test_constants_file_drives_the_compound_family(tmp_path):
     points = scaling_study.plan(config, constants, num_classes=10)
     comp = next(p for p in points if p.family == "compound")
     assert comp.width == 1.0 and comp.resolution == 32 and comp.depth == pytest.approx(1.4**comp.phi)
-    growth = scaling_study.flops_growth(scaling_study.runner_config(config), constants, [0.0, 1.0], 10)
+    growth = scaling_study.flops_growth(config.train, constants, [0.0, 1.0], 10)
     assert growth["product"] == pytest.approx(1.4)
     assert growth["rows"][0]["measured_ratio"] == 1.0 and growth["rows"][1]["predicted_ratio"] == pytest.approx(1.4)
 
@@ -109,9 +109,9 @@ def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monke
             "--config.study.budgets=(1,2)", "--config.study.seeds=(0,)", "--config.study.families=('compound',)"]
     monkeypatch.setattr(sys, "argv", argv)  # ml_collections' config overrides are read from sys.argv
     out = scaling_study.main(argv)
-    for name in ("study.jsonl", "study.csv", "summary.json", "accuracy_vs_macs.png", "flops_growth.json"):
+    for name in ("study.journal", "study.csv", "summary.json", "accuracy_vs_macs.png", "flops_growth.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "study.jsonl"))]
+    rows = out["rows"]
     assert len(rows) == 2  # the baseline + compound at 2x, one seed (the plan tests cover every family)
     assert {r["family"] for r in rows} == {"baseline", "compound"}
     assert all(r["status"] == "ok" and r["steps"] == 2 for r in rows)
@@ -123,10 +123,12 @@ def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monke
     assert {0.0, 1.0, compound.phi} <= {g["phi"] for g in growth["rows"]}
     assert all(g["predicted_ratio"] == pytest.approx(growth["product"] ** g["phi"]) for g in growth["rows"])
 
+    assert not any(os.path.exists(os.path.join(workdir, "trials", r["trial_id"], "checkpoints")) for r in rows)
+
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr(grid_search, "run_trial", no_training)
+    monkeypatch.setattr(scaling_study.train, "train_and_evaluate", no_training)
     again = scaling_study.main(argv)
-    assert len(open(os.path.join(workdir, "study.jsonl")).readlines()) == 2
+    assert len(again["rows"]) == 2
     assert [s["mean"] for s in again["summary"]] == [s["mean"] for s in out["summary"]]

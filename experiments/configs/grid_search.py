@@ -1,11 +1,12 @@
-"""The grid search's default: B0 on the embedded digits, a laptop CPU, minutes.
+"""The grid search's default: B0 on the embedded digits, a laptop CPU, under 10 minutes.
 
     python -m experiments.grid_search                          # this config
-    python -m experiments.grid_search --config.search.strategy=halving \
+    python -m experiments.grid_search --config.search.strategy=exhaustive \
         --config.train.data.name=cifar10 --config.train.model.base_resolution=64
 
 ``train`` is a full trainer config (effnet_jax/configs/digits.py); every trial is
-that config with the model replaced by B0 scaled by a candidate at phi = 1.
+that config with the model replaced by B0 scaled by a candidate at phi = 1. Its budget
+is rung 0's; with halving, rung r trains halving_eta**r times longer.
 """
 
 import ml_collections
@@ -19,16 +20,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.model.resolution = 0  # each trial: base_resolution * gamma (rounded to resolution_multiple)
     c.train.model.base_resolution = 32
     c.train.model.resolution_multiple = 1  # at 32 px, multiples of 8 would merge most gamma values
-    # The budget per trial (rung 0 when halving). On a 2-core CPU a phi = 1 trial costs
-    # ~40-55 s of XLA compile (two trials compiling side by side) plus ~45 s per epoch;
-    # 1.5 epochs took 570-640 s for the default search, so 1.25 epochs at batch 16 (84
-    # steps) keep it under 10 minutes. Scores are far from converged: raise num_epochs and
-    # seeds when you can.
+    # The short-budget trial recipe (docs/trial-recipe.md has the measurements that chose it).
     c.train.batch_size = 16
-    c.train.num_epochs = 1.25
-    c.train.optimizer.warmup_epochs = 0.25  # the digits config's 1 epoch would be half the trial
+    c.train.num_epochs = 1.0  # rung 0's budget: 67 steps of batch 16
+    c.train.optimizer.warmup_epochs = 0.25
     c.train.log_every_steps = 10
-    c.train.checkpoint_every_steps = 50  # what a killed trial can lose; each save costs ~1 s
+    c.train.checkpoint_every_steps = 100  # what a killed trial can lose; each save costs ~1 s
     c.train.eval_every_steps = 10**9  # evaluate once, at the end of the trial
     c.train.progress_bar = False
     c.train.save_weights = False  # a trial's weights are not what a search is for (35 MB each at phi = 1)
@@ -41,11 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
     s.target = 2.0  # alpha * beta**2 * gamma**2, the FLOPs multiplier at phi = 1
     s.tolerance = 0.02  # keep |product - target| <= tolerance: 9 grid points with the ranges above
     s.phi = 1.0
-    s.include_paper = True  # (1.2, 1.1, 1.15), labelled "paper"
-    s.include_baseline = True  # unscaled B0 (phi = 0), labelled "baseline"
-    s.strategy = "exhaustive"  # or "halving" (successive halving)
-    s.halving_eta = 3  # keep 1/eta of the candidates per rung, train them eta times longer
+    s.include_paper = True  # (1.2, 1.1, 1.15), labelled "paper"; always goes on to the top rung
+    s.include_baseline = True  # unscaled B0 (phi = 0), labelled "baseline"; always goes on to the top rung
+    s.sampler = "grid"  # the paper's method; "tpe": Optuna's TPE proposes n_trials points on the surface
+    s.n_trials = 12  # proposals with sampler = "tpe" (rung 0); the best 1/eta of them go on
+    s.strategy = "halving"  # successive halving in synchronous rungs, or "exhaustive" (one rung)
+    s.halving_eta = 3  # keep the best 1/eta of the grid points per rung, train them eta times longer
     s.halving_rungs = 2
-    s.seeds = (0,)  # repeat every trial per seed; mean +- std over seeds
+    s.seeds = (0,)  # seeds of every rung below the top
+    s.final_seeds = (0, 1)  # seeds of the top rung (the one that decides); () = the same as `seeds`
     s.metric = "val_top1"  # what picks the winner ("ema_val_top1" also works)
+    s.alpha_level = 0.05  # Welch's t-test level for "tied with best" / "below"
     return c

@@ -1,0 +1,181 @@
+"""Proxy fidelity: does the search's cheap budget rank the candidates as a longer one does?
+
+    python -m experiments.fidelity                                     # the grid search's default grid
+    python -m experiments.fidelity --config.fidelity.budgets='(1,3,9)' --workdir=runs/fidelity
+
+Trains the grid search's candidates (``search`` section, the same config as
+``experiments.grid_search``) at budgets b, 3b, 9b (``fidelity.budgets`` times the trial
+budget) and reports, for each budget, the rank correlation (Kendall tau, Spearman rho) of
+its ranking with the largest budget's and whether the winner changes; ``fidelity.png``
+plots each candidate's score against the budget and tau against the budget.
+
+``fidelity.mode``: ``continued`` (default) stretches every run's learning-rate schedule over
+the largest budget, so a budget-b score is the first b steps of the long run: the proxy that
+the grid search's successive halving uses, and the budgets cost 9b per candidate, not 13b.
+``independent`` gives every budget its own full schedule: the proxy of an exhaustive search
+with short trials. Trials go through the one runner (``experiments.runner``), resumable.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from effnet_jax import train
+from effnet_jax.errors import UserError, exit_on_user_error
+from experiments import grid_search, report, runner, stats
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
+
+
+def check_config(config: ml_collections.ConfigDict) -> list[grid_search.Candidate]:
+    f = config.fidelity
+    budgets = list(f.budgets)
+    if len(budgets) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets) \
+            or sorted(set(budgets)) != budgets:
+        raise UserError(f"fidelity.budgets must be >= 2 increasing integers >= 1 (multiples of the trial budget), "
+                        f"got {tuple(budgets)}")
+    if f.mode not in ("continued", "independent"):
+        raise UserError(f"fidelity.mode must be continued or independent, got {f.mode!r}")
+    seeds = list(f.seeds)
+    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+        raise UserError(f"fidelity.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
+    config.search.strategy = "exhaustive"  # one rung per budget here; the grid search's own check does the rest
+    return grid_search.check_search(config)
+
+
+def plans(config: ml_collections.ConfigDict, cands: Sequence[grid_search.Candidate], base_steps: int
+          ) -> list[runner.TrialPlan]:
+    f = config.fidelity
+    steps = [base_steps * b for b in f.budgets]
+    out = []
+    for b, n in zip(f.budgets, steps):  # short budgets first: in continued mode each continues the one before
+        for c in cands:
+            for seed in f.seeds:
+                continued = f.mode == "continued"
+                cfg = grid_search.trial_config(config.train, c, seed, config.search.phi, n,
+                                               steps[-1] if continued else 0)
+                key = f"{c.key}-s{seed}-n{n}" + ("" if continued else "-own")
+                attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
+                         "phi": cfg.model.phi, "seed": seed, "budget": b, "budget_steps": n}
+                out.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}" if continued else key,
+                                            keep_checkpoint=continued and n != steps[-1]))
+    return out
+
+
+def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Mean score per (budget, candidate); each budget's rank agreement with the largest budget's."""
+    scores: dict[int, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get(metric) is not None:
+            name = grid_search._name(r)
+            scores.setdefault(r["budget"], {}).setdefault(name, []).append(r[metric])
+    means = {b: {k: sum(v) / len(v) for k, v in by.items()} for b, by in sorted(scores.items())}
+    if not means:
+        return {"means": {}, "agreement": []}
+    top = max(means)
+    agreement = []
+    for b, m in means.items():
+        if b != top and len(set(m) & set(means[top])) >= 2:
+            agreement.append({"budget": b, "top_budget": top, **stats.rank_agreement(m, means[top]),
+                              "winner": max(m, key=m.get), "top_winner": max(means[top], key=means[top].get)})
+    return {"means": means, "agreement": agreement}
+
+
+def plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
+    from experiments.plots import _pyplot
+
+    means = analysis["means"]
+    if not means:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = sorted(means)
+    for name in sorted({k for m in means.values() for k in m}):
+        pts = [(b, means[b][name]) for b in budgets if name in means[b]]
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name, linewidth=2 if "paper" in name else 1)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("budget (x the trial budget)")
+    ax1.set_ylabel(metric)
+    ax1.set_title("score of each candidate against the budget")
+    ax1.legend(fontsize=6)
+    agree = analysis["agreement"]
+    if agree:
+        for k, marker, label in (("kendall_tau", "-o", "Kendall tau"), ("spearman_rho", "-s", "Spearman rho")):
+            pts = [(a["budget"], a[k]) for a in agree if a[k] is not None]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
+        ax2.set_xscale("log")
+        ax2.axhline(0, color="gray", linewidth=0.8)
+    ax2.set_ylim(-1.05, 1.05)
+    ax2.set_xlabel("budget (x the trial budget)")
+    ax2.set_ylabel(f"rank agreement with budget {max(means)}x")
+    ax2.set_title("proxy fidelity")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(outdir, "fidelity.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
+             study_name: str = "fidelity", log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
+    cands = check_config(config)
+    base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
+    prepared = train.prepare(base)  # validates the train config; writes nothing
+    base_steps = grid_search.rung_steps(config, prepared.steps_per_epoch)[0]
+    study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
+                              storage or workdir)
+    rows = list(runner.run(study, plans(config, cands, base_steps), workdir, train.train_and_evaluate,
+                           config.search.metric, log).values())
+    out = {"rows": rows, **analyse(rows, config.search.metric), "base_steps": base_steps}
+    report.write_csv(os.path.join(workdir, "fidelity.csv"), rows,
+                     ("trial_id", "label", "alpha", "beta", "gamma", "seed", "budget", "budget_steps",
+                      *runner.RESULT_FIELDS))
+    report.write_json(os.path.join(workdir, "fidelity.json"), {
+        "metric": config.search.metric, "mode": config.fidelity.mode, "base_steps": base_steps,
+        "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
+        "config": config.to_dict(), "created": report.now()})
+    plot(out, config.search.metric, workdir)
+    return out
+
+
+def format_agreement(out: dict[str, Any]) -> str:
+    lines = [f"{'budget':>6} {'steps':>6} {'Kendall tau':>11} {'Spearman':>8} {'n':>3}  winner"]
+    for a in out["agreement"]:
+        changed = "same winner" if a["same_winner"] else f"{a['winner']} (at {a['top_budget']}x: {a['top_winner']})"
+        tau, rho = (f"{v:.3f}" if v is not None else "n/a" for v in (a["kendall_tau"], a["spearman_rho"]))
+        steps = a["budget"] * out["base_steps"]
+        lines.append(f"{a['budget']:>5}x {steps:>6} {tau:>11} {rho:>8} {a['n']:>3}  {changed}")
+    return "\n".join(lines)
+
+
+def _define_flags(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("storage", None, "Optuna storage (RDB URL or journal file); default WORKDIR/study.journal",
+                        flag_values=fv)
+    flags.DEFINE_string("study_name", "fidelity", "study name in the storage", flag_values=fv)
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
+    workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    print(f"workdir: {workdir}", flush=True)
+    t0 = time.time()
+    out = fidelity(config, workdir, fv.storage, fv.study_name, log=lambda m: print(m, flush=True))
+    print(format_agreement(out))
+    print(f"fidelity study took {time.time() - t0:.0f} s; results in {workdir}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

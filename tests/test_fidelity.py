@@ -1,0 +1,54 @@
+"""Proxy fidelity end to end on the tiny network: budgets, rank agreement, outputs, bad input."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from experiments import fidelity
+
+GRID = ["--config.search.alpha=(1.1,1.3)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
+        "--config.search.tolerance=0.3", "--config.search.include_baseline=False",
+        "--config.train.model.network=tiny", "--config.train.num_train_steps=2"]
+
+
+def test_fidelity_end_to_end_on_the_tiny_network(tmp_path, monkeypatch):
+    cache = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+    wd = tmp_path / "fid"
+    argv = ["prog", f"--workdir={wd}", *GRID, f"--config.train.compile_cache_dir={cache}",
+            "--config.fidelity.budgets=(1,2,3)"]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections' config overrides are read from sys.argv
+    out = fidelity.main(argv)
+    cands = 6  # alpha 1.1, 1.15, ..., 1.3 at beta 1.05, gamma 1.2 (all within tolerance 0.3), plus the paper
+    assert len(out["rows"]) == 3 * cands
+    assert sorted({r["budget_steps"] for r in out["rows"]}) == [2, 4, 6]
+    assert all(r["status"] == "ok" and r["steps"] == r["budget_steps"] for r in out["rows"])
+    assert [a["budget"] for a in out["agreement"]] == [1, 2]
+    for a in out["agreement"]:
+        assert a["n"] == cands
+        if a["kendall_tau"] is None:  # a few steps of the tiny network can leave every candidate at one score
+            assert len(set(out["means"][a["budget"]].values())) == 1 or len(set(out["means"][3].values())) == 1
+        else:
+            assert -1.0 <= a["kendall_tau"] <= 1.0 and -1.0 <= a["spearman_rho"] <= 1.0
+    for name in ("fidelity.json", "fidelity.csv", "fidelity.png", "study.journal"):
+        assert os.path.getsize(wd / name) > 0, name
+    saved = json.loads((wd / "fidelity.json").read_text())
+    assert saved["mode"] == "continued" and len(saved["agreement"]) == 2
+    assert not any((wd / "trials" / d / "checkpoints").exists() for d in os.listdir(wd / "trials"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.fidelity.budgets=(3,1)", "fidelity.budgets"),
+    ("--config.fidelity.budgets=(1,)", "fidelity.budgets"),
+    ("--config.fidelity.mode=fast", "fidelity.mode"),
+])
+def test_bad_fidelity_config_one_line_exit_2(tmp_path, capsys, monkeypatch, override, message):
+    argv = ["prog", f"--workdir={tmp_path / 'wd'}", override]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        fidelity.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("error:")
+    assert not (tmp_path / "wd").exists()

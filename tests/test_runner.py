@@ -1,0 +1,157 @@
+"""The trial runner across processes: shared storages, racing searches, a worker killed mid-trial.
+
+PostgreSQL tests need a server: `.ci/run` starts Debian's `postgresql` (`.ci/postgres.sh`) and
+sets EFFNET_TEST_POSTGRES_URL; without one they skip, saying so.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from experiments import runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+# Two grid points that round to the same tiny network (one compile); no references.
+GRID = ["--config.search.alpha=(1.2,1.25)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
+        "--config.search.tolerance=0.1", "--config.search.include_baseline=False",
+        "--config.search.include_paper=False", "--config.search.strategy=exhaustive",
+        "--config.train.model.network=tiny", f"--config.train.compile_cache_dir={CACHE}"]
+
+
+def postgres_url() -> str:
+    url = os.environ.get("EFFNET_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: EFFNET_TEST_POSTGRES_URL is unset (.ci/run starts one with "
+                    ".ci/postgres.sh after apt-get install postgresql)")
+    try:
+        runner.storage_for(url, "/tmp")
+    except Exception as e:  # noqa: BLE001 - any refusal means: no server to test against
+        pytest.skip(f"PostgreSQL at EFFNET_TEST_POSTGRES_URL refused the connection: {e}")
+    return url
+
+
+def command(workdir, *extra):
+    return [sys.executable, "-m", "experiments.grid_search", f"--workdir={workdir}", "--local_workers=1", *GRID,
+            *extra]
+
+
+def trials_by_key(storage, workdir, name):
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=runner.storage_for(storage, str(workdir)))
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        out.setdefault(t.user_attrs.get("key"), []).append(t)
+    return out
+
+
+def complete_once(by_key, expected: int):
+    done = {k: [t for t in ts if t.state.name == "COMPLETE"] for k, ts in by_key.items()}
+    assert len(done) == expected, sorted(done)
+    assert all(len(v) == 1 for v in done.values()), {k: len(v) for k, v in done.items()}
+    return {k: v[0] for k, v in done.items()}
+
+
+def kill_mid_trial_then_resume(storage, workdir, name, extra):
+    """Start a search, SIGKILL it once a trial has a checkpoint but no result, rerun: every trial once."""
+    args = command(workdir, *extra, "--config.train.num_train_steps=8", "--config.train.checkpoint_every_steps=2")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline, killed_in = time.time() + 400, None
+    while time.time() < deadline and killed_in is None and proc.poll() is None:
+        trials = workdir / "trials"
+        for t in sorted(trials.iterdir()) if trials.exists() else []:
+            ck = t / "checkpoints"
+            if ck.exists() and any(d.isdigit() for d in os.listdir(ck)) and not (t / "result.json").exists():
+                killed_in = t.name
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_in is not None, "never caught a trial mid-way"
+    rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "lost its worker" in rerun.stdout
+    done = complete_once(trials_by_key(storage, workdir, name), expected=2)
+    resumed = [t for t in done.values() if t.user_attrs.get("resumed_from_step")]
+    assert len(resumed) == 1 and resumed[0].user_attrs["resumed_from_step"] >= 2
+    assert resumed[0].user_attrs["result"]["steps"] == 8
+    failed = [t for ts in trials_by_key(storage, workdir, name).values() for t in ts if t.state.name == "FAIL"]
+    assert [t.user_attrs.get("reason") for t in failed] == ["worker died"]
+
+
+def test_journal_kill_mid_trial_then_resume(tmp_path):
+    kill_mid_trial_then_resume(None, tmp_path / "grid", "grid_search", [])
+
+
+def test_postgres_kill_mid_trial_then_resume(tmp_path):
+    url = postgres_url()
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    kill_mid_trial_then_resume(url, tmp_path / "grid", name, [f"--storage={url}", f"--study_name={name}"])
+
+
+def run_two_at_once(cmds):
+    procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [o for o, _ in outs]
+
+
+def test_two_searches_at_once_on_one_workdir_train_each_trial_once(tmp_path):
+    wd = tmp_path / "grid"
+    outs = run_two_at_once([command(wd, "--config.train.num_train_steps=3")] * 2)
+    assert all("winner:" in o for o in outs)
+    complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
+    assert (wd / "best.json").exists()
+
+
+def test_two_machines_share_one_postgres_study(tmp_path):
+    url = postgres_url()
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    # two "machines": separate workdirs (no shared disk), one storage URL
+    outs = run_two_at_once([command(tmp_path / f"m{i}", "--config.train.num_train_steps=3", f"--storage={url}",
+                                    f"--study_name={name}") for i in (0, 1)])
+    assert all("winner:" in o for o in outs)
+    complete_once(trials_by_key(url, tmp_path, name), expected=2)
+    dirs = [set(os.listdir(tmp_path / f"m{i}" / "trials")) if (tmp_path / f"m{i}" / "trials").exists() else set()
+            for i in (0, 1)]
+    assert len(dirs[0] | dirs[1]) == 2 and not dirs[0] & dirs[1]  # each trial trained on one machine only
+    assert (tmp_path / "m0" / "best.json").exists() and (tmp_path / "m1" / "best.json").exists()
+
+
+def test_two_local_workers_share_one_grid(tmp_path):
+    wd = tmp_path / "grid2"
+    proc = subprocess.run([*command(wd, "--config.train.num_train_steps=2"), "--local_workers=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[main]" in proc.stdout and "winner:" in proc.stdout
+    done = complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
+    assert len({t.user_attrs["owner"]["pid"] for t in done.values()}) == 2  # one trial each
+    assert (wd / "best.json").exists()
+
+
+def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
+    wd = tmp_path / "grid"
+    args = [*command(wd, "--config.train.num_train_steps=200", "--config.train.checkpoint_every_steps=5"),
+            "--local_workers=2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        trials = wd / "trials"
+        if trials.exists() and any((t / "checkpoints").exists() for t in trials.iterdir()):
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted") and "rerun" in lines[0], err
+    by_key = trials_by_key(None, wd, "grid_search")
+    assert not any(t.state.name == "RUNNING" for ts in by_key.values() for t in ts)
