@@ -516,30 +516,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     check_search(config)  # a bad search config fails here, once, before any worker starts
-    log = print
     if fv.worker:
-        log = lambda m: print(f"[{os.getpid()}] {m}", flush=True)  # noqa: E731
-        return _interruptible(lambda: search(config, workdir, fv.storage, fv.study_name, log, write=False),
-                              argv_list, quiet=True)
+        return search(config, workdir, fv.storage, fv.study_name, lambda m: print(f"[{os.getpid()}] {m}", flush=True),
+                      write=False)
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
+    prealloc = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process must not hold the GPUs its workers need
     n, envs = _workers(fv)
-    children = [_spawn_worker(argv_list, workdir, env) for env in envs[1:]] if n > 1 else []
-    if envs[0]:
-        print("note: the first worker runs in this process on the default devices", file=sys.stderr)
-
-    def run() -> dict[str, Any]:
-        out = search(config, workdir, fv.storage, fv.study_name,
-                     lambda m: print(("[main] " if children else "") + m, flush=True))
-        for child in children:
-            child.wait()
-        return out
-
-    out = _interruptible(run, argv_list, children=children)
-    for child in children:
-        if child.returncode not in (0, None):
-            raise UserError(f"a worker process failed with exit code {child.returncode}; rerun the same command "
-                            "to finish its trials")
+    if prealloc is None:
+        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+    else:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = prealloc
+    if n > 1:  # n worker processes; this one waits for them, then reports (and trains what a dead one left)
+        children = [_spawn_worker(argv_list, workdir, env) for env in envs]
+        try:
+            while any(c.poll() is None for c in children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            _stop_workers(children, config, workdir, fv, argv_list)
+        if any(c.returncode != 0 for c in children):
+            print(f"warning: {sum(c.returncode != 0 for c in children)} worker process(es) failed; this process "
+                  "finishes what they left", file=sys.stderr, flush=True)
+    try:
+        out = search(config, workdir, fv.storage, fv.study_name, lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        _stop_workers([], config, workdir, fv, argv_list)
     _print_summary(out, config, workdir, time.time() - t0)
     best = out["best"]
     if phis and best is not None:
@@ -575,25 +577,26 @@ def _num(x: float | None) -> str:
     return "n/a (constant scores)" if x is None else f"{x:.2f}"
 
 
-def _interruptible(fn: Callable[[], Any], argv: Sequence[str], children: Sequence[subprocess.Popen] = (),
-                   quiet: bool = False) -> Any:
-    """Ctrl-C: stop every local worker and say how to resume, in one line (exit 130)."""
-    try:
-        return fn()
-    except KeyboardInterrupt:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if not quiet:
-            cmd = " ".join(["python -m experiments.grid_search", *[a for a in argv[1:]]])
-            print(f"error: interrupted; finished trials are kept and the interrupted ones resume from their "
-                  f"checkpoints: rerun `{cmd}`", file=sys.stderr)
-        sys.exit(130)
+def _stop_workers(children: Sequence[subprocess.Popen], config: ml_collections.ConfigDict, workdir: str, fv: Any,
+                  argv: Sequence[str]) -> None:
+    """Ctrl-C: stop every local worker, hand their trials back to the queue, say how to resume (exit 130).
+
+    Workers ignore SIGINT (a KeyboardInterrupt can land inside a library callback and be swallowed) and are
+    killed here instead; their running trials are failed as "interrupted" and queued again, so a rerun
+    resumes each from its last checkpoint.
+    """
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+    for child in children:
+        child.wait()
+    study = runner.open_study(runner.storage_for(fv.storage, workdir), fv.study_name, runner.identity(config.train),
+                              fv.storage or workdir)
+    runner.release_dead(study, reason="interrupted")
+    cmd = " ".join(["python -m experiments.grid_search", *argv[1:]])
+    print(f"error: interrupted; finished trials are kept and the interrupted ones resume from their last "
+          f"checkpoints: rerun `{cmd}`", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _spawn_worker(argv: list[str], workdir: str, env: dict[str, str]) -> subprocess.Popen:
@@ -603,6 +606,7 @@ def _spawn_worker(argv: list[str], workdir: str, env: dict[str, str]) -> subproc
            "--worker"]
 
     def die_with_parent() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (see _stop_workers)
         try:
             import ctypes
 

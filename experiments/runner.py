@@ -207,7 +207,12 @@ def enqueue_missing(study: Any, plans: Sequence[TrialPlan]) -> int:
     return queued
 
 
-def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None]) -> None:
+def release_dead(study: Any, reason: str = "worker died") -> None:
+    """Fail and requeue the running trials whose worker is gone (after the caller stopped its workers)."""
+    _fail_stale(study, study.get_trials(deepcopy=False), lambda m: None, reason)
+
+
+def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None], reason: str = "worker died") -> None:
     """Fail RUNNING trials whose worker is gone and queue them again (they resume from their checkpoint)."""
     import optuna
 
@@ -218,7 +223,7 @@ def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None]) -
         if _owner_alive(t.user_attrs.get("owner"), t.user_attrs.get("heartbeat"), now):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "worker died")
+            study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
             if not study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
                 continue
         except Exception:  # another process failed it first

@@ -20,7 +20,7 @@ CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_t
 # Two grid points that round to the same tiny network (one compile); no references.
 GRID = ["--config.search.alpha=(1.2,1.25)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
         "--config.search.tolerance=0.1", "--config.search.include_baseline=False",
-        "--config.search.include_paper=False", "--config.search.strategy=exhaustive",
+        "--config.search.include_paper=False", "--config.search.strategy=exhaustive", "--config.search.final_seeds=()",
         "--config.train.model.network=tiny", f"--config.train.compile_cache_dir={CACHE}"]
 
 
@@ -130,7 +130,9 @@ def test_two_local_workers_share_one_grid(tmp_path):
     proc = subprocess.run([*command(wd, "--config.train.num_train_steps=2"), "--local_workers=2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[main]" in proc.stdout and "winner:" in proc.stdout
+    import re
+
+    assert len(set(re.findall(r"^\[(\d+)\] trial ", proc.stdout, re.M))) == 2 and "winner:" in proc.stdout
     done = complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
     assert len({t.user_attrs["owner"]["pid"] for t in done.values()}) == 2  # one trial each
     assert (wd / "best.json").exists()
@@ -153,5 +155,8 @@ def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted") and "rerun" in lines[0], err
-    by_key = trials_by_key(None, wd, "grid_search")
-    assert not any(t.state.name == "RUNNING" for ts in by_key.values() for t in ts)
+    trials = [t for ts in trials_by_key(None, wd, "grid_search").values() for t in ts]
+    assert not any(t.state.name == "RUNNING" for t in trials)
+    interrupted = [t for t in trials if t.user_attrs.get("reason") == "interrupted"]
+    assert interrupted and all(t.state.name == "FAIL" for t in interrupted)
+    assert len([t for t in trials if t.state.name == "WAITING"]) == len(interrupted)  # queued again
