@@ -153,11 +153,15 @@ def digits_source(data: Any, resolution: int, global_batch: int, seed: int,
 
 def create_source(data: Any, resolution: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> Source:
-    """A Source for ``data.name``: 'digits', a tfds dataset name, or 'folder:PATH'."""
+    """A Source for ``data.name``: 'digits', 'idx:DIR' / 'fashion_mnist', a tfds dataset name, or 'folder:PATH'."""
     if global_batch % process_count:
         raise UserError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     if data.name in EMBEDDED:
         return digits_source(data, resolution, global_batch, seed, process_index, process_count)
+    if data.name == "fashion_mnist" or data.name.startswith("idx:"):  # MNIST-format files, numpy only
+        from effnet_jax import idx_source
+
+        return idx_source.idx_source(data, resolution, global_batch, seed, process_index, process_count)
     try:
         from effnet_jax import tfds_source  # imports TensorFlow: only on this path
     except ImportError as e:

@@ -2,15 +2,29 @@
 
 The JSON lines are the source of truth (the grid search and tests read them); the
 event files are for TensorBoard. On resume, rows past the restored step are dropped
-so a killed-and-resumed run logs each step once.
+so a killed-and-resumed run logs each step once. Non-finite numbers (a diverged loss)
+are written as ``null``: bare ``NaN`` is not JSON and breaks strict readers.
+
+TensorBoard's writer imports TensorFlow whenever it is installed, which costs seconds and
+prints TensorFlow's C++ banners to stderr; unless TensorFlow is already loaded (the tfds
+data path), it is told to use its own TensorFlow-free stub instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
+import types
 from typing import Any
+
+
+def _use_tensorboard_stub() -> None:
+    """Make ``tensorboard.compat.tf`` the bundled stub (TensorBoard's own 'no_tensorflow' switch)."""
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 class MetricsWriter:
@@ -23,6 +37,8 @@ class MetricsWriter:
         if not enabled:
             return
         truncate_jsonl(self.path, keep=lambda row: row.get("step", 0) <= resume_step)
+        if "://" not in str(workdir):  # remote file systems need TensorFlow's gfile
+            _use_tensorboard_stub()
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
@@ -51,9 +67,28 @@ def _py(v: Any) -> Any:
         return v
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf), nested in dicts / lists, as None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    item = getattr(obj, "item", None)  # numpy / jax scalars
+    if callable(item) and getattr(obj, "ndim", None) == 0:
+        return finite_or_none(item())
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON (never bare NaN / Infinity): non-finite floats become null."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: str, row: dict[str, Any]) -> None:
     """Append one row with a single write + fsync: a kill leaves at most a torn last line."""
-    data = (json.dumps(row) + "\n").encode()
+    data = (dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
@@ -85,7 +120,7 @@ def truncate_jsonl(path: str, keep: Any = lambda row: True) -> list[dict[str, An
     rows = [r for r in read_jsonl(path) if keep(r)]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.writelines(dumps(r) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -59,6 +59,28 @@ depthwise_init = _fan_out_init(2.0, "normal", lambda s: math.prod(s[:-2]))
 dense_init = _fan_out_init(1.0 / 3.0, "uniform", lambda s: s[-1])
 
 
+def head_init_fn(head_init: str | float = "paper") -> nnx.Initializer:
+    """The classifier kernel's initialiser: ``"paper"`` (dense_init), ``"zero"``, or a scale s
+    (a float or its string) for uniform(+-s/sqrt(num_classes)).
+
+    The paper's range is sized for 1000 classes: at 10 it starts the loss near 10
+    instead of ln 10, which costs a short run most of its budget (docs/trial-recipe.md).
+    """
+    if head_init == "paper":
+        return dense_init
+    if head_init == "zero":
+        return nnx.initializers.zeros_init()
+    try:
+        scale = float(head_init)
+    except (TypeError, ValueError):
+        raise ValueError(f'head_init must be "paper", "zero" or a non-negative scale, got {head_init!r}') from None
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f'head_init must be "paper", "zero" or a non-negative scale, got {head_init!r}')
+    if scale == 0:
+        return nnx.initializers.zeros_init()
+    return _fan_out_init(scale * scale / 3.0, "uniform", lambda s: s[-1])
+
+
 class PointwiseConv(nnx.Conv):
     """A 1x1 stride-1 ``nnx.Conv`` (same variables) computed as a matrix product (ops.pointwise_conv)."""
 
@@ -178,8 +200,10 @@ class EfficientNet(nnx.Module):
     """Stem -> MBConv blocks -> 1x1 head -> global average pool -> dropout -> dense."""
 
     def __init__(self, arch: Architecture, num_classes: int = 1000, *, dropout: float = 0.2,
-                 depthwise_impl: str = "auto", dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 depthwise_impl: str = "auto", head_init: str | float = "paper", dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         ops.resolve_depthwise_impl(depthwise_impl)  # fail early on a typo
+        classifier_init = head_init_fn(head_init)
         self.arch = arch
         self.dtype = dtype
         self.stem_conv = _conv(3, arch.stem_channels, 3, arch.stem_stride, dtype, rngs)
@@ -191,7 +215,8 @@ class EfficientNet(nnx.Module):
         self.head_conv = _conv(last, arch.head_channels, 1, 1, dtype, rngs)
         self.head_bn = _bn(arch.head_channels, dtype, rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.classifier = nnx.Linear(arch.head_channels, num_classes, kernel_init=dense_init, dtype=dtype, rngs=rngs)
+        self.classifier = nnx.Linear(arch.head_channels, num_classes, kernel_init=classifier_init, dtype=dtype,
+                                     rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
         """Pooled head features, (N, head_channels)."""
@@ -216,10 +241,12 @@ def create_model(
     drop_path_rate: float = 0.2,
     dropout: float | None = None,
     depthwise_impl: str = "auto",
+    head_init: str | float = "paper",
 ) -> EfficientNet:
     """An EfficientNet for ``"b0".."b8"``, ``"l2"`` or a ScalingSpec, in training mode.
 
-    ``dropout`` defaults to the spec's; ``nnx.view(model, deterministic=True,
+    ``dropout`` defaults to the spec's; ``head_init`` is the classifier kernel's
+    initialisation (``head_init_fn``). ``nnx.view(model, deterministic=True,
     use_running_average=True)`` (or ``eval_view``) gives the inference view.
     """
     spec = resolve(spec_or_name)
@@ -227,7 +254,7 @@ def create_model(
     return EfficientNet(
         arch, num_classes,
         dropout=spec.dropout if dropout is None else dropout,
-        depthwise_impl=depthwise_impl, dtype=dtype, rngs=nnx.Rngs(seed),
+        depthwise_impl=depthwise_impl, head_init=head_init, dtype=dtype, rngs=nnx.Rngs(seed),
     )
 
 

@@ -24,6 +24,10 @@ from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec
 from effnet_jax.errors import UserError
 
 PAPER_CONSTANTS = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
+# Bounds on a formula spec: far past any model that fits a machine (L2 is 4.3x wide, 5.3x deep,
+# 800 px), low enough that a typo in phi (1e6 for 1.6) fails with its name, not an OverflowError.
+MAX_MULTIPLIER = 1000.0
+MAX_RESOLUTION = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,15 @@ def from_constants(
         raise UserError(f"phi must be a finite number >= 0, got {phi!r}")
     if base_resolution < 1:
         raise UserError(f"base resolution must be positive, got {base_resolution!r}")
+    # In logs: alpha**1e6 itself would raise OverflowError.
+    too_big = [f"{what} multiplier {base:g}**{phi:g}" for what, base in (("depth", alpha), ("width", beta))
+               if phi * math.log(base) > math.log(MAX_MULTIPLIER)]
+    if too_big:
+        raise UserError(f"phi {phi:g} is too large: the {' and '.join(too_big)} would exceed "
+                        f"{MAX_MULTIPLIER:g}")
+    if math.log(base_resolution) + phi * math.log(gamma) > math.log(MAX_RESOLUTION):
+        raise UserError(f"phi {phi:g} is too large: the resolution {base_resolution} * {gamma:g}**{phi:g} "
+                        f"would exceed {MAX_RESOLUTION} px")
     return ScalingSpec(
         name=name or f"a{alpha:g}-b{beta:g}-g{gamma:g}-phi{phi:g}",
         width=beta**phi,

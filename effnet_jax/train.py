@@ -12,17 +12,35 @@ statistics and gradients are computed over the global batch. A workdir holding a
 checkpoint resumes from it: data order and dropout keys are functions of
 (seed, step), so a killed-and-resumed run ends where an uninterrupted one does.
 ``experiments.grid_search`` calls ``train_and_evaluate`` in-process.
+
+A workdir belongs to one config: its ``config.json`` is compared with the new config (minus
+cosmetic fields such as ``log_every_steps``) and any difference is refused, because resuming
+someone else's checkpoint would silently mix two runs (``--restart`` starts over). The one
+exception: with the same positive ``schedule_steps`` a run may grow its ``num_train_steps``,
+continuing the shorter run exactly (the grid search's promoted trials). A finished workdir is
+not trained again: its stored result is returned and no file changes.
+
+Exit codes of the CLI: 0 done; 1 training diverged (non-finite loss); 2 a mistake in the
+flags, config, data or workdir, or a full / read-only disk (one ``error:`` line on stderr,
+nothing written when it is found before training); 130 Ctrl-C (one line saying how to resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import errno
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -34,15 +52,25 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import compile_cache, input_pipeline, scaling
+from effnet_jax import compile_cache, input_pipeline, metrics, scaling
 from effnet_jax.arch import NETWORKS, NetworkSpec
 from effnet_jax.cost import count_macs, count_params
-from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.errors import Interrupted, UserError, exit_on_user_error, one_line
 from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
 from effnet_jax.metrics import MetricsWriter
 from effnet_jax.model import BN_MOMENTUM, create_model
 
 State = dict[str, Any]
+
+# Config fields that change how a run reports or saves itself, not what it computes: a workdir
+# may be resumed with other values (as experiments.runner's trial identity).
+COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps",
+                   "keep_checkpoints", "eval_every_steps", "save_weights")
+# What --restart deletes (and nothing else the user may keep in the workdir).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "config.json", "weights.safetensors",
+             "ema_weights.safetensors")
+# An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 # ----------------------------------------------------------------------------- model
@@ -200,11 +228,20 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     total = config.num_train_steps or math.ceil(config.num_epochs * steps_per_epoch)
     if total <= 0:
         raise UserError("num_train_steps / num_epochs give no training steps")
-    sched = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch, total)
+    span = config.get("schedule_steps", 0)
+    if span < 0 or 0 < span < total:
+        raise UserError(f"schedule_steps must be 0 (the run's length) or at least the run's {total} steps, "
+                        f"got {span}")
+    sched = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch, schedule_steps(config, total))
     del sched  # validated here, built again with the state
     if config.optimizer.name not in ("rmsprop", "sgd", "adamw"):
         raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {config.optimizer.name!r}")
     return Run(config, spec, source, total, steps_per_epoch, dtype)
+
+
+def schedule_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """Steps the learning-rate schedule spans: ``config.schedule_steps`` if > 0, else the run's own length."""
+    return int(config.get("schedule_steps", 0)) or total_steps
 
 
 def _replicate(tree: Any, sharding: NamedSharding) -> Any:
@@ -217,26 +254,255 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None) -> dict[str, Any]:
+def check_workdir(workdir: str) -> None:
+    """Refuse a workdir that cannot hold a run (a file, /proc, read-only), before anything is written."""
+    if "://" in workdir:  # a remote file system (gs://...): its own client reports
+        return
+    path = os.path.abspath(workdir)
+    real = os.path.realpath(path)
+    for virtual in ("/proc", "/sys"):
+        if real == virtual or real.startswith(virtual + os.sep):
+            raise UserError(f"--workdir {workdir} is under {virtual}, a virtual file system that cannot hold "
+                            "checkpoints; choose a directory on a disk")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--workdir {workdir} cannot be created: {existing} is a file, not a directory")
+    readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if readonly or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if readonly else "is not writable (permission denied)"
+        raise UserError(f"--workdir {workdir} cannot be written: {existing} {why}")
+
+
+def _make_workdir(workdir: str) -> None:
+    """Create ``workdir`` and write (then delete) a probe file: the last check before the run writes."""
+    path = os.path.abspath(workdir)
+    created = []
+    parent = path
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    probe = os.path.join(path, f".write_test.{os.getpid()}.{jax.process_index()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        for d in created:  # deepest first: leave nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise UserError(f"--workdir {workdir} cannot be written: {e.strerror or e}") from None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as config.json holds it (tuples as lists, non-finite floats as null)."""
+    return json.loads(metrics.dumps(json.loads(config.to_json_best_effort())))
+
+
+def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, steps_per_epoch: int,
+                       limit: int = 5) -> list[str]:
+    """'field old -> new' for each non-cosmetic field of a workdir's config.json that ``new`` changes.
+
+    A field missing from the old file (a workdir from before the field existed) counts as its
+    default; one missing from the new config (a field since removed) is read by nothing.
+    Longer training (num_train_steps / num_epochs) is no difference when both configs have the
+    same positive schedule_steps: the new run continues the old one exactly.
+    """
+    from effnet_jax.configs import default
+
+    def fields(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in _flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
+
+    b = fields(_as_json(new))
+    a = {**fields(_as_json(default.get_config())), **fields(old)}
+    if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
+        b = {k: v for k, v in b.items() if k != "num_epochs"}
+    diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
+
+    def steps(c: dict[str, Any]) -> int:
+        return int(c.get("num_train_steps") or math.ceil(float(c.get("num_epochs", 0)) * steps_per_epoch))
+
+    same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
+    if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):
+        diff = []  # a longer run continuing this one
+    lines = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in diff]
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+_UNSET = object()
+
+
+def _read_json(path: str, workdir: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"workdir {workdir} has an unreadable {os.path.basename(path)} ({one_line(e)[:100]}); "
+                        "use a new --workdir or pass --restart to start over") from None
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the finished checkpoints in ``workdir`` (orbax writes a temporary name, then renames)."""
+    try:
+        return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    except OSError:
+        return []
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, run: Run) -> dict[str, Any] | None:
+    """Check that ``workdir`` can take this run (UserError if not); its stored result if already finished.
+
+    Writes nothing. Refused: a workdir of a different config (``config_differences``), or one
+    whose checkpoint is past this config's last step.
+    """
+    check_workdir(workdir)
+    if "://" in workdir:
+        return None
+    old = _read_json(os.path.join(workdir, "config.json"), workdir)
+    if old is not None:
+        diff = config_differences(old, config, run.steps_per_epoch)
+        if diff:
+            raise UserError(f"workdir {workdir} was started with a different config: {', '.join(diff)}; "
+                            "use a new --workdir or pass --restart to start over")
+    steps = _checkpoint_steps(workdir)
+    if steps and steps[-1] > run.total_steps:
+        raise UserError(f"workdir {workdir} holds a checkpoint at step {steps[-1]}, past this config's "
+                        f"{run.total_steps} steps; use a new --workdir or pass --restart to start over")
+    result = _read_json(os.path.join(workdir, "result.json"), workdir)
+    if isinstance(result, dict) and result.get("status") == "ok" and result.get("steps") == run.total_steps:
+        return result
+    return None
+
+
+def clear_workdir(workdir: str) -> None:
+    """Delete a run's files from ``workdir`` (checkpoints, metrics, results, weights); keep anything else."""
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def storage_error(e: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden disk behind ``e`` (orbax wraps them), or None."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
+            return x
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None
+
+
+class _InterruptGuard:
+    """Ctrl-C during training: KeyboardInterrupt at once, except while a checkpoint is being saved.
+
+    A save interrupted half-way is lost work and may leave orbax's background writer in an
+    unknown state, so SIGINT then waits for the save to return (a second Ctrl-C does not).
+    Only the main thread can install a signal handler; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.saving = self.pending = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:  # a run started with SIGINT ignored keeps ignoring it
+                self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.saving and not self.pending:
+            self.pending = True
+            return
+        if callable(self.previous) and self.previous is not signal.default_int_handler:
+            self.previous(signum, frame)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving_checkpoint(self) -> Iterator[None]:
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------ training
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None,
+                       restart: bool = False) -> dict[str, Any]:
     """Train per ``config`` in ``workdir`` (resuming from its checkpoint) and return final metrics.
 
-    Raises UserError for a bad config before anything is written.
+    Raises UserError for a bad config or a workdir of another config (``check_resume``) before
+    anything is written; a finished workdir returns its stored result and changes nothing.
+    ``restart``: delete the workdir's run files first (``clear_workdir``) and start over.
+    Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt) naming the step to resume from.
+    A diverged run (non-finite loss) returns ``status`` "diverged".
     """
     import orbax.checkpoint as ocp
 
+    workdir = os.fspath(workdir)
     run = run or prepare(config)
     spec, source, total = run.spec, run.source, run.total_steps
     lead = jax.process_index() == 0
+    if restart:
+        check_workdir(workdir)
+        if lead and os.path.isdir(workdir):
+            clear_workdir(workdir)
+        if jax.process_count() > 1:  # nobody reads the old checkpoints while process 0 deletes them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("effnet_jax restart")
+    else:
+        stored = check_resume(config, workdir, run)
+        if stored is not None:
+            return stored
+    if "://" in workdir:
+        os.makedirs(workdir, exist_ok=True)
+    else:
+        _make_workdir(workdir)
     if config.compile_cache_dir:  # a rerun, a resumed trial or a same-shaped trial skips XLA compiles
         compile_cache.enable(config.compile_cache_dir, min_compile_time_s=0.5)
-    os.makedirs(workdir, exist_ok=True)
     if lead:
         _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
     t_start = time.time()
     model = create_model(spec, source.num_classes, config.seed, dtype=run.dtype, network=network(config),
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout,
-                         depthwise_impl=config.model.depthwise_impl)
+                         depthwise_impl=config.model.depthwise_impl,
+                         head_init=config.model.get("head_init", "paper"))
     if config.model.bn_momentum != BN_MOMENTUM:
         for _, module in nnx.iter_graph(model):
             if isinstance(module, nnx.BatchNorm):
@@ -246,7 +512,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
 
         pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
     layout, params, stats = FlatModel.create(model)
-    schedule = learning_rate_schedule(config.optimizer, config.batch_size, run.steps_per_epoch, total)
+    schedule = learning_rate_schedule(config.optimizer, config.batch_size, run.steps_per_epoch,
+                                      schedule_steps(config, total))
     tx = make_optimizer(config.optimizer, schedule)
     # The dropout key is state, not a constant baked into the program: trials that differ
     # only in seed then share one compiled step (persistent compilation cache).
@@ -273,8 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
 
     info = {
-        "model": spec.name, "width": spec.width, "depth": spec.depth, "resolution": spec.resolution,
-        "blocks": len(model.arch.blocks), "params": count_params(model.arch, source.num_classes),
+        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
+        "resolution": spec.resolution, "blocks": len(model.arch.blocks),
+        "params": count_params(model.arch, source.num_classes),
         "macs": count_macs(model.arch, spec.resolution, source.num_classes), "dataset": source.name,
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": total,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
@@ -282,44 +550,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     del model
 
     eval_every = config.eval_every_steps or run.steps_per_epoch
-    status, last_loss, compile_s = "ok", float("nan"), 0.0
+    status, last_loss, compile_s = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0
     timed_steps, timed_s, t_mark = 0, 0.0, None
     bar = _progress(config, total, start, lead)
-    batches = source.train_batches(start)
-    for step in range(start, total):
-        batch = _global_batch(next(batches), data_sharding)
-        t0 = time.time()
-        state, metrics = p_train(state, batch)
-        if step == start:
-            jax.block_until_ready(metrics)
-            compile_s = time.time() - t0
-            t_mark = time.time()
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            metrics = jax.device_get(metrics)
-            last_loss = float(metrics["loss"])
-            now = time.time()
-            n = done - start - 1
-            if n > timed_steps:
-                timed_s, timed_steps = now - t_mark, n
-            img_s = config.batch_size * timed_steps / timed_s if timed_s > 0 else float("nan")
-            writer.write(done, {**metrics, "img_per_s": img_s, "epoch": done / run.steps_per_epoch})
-            bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{img_s:.0f}")
-            if not math.isfinite(last_loss):
-                status = "diverged"
-                break
-        if done % eval_every == 0 or done == total:
-            writer.write(done, _evaluate(p_eval, state, source, data_sharding))
-        if done % config.checkpoint_every_steps == 0 or done == total:
-            ckpt.save(done, args=ocp.args.StandardSave(state))
-        bar.update(1)
-    bar.close()
-    ckpt.wait_until_finished()
+    done = start
+    guard = _InterruptGuard()
+    try:
+        with guard:
+            batches = source.train_batches(start)
+            for step in range(start, total):
+                batch = _global_batch(next(batches), data_sharding)
+                t0 = time.time()
+                state, metrics_ = p_train(state, batch)
+                if step == start:
+                    jax.block_until_ready(metrics_)
+                    compile_s = time.time() - t0
+                    t_mark = time.time()
+                done = step + 1
+                if done % config.log_every_steps == 0 or done == total:
+                    metrics_ = jax.device_get(metrics_)
+                    last_loss = float(metrics_["loss"])
+                    now = time.time()
+                    n = done - start - 1
+                    if n > timed_steps:
+                        timed_s, timed_steps = now - t_mark, n
+                    img_s = config.batch_size * timed_steps / timed_s if timed_s > 0 else float("nan")
+                    writer.write(done, {**metrics_, "img_per_s": img_s, "epoch": done / run.steps_per_epoch})
+                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{img_s:.0f}")
+                    if not math.isfinite(last_loss):
+                        status = "diverged"
+                        break
+                if done % eval_every == 0 or done == total:
+                    writer.write(done, _evaluate(p_eval, state, source, data_sharding))
+                if done % config.checkpoint_every_steps == 0 or done == total:
+                    with guard.saving_checkpoint():
+                        ckpt.save(done, args=ocp.args.StandardSave(state))
+                bar.update(1)
+            bar.close()
+            with guard.saving_checkpoint():
+                ckpt.wait_until_finished()
+            final = {"status": status, "steps": int(jax.device_get(state["step"])), "train_loss": last_loss}
+            if status == "ok":
+                final.update(_evaluate(p_eval, state, source, data_sharding))
+    except KeyboardInterrupt:
+        bar.close()
+        ckpt.wait_until_finished()  # an in-flight save completes: it is where the rerun resumes
+        saved = ckpt.latest_step()
+        ckpt.close()
+        writer.close()
+        how = (f"resume from the last checkpoint (step {saved})" if saved else
+               "start over (no checkpoint was saved yet)")
+        raise Interrupted(f"interrupted at step {done} of {total}; rerun the same command to {how}") from None
     ckpt.close()
 
-    final = {"status": status, "steps": int(jax.device_get(state["step"])), "train_loss": last_loss}
-    if status == "ok":
-        final.update(_evaluate(p_eval, state, source, data_sharding))
     final.update(info)
     final["params_sha256"] = params_digest(state["params"])
     if lead and status == "ok" and config.save_weights:
@@ -334,6 +617,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     if lead:
         _write_json(os.path.join(workdir, "result.json"), final)
     return final
+
+
+def _logged_loss(workdir: str, step: int) -> float:
+    """The last training loss logged at or before ``step`` (a resumed run that has no step left to take)."""
+    if not step:
+        return float("nan")
+    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if r.get("step", 0) <= step and isinstance(r.get("loss"), (int, float))]
+    return float(rows[-1]["loss"]) if rows else float("nan")
 
 
 def _save_weights(layout: FlatModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
@@ -396,25 +688,32 @@ def _progress(config: ml_collections.ConfigDict, total: int, start: int, lead: b
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically (a reader never sees half a file) and strictly: NaN / inf as null."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        f.write(metrics.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 
+def _num(x: Any, fmt: str) -> str:
+    """``x`` formatted, or 'n/a' for a value a stored result holds as null (non-finite)."""
+    return "n/a" if x is None else format(x, fmt)
+
+
 def summary_line(result: dict[str, Any]) -> str:
-    """The final one-line summary printed by the CLI."""
-    parts = [f"{result['model']} {result['resolution']}px on {result['dataset']}", f"status {result['status']}",
-             f"{result['steps']} steps", f"train loss {result['train_loss']:.4f}"]
+    """The final one-line summary printed by the CLI; names the block table when it is not B0's."""
+    model = result["model"]
+    if result.get("network", "b0") != "b0":
+        model = f"{result['network']}/{model}"
+    parts = [f"{model} {result['resolution']}px on {result['dataset']}", f"status {result['status']}",
+             f"{result['steps']} steps", f"train loss {_num(result.get('train_loss'), '.4f')}"]
     if "val_top1" in result:
-        parts.append(f"val top-1 {result['val_top1']:.4f}")
+        parts.append(f"val top-1 {_num(result['val_top1'], '.4f')}")
     if "ema_val_top1" in result:
-        parts.append(f"EMA val top-1 {result['ema_val_top1']:.4f}")
+        parts.append(f"EMA val top-1 {_num(result['ema_val_top1'], '.4f')}")
     if result.get("train_img_per_s"):
         parts.append(f"{result['train_img_per_s']:.0f} img/s")
-    parts.append(f"{result['wall_time_s']:.1f} s")
+    parts.append(f"{_num(result.get('wall_time_s'), '.1f')} s")
     return "done: " + ", ".join(parts)
 
 
@@ -426,19 +725,154 @@ def _module_name(path: str) -> str:
     return ".".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
 
 
+def _config_flag_value(argv: list[str]) -> str | None:
+    """The value of --config in ``argv`` (``--config=X`` or ``--config X``), None if absent."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        name, eq, rest = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return value
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+    """Dotted field paths that ``argv`` overrides: --config.a.b=1 / --config.a.b 1 / --noconfig.a.b -> 'a.b'."""
+    paths = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        name = arg.lstrip("-").partition("=")[0]
+        if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
+            paths.append(name.split(".", 1)[1])
+    return paths
+
+
+def _field_problem(config: Any, path: str) -> str | None:
+    """Why ``path`` ('model.nosuch') is not a field of ``config``, with the nearest valid names; None if it is."""
+    node, parents = config, []
+    for part in path.split("."):
+        key = part.split("[")[0]
+        if not hasattr(node, "keys"):
+            return f"config field {'.'.join(parents)!r} ({type(node).__name__}) has no field {key!r}"
+        keys = list(node.keys())
+        if key not in keys:
+            prefix = "".join(p + "." for p in parents)
+            # the right name at the wrong level (--config.learning_rate for optimizer.learning_rate), a
+            # near miss at this level, or failing both the least far-fetched names here
+            close = [p for p in _field_paths(config) if p.rsplit(".", 1)[-1] == key][:3]
+            close += [prefix + k for k in difflib.get_close_matches(key, keys, n=3)]
+            close = close or [prefix + k for k in difflib.get_close_matches(key, keys, n=2, cutoff=0.3)]
+            where = f"fields of {prefix[:-1]}" if parents else "top-level fields"
+            hint = f"did you mean: {', '.join(close)}?" if close else f"{where}: {', '.join(keys)}"
+            return f"unknown config field {prefix + key!r} ({hint})"
+        if "[" in part:  # an element of a list or tuple: config_flags says what is wrong
+            return None
+        node, parents = node[key], [*parents, key]
+    return None
+
+
+def _field_paths(config: Any, prefix: str = "") -> list[str]:
+    out = []
+    for k in config.keys():
+        v = config[k]
+        out += _field_paths(v, f"{prefix}{k}.") if hasattr(v, "keys") else [prefix + k]
+    return out
+
+
+def _unknown_field(argv: list[str], default_config: str | None) -> str | None:
+    """After a failed parse: the first --config.x override naming no field of the config file, explained."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    paths = _config_overrides(argv)
+    if not paths:
+        return None
+    fv = flags.FlagValues()
+    value = _config_flag_value(argv)
+    bare = [argv[0], *([f"--config={value}"] if value is not None else [])]  # the config file, no overrides
+    config_flags.DEFINE_config_file("config", default_config, "", flag_values=fv, lock_config=False, sys_argv=bare)
+    try:
+        fv(bare)
+        base = fv.config
+        base.keys()
+    except (flags.Error, SyntaxError, OSError, AttributeError, KeyError, TypeError, ValueError):  # keep the original
+        return None
+    for path in paths:
+        problem = _field_problem(base, path)
+        if problem:
+            return problem
+    return None
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A missing --config file, or a directory, as one line (config_flags defers the error)."""
+    value = _config_flag_value(argv)
+    if value is None:
+        return
+    path = value.split(":", 1)[0]
+    if not path:
+        raise UserError("--config is empty: give a config file, e.g. --config=effnet_jax/configs/digits.py")
+    if not os.path.exists(path):
+        raise UserError(f"config file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path} is not a file")
+
+
+def _config_file_line(e: BaseException, config_arg: str | None) -> str | None:
+    """'PATH line N' if ``e`` was raised by the config file's own code (a mistake in it), else None."""
+    if not config_arg:
+        return None
+    path = config_arg.split(":", 1)[0]
+    tb = traceback.extract_tb(e.__traceback__)
+    if tb and os.path.abspath(tb[-1].filename) == os.path.abspath(path):
+        return f"{path} line {tb[-1].lineno}"
+    return None
+
+
+def _config_error(e: Exception, argv: list[str], default_config: str | None) -> UserError | None:
+    """The one-line UserError for an exception from loading / overriding the config; None for a bug."""
+    from absl import flags
+
+    if isinstance(e, SyntaxError):
+        return UserError(f"config file {e.filename} line {e.lineno}: {e.msg}")
+    config_arg = _config_flag_value(argv) or default_config
+    where = _config_file_line(e, config_arg)
+    if where is not None:  # the config file's own code raised: the user's mistake
+        return UserError(f"config file {where}: {type(e).__name__}: {one_line(e)}")
+    if not isinstance(e, (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError)):
+        return None  # a bug outside the config file keeps its traceback
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()  # KeyError's str() is a repr
+    if "Error whilst parsing config file" in text:  # config_flags puts the traceback in the message
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return UserError(f"config file {config_arg}: {lines[-1]}")
+    return UserError(_unknown_field(argv, default_config) or text.split("\n")[0])
+
+
 def parse_config_flags(argv: list[str], default_config: str | None = None,
                        define_extra: Callable[[Any], None] | None = None) -> tuple[ml_collections.ConfigDict, Any]:
     """Parse --config / --config.x=y / --workdir (+ extra flags); mistakes become one-line UserErrors.
 
-    Also takes the multi-host flags and calls jax.distributed.initialize() when
-    --distributed is given (TPU pods and multi-node GPU; see the README).
+    A missing config file, a syntax error in it and an unknown field (named with the nearest
+    valid ones, as difflib finds them) are one line each, for every CLI that parses its flags
+    here (the trainer, the grid search, the scaling study). Also takes the multi-host flags and
+    calls jax.distributed.initialize() when --distributed is given (TPU pods and multi-node
+    GPU; see the README).
     """
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(argv)
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default_config, "config file (path[:arg])", flag_values=fv,
-                                    lock_config=True, sys_argv=list(argv))
+    try:  # a default config is loaded (and overridden) here already
+        config_flags.DEFINE_config_file("config", default_config, "config file (path[:arg])", flag_values=fv,
+                                        lock_config=True, sys_argv=argv)
+    except Exception as e:
+        err = _config_error(e, argv, default_config)
+        if err is None:
+            raise
+        raise err from None
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and results go", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU)",
                       flag_values=fv)
@@ -453,11 +887,17 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
               "Any field of the --config file's get_config() can be overridden: --config.<field>=<value>.\n")
         print(fv.get_help())
         raise SystemExit(0)
+    _check_config_file(argv)
     try:
         fv(argv)
         config = fv.config
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        raise UserError(str(e).strip().split("\n")[0]) from None
+        if config is not None:
+            config.keys()  # a config file that failed to load raises here (OSError)
+    except Exception as e:
+        err = _config_error(e, argv, default_config)
+        if err is None:
+            raise
+        raise err from None
     if config is None:
         raise UserError("--config is required, e.g. --config=effnet_jax/configs/digits.py")
     if fv.distributed:
@@ -467,14 +907,42 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     return config, fv
 
 
+def _define_train_flags(fv: Any) -> None:
+    from absl import flags
+
+    flags.DEFINE_bool("restart", False, "delete the workdir's checkpoints, metrics and results first and start "
+                      "over (a workdir refuses a changed config otherwise)", flag_values=fv)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config, fv = parse_config_flags(sys.argv if argv is None else argv)
+    """The CLI: exit 0 done, 1 diverged, 2 a mistake or a full / read-only disk, 130 Ctrl-C (one stderr line)."""
+    config, fv = parse_config_flags(sys.argv if argv is None else argv, define_extra=_define_train_flags)
     if not fv.workdir:
         raise UserError("--workdir is required")
-    result = train_and_evaluate(config, fv.workdir)
-    if jax.process_index() == 0:
+    workdir, lead = fv.workdir, jax.process_index() == 0
+    run = prepare(config)
+    stored = None if fv.restart else check_resume(config, workdir, run)
+    if stored is not None:
+        if lead:
+            print(f"{summary_line(stored)} (already finished; nothing changed)", flush=True)
+        return stored
+    try:
+        result = train_and_evaluate(config, workdir, run=run, restart=fv.restart)
+    except Exception as e:  # re-raised unless the disk is full, read-only or forbidden
+        err = storage_error(e)
+        if err is None:
+            raise
+        name = errno.errorcode.get(err.errno, str(err.errno))
+        raise UserError(f"cannot write {err.filename or workdir}: {os.strerror(err.errno)} ({name}); free space "
+                        f"or fix the permissions of --workdir {workdir}, then rerun to resume from the last "
+                        "checkpoint") from None
+    if lead:
         print(summary_line(result), flush=True)
+    if result["status"] == "diverged":
+        print(f"error: training diverged at step {result['steps']} (non-finite loss); lower the learning rate",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     return result
 
 

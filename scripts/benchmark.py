@@ -15,7 +15,9 @@ into one table.
 
 Only jax, flax, optax (and torch, timm for the peer) are imported: no tensorflow.
 One JSON object per measurement goes to stdout (``--json`` also writes them to a
-file), then a readable table.
+file), then a readable table. A bad argument (``--batch 0``, a resolution below the
+network's total stride, an unknown flag) is one ``error:`` line on stderr and exit code 2,
+before anything is compiled.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 # Hazard (docs/efficientnet-facts): tensorflow imported before triton segfaults.
 # Nothing here imports tensorflow, but import torch first anyway when a peer is asked.
-if "--peer" in sys.argv:
-    import timm  # noqa: F401
-    import torch  # noqa: F401
+_PEER_IMPORT_ERROR: ImportError | None = None
+if any(a == "--peer" or a.startswith("--peer=") for a in sys.argv):
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:  # reported as one line by main()
+        _PEER_IMPORT_ERROR = e
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -48,9 +54,10 @@ from flax import nnx  # noqa: E402
 
 from effnet_jax import compile_cache, ops  # noqa: E402
 from effnet_jax import model as model_lib  # noqa: E402
+from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from effnet_jax.flat_state import FlatModel  # noqa: E402
 from effnet_jax.model import create_model, eval_view  # noqa: E402
-from effnet_jax.scaling import ScalingSpec, from_constants, resolve  # noqa: E402
+from effnet_jax.scaling import ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32
 
@@ -289,8 +296,16 @@ def _first_step(run: Callable[[int], None], variant: str) -> float | None:
 # --------------------------------------------------------------------------- driver
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError (one ``error:`` line, exit 2), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Flags, checked: UserError on a bad value (the network's stride is checked in ``spec_and_resolution``)."""
+    p = _ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="b0", help="b0..b8 (ignored when --phi is given)")
     p.add_argument("--alpha", type=float, default=1.2)
     p.add_argument("--beta", type=float, default=1.1)
@@ -324,6 +339,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.peer_only and not args.peer:
         p.error("--peer_only needs --peer")
+    for name, least in (("batch", 1), ("steps", 1), ("repeats", 1), ("warmup", 0), ("num_classes", 1),
+                        ("threads", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    if args.resolution is not None and args.resolution < 1:
+        p.error(f"--resolution must be positive, got {args.resolution}")
+    for path in args.report or []:
+        if not os.path.isfile(path):
+            p.error(f"--report: no such file: {path}")
+    for flag, path in (("--json", args.json), ("--profile", args.profile)):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not os.path.isdir(parent):
+            p.error(f"{flag}: directory {parent} does not exist")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.modes) <= {"train", "inference"} or not args.modes:
         p.error("--modes takes train and/or inference")
@@ -400,7 +428,16 @@ def report(paths: list[str]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
         with open(path) as f:
-            records += [json.loads(line) for line in f if line.strip()]
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"--report {path} line {i} is not JSON ({e.msg}): not a --json file?") from None
+    missing = [r for r in records if not {"model", "resolution", "batch", "dtype", "backend"} <= r.keys()]
+    if missing:
+        raise UserError(f"--report: {len(missing)} records lack the benchmark's fields: not --json files?")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["model"], r["resolution"], r["batch"], r["dtype"]), []).append(r)
@@ -410,17 +447,30 @@ def report(paths: list[str]) -> list[dict[str, Any]]:
     return records
 
 
+def spec_and_resolution(args: argparse.Namespace) -> tuple[ScalingSpec, int]:
+    """The spec to time and its input resolution; UserError below the network's total stride.
+
+    Under the stride the last feature map would be smaller than one pixel: it still runs (SAME
+    padding) but times a network nobody trains.
+    """
+    spec = from_constants(args.alpha, args.beta, args.gamma, args.phi) if args.phi is not None else resolve(args.model)
+    res = args.resolution or spec.resolution
+    stride = build_architecture(spec).total_stride
+    if res < stride:
+        raise UserError(f"--resolution {res} is smaller than the network's total stride {stride}")
+    return spec, res
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.peer and _PEER_IMPORT_ERROR is not None:
+        raise UserError(f"--peer timm needs torch and timm: pip install torch timm ({_PEER_IMPORT_ERROR})")
+    spec, res = spec_and_resolution(args)
     if args.compile_cache:
         compile_cache.enable(args.compile_cache)
-    if args.phi is not None:
-        spec = from_constants(args.alpha, args.beta, args.gamma, args.phi)
-    else:
-        spec = resolve(args.model)
-    res = args.resolution or spec.resolution
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)
     y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)

@@ -23,7 +23,7 @@ def load_benchmark():
 
 def test_benchmark_json_fields(capsys, tmp_path):
     bench = load_benchmark()
-    argv = ["--phi", "0", "--batch", "2", "--resolution", "16", "--num_classes", "10",
+    argv = ["--phi", "0", "--batch", "2", "--resolution", "32", "--num_classes", "10",
             "--warmup", "0", "--steps", "1", "--repeats", "1", "--json", str(tmp_path / "out.jsonl")]
     peer = importlib.util.find_spec("timm") is not None
     records = bench.main(argv + (["--peer", "timm", "--modes", "inference"] if peer else []))
@@ -34,7 +34,7 @@ def test_benchmark_json_fields(capsys, tmp_path):
     for r in records:
         assert FIELDS <= r.keys() and r["img_per_s"] > 0
     ours = next(r for r in records if r["impl"] == "effnet_jax")
-    assert ours["compile_s"] > 0 and ours["resolution"] == 16
+    assert ours["compile_s"] > 0 and ours["resolution"] == 32
     if peer:
         assert {r["variant"] for r in records if r["impl"] == "timm"} >= {"eager", "eager-cl"}  # both layouts
         assert "vs timm" in out
@@ -42,12 +42,12 @@ def test_benchmark_json_fields(capsys, tmp_path):
     assert bench.main(["--report", str(tmp_path / "out.jsonl")]) == records
     table = capsys.readouterr().out
     ours_rows = [r for r in records if r["impl"] == "effnet_jax"]
-    assert "16px batch 2" in table and table.count("effnet_jax") == len(ours_rows)
+    assert "32px batch 2" in table and table.count("effnet_jax") == len(ours_rows)
 
 
 def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     bench = load_benchmark()
-    records = bench.main(["--batch", "2", "--resolution", "16", "--num_classes", "10", "--modes", "train",
+    records = bench.main(["--batch", "2", "--resolution", "32", "--num_classes", "10", "--modes", "train",
                           "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1", "--repeats", "1",
                           "--profile", str(tmp_path / "prof")])
     (r,) = records
@@ -69,9 +69,34 @@ def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"]])
 def test_benchmark_rejects_bad_arguments(argv):
+    from effnet_jax.errors import UserError
+
     bench = load_benchmark()
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         bench.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch=0"], "--batch must be at least 1, got 0"),
+    (["--resolution=1"], "--resolution 1 is smaller than the network's total stride 32"),
+    (["--model", "b3", "--resolution", "16"], "smaller than the network's total stride 32"),
+    (["--steps=0"], "--steps must be at least 1"),
+    (["--repeats=0"], "--repeats must be at least 1"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--batch=two"], "argument --batch: invalid int value: 'two'"),
+    (["--model", "b9"], "unknown model 'b9'"),
+    (["--phi", "1e5"], "phi 100000 is too large"),
+    (["--report", "/nonexistent/x.jsonl"], "--report: no such file"),
+])
+def test_benchmark_mistakes_are_one_line_exit_2(tmp_path, argv, message):
+    """Before anything is compiled: the whole stderr is one ``error:`` line (argparse's usage text too)."""
+    json_out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, SCRIPT, *argv, "--json", str(json_out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not json_out.exists() and proc.stdout == ""
 
 
 def test_no_tensorflow_in_import_chain():

@@ -173,19 +173,26 @@ def test_mock_cifar10(tmp_path):
     assert [b["mask"].tolist() for b in evals] == [[1.0] * 8, [1.0] * 2 + [0.0] * 6]
 
 
-@needs_tfds
-def test_image_folder(tmp_path):
+def write_image_folder(root, counts=None):
+    """root/SPLIT/LABEL/i.png, random sizes, grey and RGB alternating; ``counts``: {split: {label: n}}."""
     from PIL import Image
 
+    counts = counts or {split: {"cat": n, "dog": n} for split, n in (("train", 6), ("val", 3))}
     rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 3)):
-        for label in ("cat", "dog"):
-            os.makedirs(tmp_path / split / label)
+    for split, labels in counts.items():
+        for label, n in labels.items():
+            os.makedirs(root / split / label)
             for i in range(n):
                 h, w = rng.integers(20, 40, size=2)
                 mode, shape = ("L", (h, w)) if i % 2 else ("RGB", (h, w, 3))
-                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
-                    tmp_path / split / label / f"{i}.png")
+                image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
+                image.save(root / split / label / f"{i}.png")
+    return root
+
+
+@needs_tfds
+def test_image_folder(tmp_path, capsys):
+    write_image_folder(tmp_path)
     data = data_config(name=f"folder:{tmp_path}", train_split="train", eval_split="val")
 
     def make(p, n):
@@ -200,6 +207,59 @@ def test_image_folder(tmp_path):
     assert sum(float(b["mask"].sum()) for b in held.eval_batches()) == 3
     with pytest.raises(UserError, match="does not exist"):
         tfds_source.create_source(data_config(name=f"folder:{tmp_path}/nope"), RES, 4, seed=0)
+    assert capsys.readouterr().err == ""  # no warning: every class has enough images
+
+
+def folder_error(data) -> str:
+    """The one-line UserError that opening ``data`` raises."""
+    with pytest.raises(UserError) as e:
+        input_pipeline.create_source(data, RES, 4, seed=0)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@needs_tfds
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: truncate(p), "truncated"),
+    (lambda p: p.write_bytes(b"not an image at all"), "cannot identify image file"),
+    (lambda p: p.write_bytes(b""), "cannot identify image file"),
+])
+def test_image_folder_refuses_an_unreadable_image_naming_it(tmp_path, damage, why):
+    """Before training, not as a TensorFlow error mid-run, naming the first bad file and the count."""
+    root = write_image_folder(tmp_path / "images")
+    damage(root / "train" / "dog" / "3.png")
+    truncate(root / "val" / "cat" / "1.png")
+    data = data_config(name=f"folder:{root}", train_split="train", eval_split="val")
+    message = folder_error(data)
+    assert message.startswith(f"image folder {str(root)!r}: train/dog/3.png is not a readable image (")
+    assert why in message.lower() and "(2 of 18 images are unreadable)" in message
+    # Only the splits in use are read: with a holdout, val is not.
+    held = data_config(name=f"folder:{root}", train_split="train", holdout_fraction=0.25)
+    assert "(2 of" not in folder_error(held)
+
+
+@needs_tfds
+def test_image_folder_needs_two_classes(tmp_path):
+    root = write_image_folder(tmp_path, {"train": {"cat": 6}, "val": {"cat": 3}})
+    message = folder_error(data_config(name=f"folder:{root}", train_split="train", eval_split="val"))
+    assert message.startswith(f"image folder {str(root)!r} has a single class ('cat')")
+
+
+@needs_tfds
+def test_image_folder_warns_on_a_class_with_few_images(tmp_path, capsys):
+    counts = {"train": {"cat": 6, "dog": 2, "emu": 0}, "val": {"cat": 2, "dog": 2, "emu": 2}}
+    root = write_image_folder(tmp_path, counts)
+    src = tfds_source.create_source(data_config(name=f"folder:{root}", train_split="train", eval_split="val"),
+                                    RES, 4, seed=0)
+    assert src.num_classes == 3
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: image folder {str(root)!r}: classes 'emu' (0), 'dog' (2) have fewer than 5 images in "
+                   "'train'; accuracy on them is noise"]
 
 
 def one_line_error(data) -> str:

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 
@@ -102,6 +103,16 @@ def test_formula_rejects_bad_constants(bad):
 def test_formula_rejects_negative_phi():
     with pytest.raises(UserError, match="phi"):
         from_constants(1.2, 1.1, 1.15, phi=-1)
+
+
+@pytest.mark.parametrize("phi, what", [(1e5, "depth multiplier 1.2"), (1e6, "width multiplier 1.1"),
+                                       (38, "depth multiplier"), (30, "resolution 224 \\* 1.15\\*\\*30")])
+def test_formula_refuses_a_phi_that_would_overflow(phi, what):
+    """alpha**1e6 is an OverflowError in Python: a typo in phi must name phi instead."""
+    with pytest.raises(UserError, match=re.escape(f"phi {phi:g} is too large: ") + f".*{what}.* would exceed"):
+        from_constants(1.2, 1.1, 1.15, phi=phi)
+    big = from_constants(1.2, 1.1, 1.15, phi=20)  # huge, but a spec someone may want to count
+    assert big.resolution < scaling.MAX_RESOLUTION and big.depth < scaling.MAX_MULTIPLIER
 
 
 def test_load_constants(tmp_path):

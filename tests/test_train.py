@@ -17,12 +17,17 @@ DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
 # One compilation cache for the whole test session: runs of the same program reuse it.
 CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 TINY = ["--config.model.network=tiny", "--config.progress_bar=False", f"--config.compile_cache_dir={CACHE}"]
+# conftest quiets TensorFlow for the test process; the trainer must quiet it itself.
+TF_QUIET = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+
+
+def cli_env(env=None):
+    return {**{k: v for k, v in os.environ.items() if k not in TF_QUIET}, **(env or {})}
 
 
 def run_train(workdir, *overrides, env=None, check=True):
     cmd = [sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={workdir}", *TINY, *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
-                          timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=cli_env(env), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -139,8 +144,12 @@ def test_sigkill_then_resume_ends_with_identical_parameters(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
+        (["--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),  # imports TensorFlow: no banners
         (["--config.no_such_key=1"], "no_such_key"),
+        (["--config.model.nosuch=1"], "unknown config field 'model.nosuch' (did you mean: model."),
+        (["--config.learning_rate=0.1"], "did you mean: optimizer.learning_rate?"),
+        (["--config.model.name=formula", "--config.model.phi=1e6"], "phi 1e+06 is too large"),
+        (["--config.num_train_steps=10", "--config.schedule_steps=5"], "schedule_steps"),
         (["--config.batch_size=6"], "not divisible by the 4 devices"),
         (["--config.model.resolution=4"], "smaller than the network's total stride"),
         (["--config.model.name=formula", "--config.model.constants={constants}"], "alpha must be a finite number >= 1"),
@@ -157,3 +166,30 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
     assert not wd.exists()
+
+
+def test_summary_line_names_a_network_other_than_b0_and_tolerates_nulls():
+    from effnet_jax import train
+
+    result = {"model": "b0", "network": "tiny", "resolution": 32, "dataset": "digits", "status": "ok", "steps": 4,
+              "train_loss": 2.5, "val_top1": 0.25, "wall_time_s": 1.0}
+    assert train.summary_line(result).startswith("done: tiny/b0 32px on digits, status ok, 4 steps")
+    assert train.summary_line({**result, "network": "b0"}).startswith("done: b0 32px on digits")
+    assert "train loss n/a" in train.summary_line({**result, "status": "diverged", "train_loss": None})
+
+
+def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
+    import numpy as np
+
+    from effnet_jax import metrics, train
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+
+    train._write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "x": [np.float32("inf"), 1.5], "n": 3})
+    assert strict((tmp_path / "r.json").read_text()) == {"loss": None, "x": [None, 1.5], "n": 3}
+    writer = metrics.MetricsWriter(str(tmp_path))
+    writer.write(1, {"loss": np.float32("nan"), "lr": np.float32(0.5)})
+    writer.close()
+    assert [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 1, "loss": None, "lr": 0.5}]

@@ -25,11 +25,16 @@ def get_config() -> ml_collections.ConfigDict:
     m.drop_path_rate = 0.2  # stochastic depth at the last block, linear in block index
     m.bn_momentum = 0.99  # running-statistics decay; short runs (a few hundred steps) need ~0.9
     m.depthwise_impl = "auto"  # "auto" (per backend), "xla", "shift" or "hybrid" (ops.py)
+    # Classifier kernel: "paper" (uniform +-1/sqrt(num_classes)), "zero", or a scale s as a string
+    # ("0.1": uniform +-s/sqrt(num_classes)). The paper's range is sized for 1000 classes.
+    m.head_init = "paper"
     m.dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU
     m.init_from = ""  # our safetensors checkpoint (scripts/convert_timm.py) to start from
 
     c.data = d = ml_collections.ConfigDict()
-    d.name = "imagenet2012"  # "digits" (embedded), any tfds image dataset, or "folder:/path/root"
+    # "digits" (embedded), "fashion_mnist" (Debian's dataset-fashion-mnist), "idx:/dir" (MNIST-format IDX
+    # files), any tfds image dataset, or "folder:/path/root"
+    d.name = "imagenet2012"
     d.data_dir = ""  # tfds data_dir ("" = tfds default)
     d.train_split = "train"
     d.eval_split = "validation"
@@ -39,10 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
     d.randaugment_magnitude = 10
     d.max_shift_fraction = 0.0  # digits: random translation as a fraction of the resolution
     d.shuffle_buffer = 16_384
+    d.train_subset = 0  # > 0: train on the first N examples of the (fixed, stratified) training part (idx sources)
+    d.num_classes = 0  # idx sources: 0 = infer (10 for fashion_mnist, else the largest train label + 1)
 
     c.batch_size = 256  # global, over all devices and hosts
     c.num_epochs = 350.0
     c.num_train_steps = 0  # > 0 overrides num_epochs
+    # > 0: the learning-rate schedule spans this many steps, whatever num_train_steps is, so a
+    # longer run continues a shorter one exactly (and may resume its workdir); 0: the run's own length.
+    c.schedule_steps = 0
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "rmsprop"  # TF-style RMSProp (official), "sgd" (momentum) or "adamw"
