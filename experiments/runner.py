@@ -157,9 +157,11 @@ def _owner() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
 
 
-def _owner_alive(owner: Mapping[str, Any] | None, heartbeat: float | None, now: float) -> bool:
-    if not owner:
-        return heartbeat is not None and now - heartbeat < GRACE_S
+def _owner_alive(owner: Mapping[str, Any] | None, heartbeat: float | None, now: float,
+                 started: float | None = None) -> bool:
+    if not owner:  # claimed, owner not written yet (or its worker died between the two): give it the grace
+        last = heartbeat if heartbeat is not None else started
+        return last is not None and now - last < GRACE_S
     if owner.get("host") == socket.gethostname():
         start = _process_start(int(owner["pid"]))
         return bool(start) and start == owner.get("start")
@@ -220,7 +222,8 @@ def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None], r
     for t in trials:
         if _state_name(t) != "RUNNING" or "key" not in t.user_attrs:
             continue
-        if _owner_alive(t.user_attrs.get("owner"), t.user_attrs.get("heartbeat"), now):
+        started = t.datetime_start.timestamp() if t.datetime_start else None
+        if _owner_alive(t.user_attrs.get("owner"), t.user_attrs.get("heartbeat"), now, started):
             continue
         try:
             study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
@@ -292,11 +295,15 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
 def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callable[..., dict[str, Any]],
              metric: str, log: Callable[[str], None]) -> None:
     import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
 
     storage = study._storage
-    _record_params(storage, t, plan.attrs)
-    storage.set_trial_user_attr(t._trial_id, "owner", _owner())
-    storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+    try:
+        storage.set_trial_user_attr(t._trial_id, "owner", _owner())
+        storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+        _record_params(storage, t, plan.attrs)
+    except UpdateFinishedTrialError:  # another process judged it stale and queued it again: that copy runs
+        return
     directory = os.path.join(workdir, "trials", plan.directory or plan.key)
     resumed = checkpoint_step(directory)
     if resumed:

@@ -208,9 +208,11 @@ def quickstart() -> nbformat.NotebookNode:
             ## Grid search
 
             Each candidate is trained through the one trainer (`effnet_jax.train.train_and_evaluate`)
-            and scored on the validation split. Results go to `WORKDIR`: `results.jsonl` (one row per
-            trial; a rerun skips finished trials), `results.csv`, `best.json` (the winning constants),
-            `grid.png` and `accuracy_vs_macs.png`.
+            and scored on the validation split, in successive-halving rungs (the best third goes on
+            with more steps and seeds). Results go to `WORKDIR`: `study.journal` (the Optuna study; a
+            rerun skips finished trials, `optuna-dashboard WORKDIR/study.journal` shows it live),
+            `results.csv`, `best.json` (the winning constants, their interval and verdict, and the
+            search config), `grid.png` and `accuracy_vs_macs.png`.
         """),
         code("search", """
             import time
@@ -218,7 +220,8 @@ def quickstart() -> nbformat.NotebookNode:
             t0 = time.time()
             out = grid_search.search(config, WORKDIR)
             print(f"grid search took {time.time() - t0:.0f} s")
-            print(grid_search.format_table(out["summary"], s.metric))
+            print(grid_search.format_table(out["summary"], s.metric, out["verdict"]["verdicts"]))
+            print(out["verdict"]["sentence"])
             best = out["best"]
             if best is None:
                 raise RuntimeError("no constraint-satisfying candidate finished")
@@ -321,8 +324,8 @@ def quickstart() -> nbformat.NotebookNode:
             ## Next
 
             * The same search from a shell: `python -m experiments.grid_search --workdir=runs/grid`
-              (add `--config.search.strategy=halving` for successive halving, `--then_scale=1,2,3`
-              to print the scaled models).
+              (`--config.search.strategy=exhaustive` for one rung, `--storage=postgresql://...` to share
+              it between machines, `--then_scale=1,2,3` to print the scaled models).
             * `python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2 --train`
               trains the scaled models.
             * `notebooks/pretrained.ipynb` loads timm's ImageNet weights into this model.

@@ -105,3 +105,38 @@ def test_same_seed_same_weights_different_seed_different():
 def test_unknown_depthwise_impl_fails_early():
     with pytest.raises(ValueError, match="depthwise impl"):
         create_model("b0", depthwise_impl="fastest")
+
+
+def _params(model):
+    return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("head_init", ["zero", 0.1, "0.03"])
+def test_head_init_changes_only_the_classifier_kernel(head_init):
+    default, paper, other = (_params(tiny_model(**kw)) for kw in ({}, {"head_init": "paper"}, {"head_init": head_init}))
+    num_classes = 5
+    assert default.keys() == other.keys()
+    for k in default:
+        np.testing.assert_array_equal(default[k], paper[k])  # the default is the paper's init
+        if k != "classifier/kernel":
+            np.testing.assert_array_equal(default[k], other[k])
+    limit = 1.0 / np.sqrt(num_classes)
+    assert 0.5 * limit < np.abs(default["classifier/kernel"]).max() <= limit
+    kernel = other["classifier/kernel"]
+    if head_init == "zero":
+        assert not kernel.any()
+    else:
+        s = float(head_init)
+        assert 0.5 * s * limit < np.abs(kernel).max() <= s * limit
+        # The same draw, scaled: a scale changes the range, not the sample.
+        np.testing.assert_allclose(kernel, s * default["classifier/kernel"], rtol=1e-5, atol=1e-7)
+
+
+def test_create_model_head_init_default_and_bad_value():
+    a = nnx.state(create_model("b0", num_classes=10), nnx.Param)
+    b = nnx.state(create_model("b0", num_classes=10, head_init="paper"), nnx.Param)
+    np.testing.assert_array_equal(a["classifier"]["kernel"][...], b["classifier"]["kernel"][...])
+    with pytest.raises(ValueError, match="head_init"):
+        create_model("b0", num_classes=10, head_init="tiny")
+    with pytest.raises(ValueError, match="head_init"):
+        create_model("b0", num_classes=10, head_init=-1.0)

@@ -88,7 +88,7 @@ def test_quickstart_runs_tiny(tmp_path, monkeypatch):
     assert "MACs/phi0" in text and "(ab2g2)^phi" in text  # the scaled models' params / MACs
     assert "done: " in text and "status ok" in text  # train.summary_line of the scaled model
     assert images(nb) >= 3  # grid.png, accuracy_vs_macs.png, the notebook's own plot
-    for name in ("results.jsonl", "best.json", "grid.png", "accuracy_vs_macs.png", "notebook_accuracy_vs_macs.png"):
+    for name in ("study.journal", "best.json", "grid.png", "accuracy_vs_macs.png", "notebook_accuracy_vs_macs.png"):
         assert (tmp_path / "work" / name).exists(), name
     assert (tmp_path / "work" / "scaled_phi1" / "result.json").exists()  # TINY trains phi = 1
 
