@@ -58,7 +58,7 @@ from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError, exit_on_user_error, one_line
 from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
 from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import BN_MOMENTUM, create_model
+from effnet_jax.model import BN_MOMENTUM, create_model, head_init_fn
 
 State = dict[str, Any]
 
@@ -236,6 +236,10 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     del sched  # validated here, built again with the state
     if config.optimizer.name not in ("rmsprop", "sgd", "adamw"):
         raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {config.optimizer.name!r}")
+    try:
+        head_init_fn(config.model.get("head_init", "paper"))
+    except ValueError as e:
+        raise UserError(f"model.{e}") from None
     return Run(config, spec, source, total, steps_per_epoch, dtype)
 
 

@@ -381,3 +381,13 @@ def test_growing_with_the_same_schedule_continues_exactly(copy, tmp_path):
     ref = tmp_path / "ref"
     assert cli(*train_cmd(ref, "--config.num_train_steps=6")).returncode == 0
     assert json.loads((ref / "result.json").read_text())["params_sha256"] == grown["params_sha256"]
+
+
+def test_bad_head_init_is_one_line_before_anything_is_written(tmp_path):
+    wd = tmp_path / "wd"
+    proc = subprocess.run([sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={wd}",
+                           "--config.model.head_init=big"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model.head_init must be"), proc.stderr
+    assert not wd.exists()
