@@ -89,6 +89,7 @@ def test_constants_file_drives_the_compound_family(tmp_path):
     ("--config.study.seeds=()", "study.seeds"),
     ("--config.study.constants=/nonexistent/best.json", "not found"),
     ("--config.study.budgets=(1,2)", "within 1%"),
+    ("--config.study.nosuch=1", "unknown config field 'study.nosuch'"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, override, message):
     workdir = tmp_path / "study"
