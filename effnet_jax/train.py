@@ -302,11 +302,12 @@ def _make_workdir(workdir: str) -> None:
         raise UserError(f"--workdir {workdir} cannot be written: {e.strerror or e}") from None
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their dotted names."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -329,7 +330,7 @@ def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, step
     from effnet_jax.configs import default
 
     def fields(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in _flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
+        return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
 
     b = fields(_as_json(new))
     a = {**fields(_as_json(default.get_config())), **fields(old)}

@@ -157,17 +157,10 @@ def format_agreement(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _define_flags(fv: Any) -> None:
-    from absl import flags
-
-    flags.DEFINE_string("storage", None, "Optuna storage (RDB URL or journal file); default WORKDIR/study.journal",
-                        flag_values=fv)
-    flags.DEFINE_string("study_name", "fidelity", "study name in the storage", flag_values=fv)
-
-
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
+    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
+                                          lambda fv: runner.define_flags(fv, "fidelity"))
     workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()

@@ -471,10 +471,7 @@ def _refuse_old_workdir(workdir: str, storage: str | None) -> None:
 def _define_flags(fv: Any) -> None:
     from absl import flags
 
-    flags.DEFINE_string("storage", None, "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal "
-                        "file path shared by every machine of this search; default: WORKDIR/study.journal",
-                        flag_values=fv)
-    flags.DEFINE_string("study_name", "grid_search", "study name in the storage", flag_values=fv)
+    runner.define_flags(fv, "grid_search")
     flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU with >= 2 cores, one "
                          "per GPU / per devices_per_trial GPUs, 1 on TPU); XLA compiles on one core, so two workers "
                          "halve a CPU search. On a GPU each worker gets its own devices: compiles side by side on one "

@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import datetime
 import io
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from effnet_jax import metrics
 from effnet_jax.errors import UserError
 
 
@@ -26,19 +26,8 @@ def atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def finite(obj: Any) -> Any:
-    """A JSON-safe copy: NaN / inf become None (bare NaN is not JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def write_json(path: str, obj: Any) -> None:
-    atomic_write(path, json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n")
+    atomic_write(path, metrics.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:

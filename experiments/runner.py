@@ -42,14 +42,13 @@ from typing import Any
 
 import ml_collections
 
+from effnet_jax import train
 from effnet_jax.errors import UserError
+from effnet_jax.metrics import finite_or_none
 
 HEARTBEAT_S = 30.0
 GRACE_S = 600.0  # a heartbeat older than this marks a remote worker dead
 POLL_S = 2.0
-# Trainer fields that do not change a trial's result: left out of the study's identity.
-COSMETIC = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps", "keep_checkpoints",
-            "eval_every_steps", "save_weights")
 RESULT_FIELDS = (
     "status", "reason", "val_top1", "val_top5", "val_loss", "ema_val_top1", "ema_val_top5", "train_loss",
     "resolution", "width", "depth", "blocks", "params", "macs", "num_classes", "dataset", "batch_size", "steps",
@@ -102,22 +101,12 @@ def _has_module(name: str) -> bool:
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What makes two trials with the same key comparable: the trainer config minus cosmetic fields."""
     d = json.loads(config.to_json_best_effort())
-    return {k: v for k, v in d.items() if k not in COSMETIC}
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+    return {k: v for k, v in d.items() if k not in train.COSMETIC_FIELDS}
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> list[str]:
     """'key old -> new' for each flattened field that differs (at most ``limit``, then a count)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = train.flatten(dict(old)), train.flatten(dict(new))
     diff = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
     return diff[:limit] + ([f"and {len(diff) - limit} more"] if len(diff) > limit else [])
@@ -204,7 +193,7 @@ def enqueue_missing(study: Any, plans: Sequence[TrialPlan]) -> int:
     queued = 0
     for p in plans:
         if p.key not in live:
-            study.enqueue_trial({}, user_attrs={"key": p.key, "attrs": _jsonable(dict(p.attrs))})
+            study.enqueue_trial({}, user_attrs={"key": p.key, "attrs": finite_or_none(dict(p.attrs))})
             queued += 1
     return queued
 
@@ -366,7 +355,7 @@ def run_sampled(study: Any, n_trials: int, propose: Callable[[Any], TrialPlan | 
             continue
         done = [o for o in trials if o.user_attrs.get("key") == plan.key and _state_name(o) in ("COMPLETE", "PRUNED")]
         study._storage.set_trial_user_attr(t._trial_id, "key", plan.key)
-        study._storage.set_trial_user_attr(t._trial_id, "attrs", _jsonable(dict(plan.attrs)))
+        study._storage.set_trial_user_attr(t._trial_id, "attrs", finite_or_none(dict(plan.attrs)))
         if done:  # the sampler proposed a point it has already seen (after rounding): its result stands
             _tell(study, t, done[-1].user_attrs.get("result") or {}, done[-1].state, done[-1].value)
             continue
@@ -387,7 +376,7 @@ def _record_params(storage: Any, t: Any, attrs: Mapping[str, Any]) -> None:
 
 
 def _tell(study: Any, t: Any, row: Mapping[str, Any], state: Any, value: float | None = None) -> None:
-    study._storage.set_trial_user_attr(t._trial_id, "result", _jsonable(dict(row)))
+    study._storage.set_trial_user_attr(t._trial_id, "result", finite_or_none(dict(row)))
     study.tell(t.number, value if state.name == "COMPLETE" else None, state=state, skip_if_finished=True)
 
 
@@ -426,19 +415,15 @@ def rows(study: Any) -> list[dict[str, Any]]:
     return [row_of(latest(trials, k)) for k in keys if _done(trials, k)]
 
 
-def _jsonable(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None (NaN is not JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _jsonable(obj.item())
-    return obj
-
-
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def define_flags(fv: Any, study_name: str) -> None:
+    """--storage and --study_name, the same for every experiment's CLI."""
+    from absl import flags
+
+    flags.DEFINE_string("storage", None, "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal "
+                        "file path shared by every machine; default: WORKDIR/study.journal", flag_values=fv)
+    flags.DEFINE_string("study_name", study_name, "study name in the storage", flag_values=fv)

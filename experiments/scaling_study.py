@@ -353,17 +353,10 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     return {"points": points, "rows": rows, "summary": summary, "growth": growth}
 
 
-def _define_flags(fv: Any) -> None:
-    from absl import flags
-
-    flags.DEFINE_string("storage", None, "Optuna storage (RDB URL or journal file); default WORKDIR/study.journal",
-                        flag_values=fv)
-    flags.DEFINE_string("study_name", "scaling_study", "study name in the storage", flag_values=fv)
-
-
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
+    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
+                                          lambda fv: runner.define_flags(fv, "scaling_study"))
     workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()

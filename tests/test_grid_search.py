@@ -83,16 +83,16 @@ def test_whole_search_config_is_checked_before_any_trial(field, value, message):
 def test_plan_longest_first_rungs_and_continuation():
     c = grid_config.get_config()
     cands = gs.candidates(c.search)
-    steps = gs.rung_steps(c, steps_per_epoch=67)
-    assert steps == [67, 201]  # halving: eta = 3 times longer at the top rung
+    steps = gs.rung_steps(c, steps_per_epoch=67)  # num_train_steps = 40 wins over num_epochs
+    assert steps == [40, 120]  # halving: eta = 3 times longer at the top rung
     plans = gs.plan_rung(c, cands, 0, steps, 10)
     assert len(plans) == len(cands) * len(c.search.seeds) and len({p.key for p in plans}) == len(plans)
-    assert all(p.keep_checkpoint and p.config.num_train_steps == 67 and p.config.schedule_steps == 201
+    assert all(p.keep_checkpoint and p.config.num_train_steps == 40 and p.config.schedule_steps == 120
                for p in plans)
     # every trial's schedule spans the top rung, so a promoted run continues its rung-0 directory
     top = gs.plan_rung(c, cands[:2], 1, steps, 10)
     assert {p.attrs["seed"] for p in top} == set(c.search.final_seeds)
-    assert all(not p.keep_checkpoint and p.config.num_train_steps == 201 for p in top)
+    assert all(not p.keep_checkpoint and p.config.num_train_steps == 120 for p in top)
     assert {p.directory for p in top} >= {p.directory for p in plans if p.attrs["alpha"] == cands[0].alpha
                                           and p.attrs["beta"] == cands[0].beta and p.attrs["gamma"] == cands[0].gamma}
     # longest first: every network's first (compiling) trial before any repeat; the paper's point rounds to the
