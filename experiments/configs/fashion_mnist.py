@@ -3,13 +3,14 @@
     apt-get install dataset-fashion-mnist                                  # IDX files, once
     python -m experiments.grid_search --config=experiments/configs/fashion_mnist.py --workdir=runs/fmnist
 
-Sized for <= 90 minutes on a 2-core CPU (estimated from the per-step cost of the default search;
-the full run has not been timed yet): a 6,000-image stratified training subset (600 per class),
-2,000 held-out validation images from the rest of train (binomial error ±0.8 points at 85%, a
-quarter of digits' 360), 32 px (B0's minimum for its stride of 32, and Fashion-MNIST's native 28
-px upsampled a little), rung 0 at one epoch (375 steps of batch 16 would be 2x the cost; batch
-32: 187 steps), the best third of the grid plus the two references continued to 3 epochs with
-three seeds, so the winner is decided at the largest budget with an interval.
+Sized for <= 90 minutes on a 2-core CPU by estimate, not yet by a timed run: from the default
+search's measured cost (a phi = 1 step of batch 16 at 32 px is ~0.4 s per worker, a network
+compiles in ~45 s) this plan is ~9,500 steps of batch 32 over two workers. The data: a
+6,000-image stratified training subset (600 per class), 2,000 held-out validation images from the
+rest of train (binomial error ±0.8 points at 85%, against ±2 on digits' 360), 32 px (B0's minimum
+for its stride of 32; Fashion-MNIST is 28 px). Rung 0 is one epoch of the subset (187 steps of
+batch 32); the best third of the grid and both references continue to 3 epochs with three
+seeds, so the winner is decided at the largest budget with an interval.
 """
 
 import ml_collections
