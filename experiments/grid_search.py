@@ -198,25 +198,31 @@ def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], run
     MACs. Claimed in this order by every worker, the longest trials start first and the cheap
     repeats fill the gaps at the end (greedy list scheduling).
     """
-    rungs = len(steps)
-    last = rung == rungs - 1
     plans, cost_of, seen = [], {}, set()
     shapes = {c: trial_model(config.train, c) for c in cands}
-    top = max(cost.count_macs(a, sp.resolution, num_classes) for sp, a in shapes.values())
+    macs = {c: cost.count_macs(a, sp.resolution, num_classes) for c, (sp, a) in shapes.items()}
+    top = max(macs.values())
     for c in cands:
-        for seed in rung_seeds(config, rung, rungs):
-            cfg = trial_config(config.train, c, seed, config.search.phi, steps[rung],
-                               steps[-1] if rungs > 1 else 0)
-            key = f"{c.key}-s{seed}-n{steps[rung]}"
-            attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
-                     "phi": cfg.model.phi, "seed": seed, "rung": rung, "budget_steps": steps[rung]}
-            plans.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}", keep_checkpoint=not last))
-            spec, arch = shapes[c]
-            shape = (arch, spec.resolution)
-            macs = cost.count_macs(arch, spec.resolution, num_classes)
-            cost_of[key] = macs / top * steps[rung] / steps[0] + (0.0 if shape in seen else 1.0)
-            seen.add(shape)
+        spec, arch = shapes[c]
+        for seed in rung_seeds(config, rung, len(steps)):
+            plan = trial_plan(config, c, seed, rung, steps)
+            plans.append(plan)
+            cost_of[plan.key] = macs[c] / top * steps[rung] / steps[0] + (0.0 if (arch, spec.resolution) in seen
+                                                                          else 1.0)
+            seen.add((arch, spec.resolution))
     return sorted(plans, key=lambda p: -cost_of[p.key])  # stable: ties keep the config's order
+
+
+def trial_plan(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int, steps: Sequence[int]
+               ) -> runner.TrialPlan:
+    """One trial of ``c``: rung ``rung``'s budget, the schedule spanning the top rung, one directory per
+    (candidate, seed) so that a promoted run continues its shorter run's checkpoint."""
+    rungs = len(steps)
+    cfg = trial_config(config.train, c, seed, config.search.phi, steps[rung], steps[-1] if rungs > 1 else 0)
+    attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
+             "phi": cfg.model.phi, "seed": seed, "rung": rung, "budget_steps": steps[rung]}
+    return runner.TrialPlan(f"{c.key}-s{seed}-n{steps[rung]}", cfg, attrs, directory=f"{c.key}-s{seed}",
+                            keep_checkpoint=rung < rungs - 1)
 
 
 def proposer(config: ml_collections.ConfigDict, steps: Sequence[int]) -> Callable[[Any], runner.TrialPlan | None]:
@@ -239,12 +245,7 @@ def proposer(config: ml_collections.ConfigDict, steps: Sequence[int]) -> Callabl
             return None
         b = lo + u * (hi - lo)
         c = Candidate(round(a, 3), round(b, 3), round(math.sqrt(s.target / (a * b * b)), 3))
-        seed = rung_seeds(config, 0, rungs)[0]
-        cfg = trial_config(config.train, c, seed, s.phi, steps[0], steps[-1] if rungs > 1 else 0)
-        attrs = {"label": "", "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
-                 "phi": cfg.model.phi, "seed": seed, "rung": 0, "budget_steps": steps[0]}
-        return runner.TrialPlan(f"{c.key}-s{seed}-n{steps[0]}", cfg, attrs, directory=f"{c.key}-s{seed}",
-                                keep_checkpoint=rungs > 1)
+        return trial_plan(config, c, rung_seeds(config, 0, rungs)[0], 0, steps)
 
     return propose
 
@@ -401,8 +402,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     """
     s = config.search
     cands = check_search(config)
-    base = trial_config(config.train, cands[-1] if cands[-1].label == "baseline" else Candidate(1, 1, 1, "baseline"),
-                        int(s.seeds[0]))
+    base = trial_config(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), int(s.seeds[0]))
     prepared = train.prepare(base)  # validates the train config and opens the data: writes nothing
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
     steps = rung_steps(config, prepared.steps_per_epoch)
