@@ -34,7 +34,7 @@ from experiments import grid_search, report, runner, stats
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
 
 
-def check_config(config: ml_collections.ConfigDict) -> list[grid_search.Candidate]:
+def check_config(config: ml_collections.ConfigDict) -> None:
     f = config.fidelity
     budgets = list(f.budgets)
     if len(budgets) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets) \
@@ -47,7 +47,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[grid_search.Candidat
     if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
         raise UserError(f"fidelity.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
     config.search.strategy = "exhaustive"  # one rung per budget here; the grid search's own check does the rest
-    return grid_search.check_search(config)
+    grid_search.check_search(config)
 
 
 def plans(config: ml_collections.ConfigDict, cands: Sequence[grid_search.Candidate], base_steps: int
@@ -127,9 +127,10 @@ def plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
              study_name: str = "fidelity", log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
-    cands = check_config(config)
+    check_config(config)
     base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
     prepared = train.prepare(base)  # validates the train config; writes nothing
+    cands = grid_search.candidates(config.search, config.train, prepared.source.num_classes)
     base_steps = grid_search.rung_steps(config, prepared.steps_per_epoch)[0]
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir)

@@ -85,13 +85,25 @@ def grid_values(bounds: Sequence[float], step: float) -> list[float]:
     return [round(lo + i * step, 6) for i in range(n + 1)]
 
 
-def candidates(search: ml_collections.ConfigDict) -> list[Candidate]:
-    """Grid points meeting the FLOPs constraint, then the labelled references."""
+def candidates(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+               num_classes: int | None = None) -> list[Candidate]:
+    """Grid points meeting the constraint, then the labelled references.
+
+    ``search.constraint = "formula"`` (the paper's rule): |alpha*beta^2*gamma^2 - target| <= tolerance.
+    ``"macs"``: the rounded network's real MACs over unscaled B0's within ``macs_tolerance`` (relative) of
+    target**phi; this needs the trial config and class count (the classifier is part of the cost), and grid
+    points that round to the same network are one candidate, the one whose product is closest to target.
+    """
     points = [Candidate(a, b, g) for a in grid_values(search.alpha, search.step)
               for b in grid_values(search.beta, search.step) for g in grid_values(search.gamma, search.step)]
     if not points:
         raise UserError("the search ranges hold no grid point")
-    kept = [c for c in points if abs(c.product - search.target) <= search.tolerance]
+    if search.constraint == "macs":
+        if train_config is None or num_classes is None:
+            raise ValueError("search.constraint = 'macs' needs the trial config and the class count")
+        kept = _within_real_macs(points, search, train_config, num_classes)
+    else:
+        kept = [c for c in points if abs(c.product - search.target) <= search.tolerance]
     if not kept:
         near = min(points, key=lambda c: abs(c.product - search.target))
         raise UserError(
@@ -100,14 +112,46 @@ def candidates(search: ml_collections.ConfigDict) -> list[Candidate]:
             "widen the ranges or the tolerance")
     if search.include_paper:
         paper = Candidate(**PAPER_CONSTANTS, label="paper")
+        if search.constraint == "macs":  # the paper's point stands for the grid point of its rounded network
+            same = _network(train_config, paper, search.phi)
+            kept = [c for c in kept if _network(train_config, c, search.phi) != same]
         kept = [c for c in kept if c.key != paper.key] + [paper]
     if search.include_baseline:
         kept.append(Candidate(1.0, 1.0, 1.0, label="baseline"))
     return kept
 
 
-def satisfies(c: Candidate, search: ml_collections.ConfigDict) -> bool:
-    return c.label != "baseline" and abs(c.product - search.target) <= search.tolerance + 1e-9
+def _within_real_macs(points: Sequence[Candidate], search: ml_collections.ConfigDict,
+                      train_config: ml_collections.ConfigDict, num_classes: int) -> list[Candidate]:
+    """The grid points whose rounded networks cost target**phi times unscaled B0's MACs, one per network."""
+    base = _macs(train_config, Candidate(1.0, 1.0, 1.0, "baseline"), num_classes)
+    goal = search.target**search.phi
+    networks: dict[tuple[Architecture, int], list[Candidate]] = {}
+    closest: tuple[float, Candidate] | None = None
+    for c in points:
+        arch, resolution = network = _network(train_config, c, search.phi)
+        ratio = cost.count_macs(arch, resolution, num_classes) / base
+        if closest is None or abs(ratio - goal) < abs(closest[0] - goal):
+            closest = (ratio, c)
+        if abs(ratio / goal - 1) <= search.macs_tolerance + 1e-9:
+            networks.setdefault(network, []).append(c)
+    if not networks:
+        ratio, c = closest
+        raise UserError(
+            f"no grid point's rounded network costs {goal:g}x the baseline's MACs within {search.macs_tolerance:.0%}; "
+            f"the closest is alpha={c.alpha}, beta={c.beta}, gamma={c.gamma} at {ratio:.2f}x: widen the ranges or "
+            "search.macs_tolerance, or change train.model.base_resolution")
+    return [min(group, key=lambda c: abs(c.product - search.target)) for group in networks.values()]
+
+
+def satisfies(entry: dict[str, Any], search: ml_collections.ConfigDict) -> bool:
+    """Whether a summary entry may win: not the baseline, and on the constraint (formula, or real MACs)."""
+    if entry["label"] == "baseline":
+        return False
+    if search.constraint == "macs":
+        ratio = entry.get("macs_ratio")
+        return ratio is not None and abs(ratio / search.target**search.phi - 1) <= search.macs_tolerance + 1e-9
+    return abs(entry["product"] - search.target) <= search.tolerance + 1e-9
 
 
 def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, seed: int, phi: float = 1.0,
@@ -138,15 +182,20 @@ def trial_model(train_config: ml_collections.ConfigDict, c: Candidate, phi: floa
     return spec, scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
 
 
-def _macs(train_config: ml_collections.ConfigDict, c: Candidate, num_classes: int, phi: float = 1.0) -> int:
+def _network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0) -> tuple[Architecture, int]:
+    """What a trial of ``c`` really trains: the rounded architecture and the input resolution."""
     spec, arch = trial_model(train_config, c, phi)
-    return cost.count_macs(arch, spec.resolution, num_classes)
+    return arch, spec.resolution
+
+
+def _macs(train_config: ml_collections.ConfigDict, c: Candidate, num_classes: int, phi: float = 1.0) -> int:
+    return cost.count_macs(*_network(train_config, c, phi), num_classes)
 
 
 # ---------------------------------------------------------------------- the plan
 
-def check_search(config: ml_collections.ConfigDict) -> list[Candidate]:
-    """Validate the whole search section before the first trial; returns the candidates."""
+def check_search(config: ml_collections.ConfigDict) -> None:
+    """Validate the whole search section before the first trial (before the data is opened)."""
     s = config.search
     if s.strategy not in ("exhaustive", "halving"):
         raise UserError(f"search.strategy must be exhaustive or halving, got {s.strategy!r}")
@@ -169,9 +218,18 @@ def check_search(config: ml_collections.ConfigDict) -> list[Candidate]:
         raise UserError(f"search.n_trials must be a positive integer with search.sampler=tpe, got {s.n_trials!r}")
     if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
         raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
+    if s.constraint not in ("formula", "macs"):
+        raise UserError(f"search.constraint must be formula or macs, got {s.constraint!r}")
+    if s.constraint == "macs":
+        if not (isinstance(s.macs_tolerance, float) and 0 < s.macs_tolerance < 1):
+            raise UserError(f"search.macs_tolerance must be in (0, 1) (relative), got {s.macs_tolerance!r}")
+        if s.sampler == "tpe":
+            raise UserError("search.constraint=macs works with search.sampler=grid (TPE proposes points on the "
+                            "formula's surface)")
     if config.train.model.resolution > 0:
         raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")
-    return candidates(s)
+    if s.constraint == "formula":
+        candidates(s)  # an empty grid fails here; real MACs need the class count, known once the data is open
 
 
 def rung_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
@@ -291,7 +349,7 @@ def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDi
     """The best constraint-satisfying candidate of the highest rung; ties go to fewer MACs."""
     top = max((s["rung"] for s in summary), default=0)
     eligible = [s for s in summary if s["mean"] is not None and s["rung"] == top
-                and satisfies(Candidate(s["alpha"], s["beta"], s["gamma"], s["label"]), search)]
+                and satisfies(s, search)]
     if not eligible:
         return None
     return max(eligible, key=lambda s: (s["mean"], -(s["macs"] or 0)))
@@ -303,7 +361,7 @@ def judge(summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, search
     top = max((s["rung"] for s in summary), default=0)
     pool = [s for s in summary if s["rung"] == top and s["mean"] is not None
             and (s is best or s["label"] == "paper"
-                 or satisfies(Candidate(s["alpha"], s["beta"], s["gamma"], s["label"]), search))]
+                 or satisfies(s, search))]
     if best is None or not pool:
         return {"verdicts": {}, "sentence": "no constraint-satisfying candidate finished: nothing to judge"}
     name = {id(s): _name(s) for s in pool}
@@ -338,6 +396,8 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[
 
 def macs_warnings(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict) -> list[str]:
     """One line when rounding makes the real networks' MACs disagree with the formula's alpha*beta^2*gamma^2."""
+    if search.constraint == "macs":  # the constraint is on the real MACs already
+        return []
     off = [s for s in summary if s["label"] != "baseline" and s.get("macs_ratio") is not None
            and abs(s["macs_ratio"] - s["product"]) > max(search.tolerance, 0.1 * s["product"])]
     if not off:
@@ -345,7 +405,7 @@ def macs_warnings(summary: Sequence[dict[str, Any]], search: ml_collections.Conf
     ratios = [s["macs_ratio"] for s in off]
     return [f"{len(off)} candidates' rounded networks cost {min(ratios):.2f}-{max(ratios):.2f}x the baseline's MACs "
             f"where alpha*beta^2*gamma^2 says ~{search.target:g}x (column xMACs): at this base resolution the "
-            "constraint does not hold in real cost"]
+            "constraint does not hold in real cost (search.constraint=macs constrains the real networks)"]
 
 
 def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -401,10 +461,15 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     Several processes may call this at once on one storage: they share the trials.
     """
     s = config.search
-    cands = check_search(config)
+    check_search(config)
     base = trial_config(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), int(s.seeds[0]))
     prepared = train.prepare(base)  # validates the train config and opens the data: writes nothing
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
+    cands = candidates(s, config.train, num_classes)
+    if s.constraint == "macs":
+        log(f"constraint on real MACs: {sum(not c.label for c in cands)} distinct networks (and the references) "
+            f"within {s.macs_tolerance:.0%} of {s.target**s.phi:g}x the baseline's MACs at "
+            f"{config.train.model.base_resolution} px")
     steps = rung_steps(config, prepared.steps_per_epoch)
     _refuse_old_workdir(workdir, storage)
     sampler = None

@@ -68,14 +68,59 @@ def test_no_candidate_names_the_closest_point():
         gs.candidates(s)
 
 
+def test_macs_constraint_keeps_real_cost_one_point_per_network():
+    c = grid_config.get_config()
+    c.train.model.base_resolution = 40
+    s = c.search
+    s.constraint, s.macs_tolerance = "macs", 0.1
+    s.alpha = s.beta = s.gamma = (1.0, 1.25)
+    cands = gs.candidates(s, c.train, 10)
+    base = gs._macs(c.train, gs.Candidate(1.0, 1.0, 1.0, "baseline"), 10)
+    nets = [gs._network(c.train, x) for x in cands]
+    assert len(set(nets)) == len(nets)  # every network trained once; the paper's stands for its grid twin
+    grid = [x for x in cands if not x.label]
+    assert len(grid) >= 4
+    for x in grid:
+        assert abs(gs._macs(c.train, x, 10) / base / 2.0 - 1) <= 0.1
+    # the rule keeps points the formula would reject, and rejects points the formula keeps
+    assert any(abs(x.product - 2.0) > 0.1 for x in grid)
+    formula = grid_config.get_config().search
+    dropped = [x for x in gs.candidates(formula) if not x.label and x.key not in {y.key for y in cands}]
+    assert dropped and all(abs(gs._macs(c.train, x, 10) / base / 2.0 - 1) > 0.1 or gs._network(c.train, x) in nets
+                           for x in dropped)
+    # the winner must be on the real-MACs constraint; the formula's product does not matter
+    entry = {"label": "", "product": 1.5, "macs_ratio": 2.1}
+    assert gs.satisfies(entry, s) and not gs.satisfies({**entry, "macs_ratio": 2.3}, s)
+    assert not gs.satisfies({**entry, "label": "baseline"}, s)
+
+
+def test_macs_constraint_without_a_point_names_the_closest():
+    c = grid_config.get_config()  # 32 px: any gamma > 1 jumps the cost
+    c.search.constraint, c.search.macs_tolerance = "macs", 0.05
+    with pytest.raises(UserError, match=r"closest is alpha=.* at 2\.\d\dx.*base_resolution"):
+        gs.candidates(c.search, c.train, 10)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("halving_eta", 0, "halving_eta"), ("halving_eta", 1, "halving_eta"), ("halving_rungs", 0, "halving_rungs"),
     ("strategy", "random", "strategy"), ("metric", "accuracy", "metric"), ("seeds", (), "seeds"),
-    ("final_seeds", (0, 0), "final_seeds"), ("alpha_level", 2.0, "alpha_level"),
+    ("final_seeds", (0, 0), "final_seeds"), ("alpha_level", 2.0, "alpha_level"), ("constraint", "flops", "constraint"),
 ])
 def test_whole_search_config_is_checked_before_any_trial(field, value, message):
     c = grid_config.get_config()
     c.search[field] = value
+    with pytest.raises(UserError, match=message):
+        gs.check_search(c)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"constraint": "macs", "macs_tolerance": 0.0}, "macs_tolerance"),
+    ({"constraint": "macs", "sampler": "tpe"}, "sampler=grid"),
+])
+def test_macs_constraint_settings_are_checked(changes, message):
+    c = grid_config.get_config()
+    for k, v in changes.items():
+        c.search[k] = v
     with pytest.raises(UserError, match=message):
         gs.check_search(c)
 
@@ -199,6 +244,16 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     finally:
         gs.train.train_and_evaluate = real
     assert [r["val_top1"] for r in again["rows"]] == [r["val_top1"] for r in rows]
+
+
+def test_search_on_real_macs_picks_a_winner_on_that_constraint(tmp_path, cache_dir):
+    c = small_config(cache_dir, steps=1, constraint="macs", macs_tolerance=0.1, alpha=(1.3, 1.3), beta=(1.05, 1.05),
+                     gamma=(1.05, 1.1), include_paper=False)
+    c.train.model.base_resolution = 40
+    out = gs.search(c, str(tmp_path), log=quiet)
+    assert len(out["rows"]) == 3 and not out["macs_warnings"]  # two tiny networks at 2x +- 10%, the baseline
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert abs(best["macs_ratio"] / 2.0 - 1) <= 0.1 and best["config"]["search"]["constraint"] == "macs"
 
 
 def test_changed_trial_config_is_refused_by_name(tmp_path, cache_dir):

@@ -1,21 +1,27 @@
 """The fidelity study's default: the grid search's candidates at 1x, 3x and 9x its trial budget.
 
-    python -m experiments.fidelity                     # this config
+    python -m experiments.fidelity                     # this config, on the grid search's default
+    python -m experiments.fidelity --config=experiments/configs/fidelity.py:fashion_mnist   # the research preset
     python -m experiments.fidelity --config.fidelity.mode=independent
 
-``train`` and ``search`` are the grid search's (experiments/configs/grid_search.py): the same
-candidates, the same trial recipe; the study trains every candidate at each budget.
+``train`` and ``search`` are those of a grid-search config (experiments/configs/grid_search.py, or
+the preset named after the colon): the same candidates, the same trial recipe; the study trains
+every candidate at each budget. With ``fashion_mnist`` the trial budget is a third of the preset's
+rung 0, so 3x is its rung 0 (94 steps) and 9x its top rung (282 steps): the study measures whether
+the preset's cheap rung ranks all of its candidates as its deciding budget does.
 """
+
+import importlib
 
 import ml_collections
 
-from experiments.configs import grid_search
 
-
-def get_config() -> ml_collections.ConfigDict:
-    c = grid_search.get_config()
+def get_config(preset: str = "grid_search") -> ml_collections.ConfigDict:
+    c = importlib.import_module(f"experiments.configs.{preset}").get_config()
     c.fidelity = f = ml_collections.ConfigDict()
     f.budgets = (1, 3, 9)  # multiples of the trial budget (train.num_epochs / num_train_steps)
     f.mode = "continued"  # or "independent" (every budget its own full learning-rate schedule)
     f.seeds = (0,)
+    if preset == "fashion_mnist":
+        c.train.num_train_steps = 31
     return c
