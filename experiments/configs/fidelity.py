@@ -11,13 +11,17 @@ rung 0, so 3x is its rung 0 (94 steps) and 9x its top rung (282 steps): the stud
 the preset's cheap rung ranks all of its candidates as its deciding budget does.
 """
 
-import importlib
-
 import ml_collections
+
+from experiments.configs import fashion_mnist, grid_search
+
+PRESETS = {"grid_search": grid_search, "fashion_mnist": fashion_mnist}
 
 
 def get_config(preset: str = "grid_search") -> ml_collections.ConfigDict:
-    c = importlib.import_module(f"experiments.configs.{preset}").get_config()
+    if preset not in PRESETS:
+        raise ValueError(f"unknown fidelity preset {preset!r}: {' or '.join(PRESETS)}")
+    c = PRESETS[preset].get_config()
     c.fidelity = f = ml_collections.ConfigDict()
     f.budgets = (1, 3, 9)  # multiples of the trial budget (train.num_epochs / num_train_steps)
     f.mode = "continued"  # or "independent" (every budget its own full learning-rate schedule)
