@@ -113,6 +113,20 @@ def test_unknown_field_of_a_default_config_file():
         train.parse_config_flags(["experiments/grid_search.py", "--config.modl.phi=2"], DIGITS)
 
 
+@pytest.mark.parametrize("config, kind", [("scaling_study.py", "scaling-study"), ("fidelity.py", "fidelity")])
+def test_unknown_preset_of_an_experiment_config_is_one_line(config, kind):
+    from effnet_jax import train
+    from effnet_jax.errors import UserError
+
+    path = os.path.join(ROOT, "experiments", "configs", config)
+    with pytest.raises(UserError, match=rf"unknown {kind} preset 'imagenet': .*fashion_mnist") as e:
+        train.parse_config_flags(["prog", f"--config={path}:imagenet"])
+    assert "\n" not in str(e.value)
+    for preset in ("fashion_mnist", ""):  # the named presets load
+        config_obj, _ = train.parse_config_flags(["prog", f"--config={path}" + (f":{preset}" if preset else "")])
+        assert config_obj.train.model.base_resolution == (40 if preset else 32)
+
+
 # ------------------------------------------------------------------------- image folders
 
 
