@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import train
+from effnet_jax import cli, train
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 
@@ -160,7 +160,7 @@ def format_agreement(out: dict[str, Any]) -> str:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
+    config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
                                           lambda fv: runner.define_flags(fv, "fidelity"))
     workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)

@@ -48,7 +48,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, scaling, train
+from effnet_jax import cli, cost, scaling, train
 from effnet_jax.arch import Architecture
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
@@ -574,7 +574,7 @@ def _workers(fv: Any) -> tuple[int, list[dict[str, str]]]:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv_list = list(sys.argv if argv is None else argv)
-    config, fv = train.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
+    config, fv = cli.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     check_search(config)  # a bad search config fails here, once, before any worker starts

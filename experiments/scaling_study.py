@@ -52,7 +52,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, scaling, train
+from effnet_jax import cli, cost, scaling, train
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 from experiments.grid_search import Candidate
@@ -355,7 +355,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = train.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
+    config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
                                           lambda fv: runner.define_flags(fv, "scaling_study"))
     workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)

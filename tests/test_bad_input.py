@@ -96,34 +96,34 @@ def test_config_file_with_a_syntax_error(tmp_path):
 ])
 def test_unknown_config_field_is_named_with_the_nearest_ones(override, message):
     """In parse_config_flags, so the grid search and the scaling study say the same (in-process, no training)."""
-    from effnet_jax import train
+    from effnet_jax import cli
     from effnet_jax.errors import UserError
 
     with pytest.raises(UserError) as e:
-        train.parse_config_flags(["train", f"--config={DIGITS}", override])
+        cli.parse_config_flags(["train", f"--config={DIGITS}", override])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_unknown_field_of_a_default_config_file():
     """The grid search and the scaling study pass their config as the default: overridden at flag definition."""
-    from effnet_jax import train
+    from effnet_jax import cli
     from effnet_jax.errors import UserError
 
     with pytest.raises(UserError, match=r"unknown config field 'modl' \(did you mean: model\?\)"):
-        train.parse_config_flags(["experiments/grid_search.py", "--config.modl.phi=2"], DIGITS)
+        cli.parse_config_flags(["experiments/grid_search.py", "--config.modl.phi=2"], DIGITS)
 
 
 @pytest.mark.parametrize("config, kind", [("scaling_study.py", "scaling-study"), ("fidelity.py", "fidelity")])
 def test_unknown_preset_of_an_experiment_config_is_one_line(config, kind):
-    from effnet_jax import train
+    from effnet_jax import cli
     from effnet_jax.errors import UserError
 
     path = os.path.join(ROOT, "experiments", "configs", config)
     with pytest.raises(UserError, match=rf"unknown {kind} preset 'imagenet': .*fashion_mnist") as e:
-        train.parse_config_flags(["prog", f"--config={path}:imagenet"])
+        cli.parse_config_flags(["prog", f"--config={path}:imagenet"])
     assert "\n" not in str(e.value)
     for preset in ("fashion_mnist", ""):  # the named presets load
-        config_obj, _ = train.parse_config_flags(["prog", f"--config={path}" + (f":{preset}" if preset else "")])
+        config_obj, _ = cli.parse_config_flags(["prog", f"--config={path}" + (f":{preset}" if preset else "")])
         assert config_obj.train.model.base_resolution == (40 if preset else 32)
 
 
@@ -321,10 +321,10 @@ def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
 
 def test_finished_workdir_in_process_returns_the_stored_result(copy):
     """The grid search calls train_and_evaluate per trial: a finished one is neither retrained nor rewritten."""
-    from effnet_jax import train
+    from effnet_jax import cli, train
 
     before = snapshot(copy)
-    config, _ = train.parse_config_flags(train_cmd(copy, "--config.num_train_steps=4")[2:])
+    config, _ = cli.parse_config_flags(train_cmd(copy, "--config.num_train_steps=4")[2:])
     assert train.train_and_evaluate(config, str(copy)) == json.loads((copy / "result.json").read_text())
     assert snapshot(copy) == before
 
