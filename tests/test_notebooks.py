@@ -1,10 +1,10 @@
 """The notebooks run top to bottom on CPU with their tiny setting, and are committed without outputs.
 
-Each notebook is executed with nbclient in a fresh "python3" kernel started in the repository
-root; a cell setting ``TINY = True`` and a temporary WORKDIR / COMPILE_CACHE_DIR is injected right
-after the cell tagged "parameters" (what papermill does). Each notebook's source is a jupytext
-percent-format file, notebooks/<name>.py, paired with the notebooks/<name>.ipynb that Colab opens
-(edit the .py, then ``jupytext --sync notebooks/*.py``); the committed .ipynb must hold its cells.
+Each notebook's source is a jupytext percent-format file, notebooks/<name>.py, paired with the
+notebooks/<name>.ipynb that Colab opens (edit the .py, then ``jupytext --sync notebooks/*.py``).
+The committed .ipynb must be stripped and hold the same cells as its .py. Each .ipynb is executed
+with papermill in a fresh "python3" kernel started in the repository root, with ``TINY = True``
+and a temporary WORKDIR / COMPILE_CACHE_DIR injected after the cell tagged "parameters".
 """
 
 import glob
@@ -21,27 +21,23 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 CELL_TIMEOUT_S = 600
 
 
-def read(name):
-    return nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
-
-
 def execute(name, tmp_path, monkeypatch, **params):
-    """Run notebooks/<name> with TINY = True (+ params) injected; returns (notebook, all text output)."""
-    from nbclient import NotebookClient
+    """Run notebooks/<name> with papermill, TINY = True (+ params); returns (notebook, all text output)."""
+    import papermill
 
-    nb = read(name)
-    idx = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(idx) == 1, "exactly one cell must be tagged 'parameters'"
-    source = "\n".join(f"{k} = {v!r}" for k, v in {"TINY": True, **params}.items())
-    nb.cells.insert(idx[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the kernel inherits this environment
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-                            resources={"metadata": {"path": ROOT}})  # the kernel's cwd: the repository root
     t0 = time.time()
-    client.execute()  # raises CellExecutionError (with the cell and traceback) if a cell fails
+    # raises PapermillExecutionError (with the cell and traceback) if a cell fails
+    nb = papermill.execute_notebook(
+        os.path.join(ROOT, "notebooks", name), str(tmp_path / name), parameters={"TINY": True, **params},
+        kernel_name="python3", cwd=ROOT,  # the kernel's cwd: the repository root
+        execution_timeout=CELL_TIMEOUT_S, progress_bar=False)
     print(f"{name}: {time.time() - t0:.1f} s")
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    injected = [i for i, t in enumerate(tags) if "injected-parameters" in t]
+    assert len(injected) == 1 and "parameters" in tags[injected[0] - 1], "parameters not injected after their cell"
     text = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
