@@ -27,7 +27,7 @@ DATA = [  # tfds datasets and image folders; imported lazily, only by that path
 PEERS = ["torch>=2.4", "torchvision", "timm>=1.0"]  # numerical peer (timm)
 POSTGRES = ["psycopg[binary]>=3.1"]  # --storage=postgresql://... (SQLAlchemy's psycopg 3 driver)
 TEST = DATA + PEERS + POSTGRES + [
-    "pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6",
+    "pytest>=8", "pytest-xdist>=3", "ruff>=0.6", "nbformat>=5.9", "jupytext>=1.16", "papermill>=2.6", "ipykernel>=6",
 ]
 
 setup(
