@@ -20,7 +20,7 @@ import math
 import os
 from typing import Any
 
-from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec
+from effnet_jax.arch import B0, NETWORKS, Architecture, BlockSpec, NetworkSpec
 from effnet_jax.errors import UserError
 
 PAPER_CONSTANTS = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
@@ -141,6 +141,11 @@ def check_constants(constants: dict[str, Any]) -> dict[str, float]:
 
 def load_constants(path: str | os.PathLike) -> dict[str, float]:
     """Read alpha, beta, gamma from a JSON file such as the grid search's best.json."""
+    return read_constants_file(path)[0]
+
+
+def read_constants_file(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any]]:
+    """(alpha/beta/gamma, the whole JSON object) of a constants file such as best.json, read once."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -151,7 +156,7 @@ def load_constants(path: str | os.PathLike) -> dict[str, float]:
     if not isinstance(data, dict):
         raise UserError(f"constants file {path} must hold a JSON object")
     try:
-        return check_constants(data)
+        return check_constants(data), data
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 
@@ -207,3 +212,43 @@ def build_architecture(
         head_channels=round_filters(network.head_channels, spec.width),
         stem_stride=network.stem_stride,
     )
+
+
+# ------------------------------------------------------- from a trainer config
+
+def model_spec(m: Any) -> ScalingSpec:
+    """The ScalingSpec a trainer config's ``model`` section asks for: official name, or formula from
+    constants (a best.json path, read here once) and phi."""
+    if m.name == "formula":
+        if m.constants:
+            constants = load_constants(os.path.expanduser(m.constants))
+        else:
+            constants = check_constants({"alpha": m.alpha, "beta": m.beta, "gamma": m.gamma})
+        spec = from_constants(**constants, phi=m.phi, base_resolution=m.base_resolution,
+                              resolution_multiple=m.resolution_multiple)
+    else:
+        spec = resolve(m.name)
+    if m.resolution > 0:
+        spec = dataclasses.replace(spec, resolution=int(m.resolution))
+    if m.dropout >= 0:
+        spec = dataclasses.replace(spec, dropout=float(m.dropout))
+    return spec
+
+
+def network(m: Any) -> NetworkSpec:
+    """The block table a ``model`` section names (arch.NETWORKS)."""
+    if m.network not in NETWORKS:
+        raise UserError(f"model.network must be one of {', '.join(NETWORKS)}, got {m.network!r}")
+    return NETWORKS[m.network]
+
+
+def compute_dtype(name: str) -> Any:
+    """model.dtype as a jax dtype: "auto" is float32 on CPU and bfloat16 on GPU/TPU."""
+    import jax
+    import jax.numpy as jnp
+
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
+    return jnp.dtype(name)

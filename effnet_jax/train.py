@@ -13,12 +13,9 @@ checkpoint resumes from it: data order and dropout keys are functions of
 (seed, step), so a killed-and-resumed run ends where an uninterrupted one does.
 ``experiments.grid_search`` calls ``train_and_evaluate`` in-process.
 
-A workdir belongs to one config: its ``config.json`` is compared with the new config (minus
-cosmetic fields such as ``log_every_steps``) and any difference is refused, because resuming
-someone else's checkpoint would silently mix two runs (``--restart`` starts over). The one
-exception: with the same positive ``schedule_steps`` a run may grow its ``num_train_steps``,
-continuing the shorter run exactly (the grid search's promoted trials). A finished workdir is
-not trained again: its stored result is returned and no file changes.
+A workdir belongs to one config (``rundir.check_resume``: a changed config is refused,
+``--restart`` starts over); a finished workdir is not trained again: its stored result is
+returned and no file changes.
 
 Exit codes of the CLI: 0 done; 1 training diverged (non-finite loss); 2 a mistake in the
 flags, config, data or workdir, or a full / read-only disk (one ``error:`` line on stderr,
@@ -27,18 +24,14 @@ nothing written when it is found before training); 130 Ctrl-C (one line saying h
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import math
 import os
-import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,61 +43,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import compile_cache, input_pipeline, metrics, scaling
-from effnet_jax.arch import NETWORKS, NetworkSpec
+from effnet_jax import compile_cache, input_pipeline, metrics, rundir, scaling
 from effnet_jax.cost import count_macs, count_params
-from effnet_jax.errors import Interrupted, UserError, exit_on_user_error, one_line
+from effnet_jax.errors import Interrupted, UserError, exit_on_user_error
 from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
 from effnet_jax.metrics import MetricsWriter
 from effnet_jax.model import BN_MOMENTUM, create_model, head_init_fn
 
 State = dict[str, Any]
-
-# Config fields that change how a run reports or saves itself, not what it computes: a workdir
-# may be resumed with other values (as experiments.runner's trial identity).
-COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps",
-                   "keep_checkpoints", "eval_every_steps", "save_weights")
-# What --restart deletes (and nothing else the user may keep in the workdir).
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "config.json", "weights.safetensors",
-             "ema_weights.safetensors")
-# An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-# ----------------------------------------------------------------------------- model
-
-def model_spec(config: ml_collections.ConfigDict) -> scaling.ScalingSpec:
-    """The ScalingSpec a config asks for: official name, or formula from constants and phi."""
-    m = config.model
-    if m.name == "formula":
-        if m.constants:
-            constants = scaling.load_constants(os.path.expanduser(m.constants))
-        else:
-            constants = scaling.check_constants({"alpha": m.alpha, "beta": m.beta, "gamma": m.gamma})
-        spec = scaling.from_constants(**constants, phi=m.phi, base_resolution=m.base_resolution,
-                                      resolution_multiple=m.resolution_multiple)
-    else:
-        spec = scaling.resolve(m.name)
-    if m.resolution > 0:
-        spec = dataclasses.replace(spec, resolution=int(m.resolution))
-    if m.dropout >= 0:
-        spec = dataclasses.replace(spec, dropout=float(m.dropout))
-    return spec
-
-
-def network(config: ml_collections.ConfigDict) -> NetworkSpec:
-    """The block table the config names (arch.NETWORKS)."""
-    if config.model.network not in NETWORKS:
-        raise UserError(f"model.network must be one of {', '.join(NETWORKS)}, got {config.model.network!r}")
-    return NETWORKS[config.model.network]
-
-
-def compute_dtype(name: str) -> Any:
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    if name not in ("float32", "bfloat16"):
-        raise UserError(f"model.dtype must be auto, float32 or bfloat16, got {name!r}")
-    return jnp.dtype(name)
 
 
 # ------------------------------------------------------------------------- optimizer
@@ -209,12 +155,12 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
     """Validate a config (UserError on any mistake) and open its data source."""
-    spec = model_spec(config)
-    arch = scaling.build_architecture(spec, network(config), config.model.drop_path_rate)
+    spec = scaling.model_spec(config.model)
+    arch = scaling.build_architecture(spec, scaling.network(config.model), config.model.drop_path_rate)
     if spec.resolution < arch.total_stride:
         raise UserError(f"resolution {spec.resolution} is smaller than the network's total stride "
                         f"{arch.total_stride}")
-    dtype = compute_dtype(config.model.dtype)
+    dtype = scaling.compute_dtype(config.model.dtype)
     ndev = jax.device_count()
     if config.batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {config.batch_size}")
@@ -256,212 +202,6 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def check_workdir(workdir: str) -> None:
-    """Refuse a workdir that cannot hold a run (a file, /proc, read-only), before anything is written."""
-    if "://" in workdir:  # a remote file system (gs://...): its own client reports
-        return
-    path = os.path.abspath(workdir)
-    real = os.path.realpath(path)
-    for virtual in ("/proc", "/sys"):
-        if real == virtual or real.startswith(virtual + os.sep):
-            raise UserError(f"--workdir {workdir} is under {virtual}, a virtual file system that cannot hold "
-                            "checkpoints; choose a directory on a disk")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--workdir {workdir} is a file, not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--workdir {workdir} cannot be created: {existing} is a file, not a directory")
-    readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-    if readonly or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is on a read-only file system" if readonly else "is not writable (permission denied)"
-        raise UserError(f"--workdir {workdir} cannot be written: {existing} {why}")
-
-
-def _make_workdir(workdir: str) -> None:
-    """Create ``workdir`` and write (then delete) a probe file: the last check before the run writes."""
-    path = os.path.abspath(workdir)
-    created = []
-    parent = path
-    while not os.path.exists(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    probe = os.path.join(path, f".write_test.{os.getpid()}.{jax.process_index()}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok\n")
-        os.remove(probe)
-    except OSError as e:
-        for d in created:  # deepest first: leave nothing behind
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        raise UserError(f"--workdir {workdir} cannot be written: {e.strerror or e}") from None
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their dotted names."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as config.json holds it (tuples as lists, non-finite floats as null)."""
-    return json.loads(metrics.dumps(json.loads(config.to_json_best_effort())))
-
-
-def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, steps_per_epoch: int,
-                       limit: int = 5) -> list[str]:
-    """'field old -> new' for each non-cosmetic field of a workdir's config.json that ``new`` changes.
-
-    A field missing from the old file (a workdir from before the field existed) counts as its
-    default; one missing from the new config (a field since removed) is read by nothing.
-    Longer training (num_train_steps / num_epochs) is no difference when both configs have the
-    same positive schedule_steps: the new run continues the old one exactly.
-    """
-    from effnet_jax.configs import default
-
-    def fields(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
-
-    b = fields(_as_json(new))
-    a = {**fields(_as_json(default.get_config())), **fields(old)}
-    if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
-        b = {k: v for k, v in b.items() if k != "num_epochs"}
-    diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
-
-    def steps(c: dict[str, Any]) -> int:
-        return int(c.get("num_train_steps") or math.ceil(float(c.get("num_epochs", 0)) * steps_per_epoch))
-
-    same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
-    if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):
-        diff = []  # a longer run continuing this one
-    lines = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in diff]
-    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-_UNSET = object()
-
-
-def _read_json(path: str, workdir: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise UserError(f"workdir {workdir} has an unreadable {os.path.basename(path)} ({one_line(e)[:100]}); "
-                        "use a new --workdir or pass --restart to start over") from None
-
-
-def _checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the finished checkpoints in ``workdir`` (orbax writes a temporary name, then renames)."""
-    try:
-        return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    except OSError:
-        return []
-
-
-def check_resume(config: ml_collections.ConfigDict, workdir: str, run: Run) -> dict[str, Any] | None:
-    """Check that ``workdir`` can take this run (UserError if not); its stored result if already finished.
-
-    Writes nothing. Refused: a workdir of a different config (``config_differences``), or one
-    whose checkpoint is past this config's last step.
-    """
-    check_workdir(workdir)
-    if "://" in workdir:
-        return None
-    old = _read_json(os.path.join(workdir, "config.json"), workdir)
-    if old is not None:
-        diff = config_differences(old, config, run.steps_per_epoch)
-        if diff:
-            raise UserError(f"workdir {workdir} was started with a different config: {', '.join(diff)}; "
-                            "use a new --workdir or pass --restart to start over")
-    steps = _checkpoint_steps(workdir)
-    if steps and steps[-1] > run.total_steps:
-        raise UserError(f"workdir {workdir} holds a checkpoint at step {steps[-1]}, past this config's "
-                        f"{run.total_steps} steps; use a new --workdir or pass --restart to start over")
-    result = _read_json(os.path.join(workdir, "result.json"), workdir)
-    if isinstance(result, dict) and result.get("status") == "ok" and result.get("steps") == run.total_steps:
-        return result
-    return None
-
-
-def clear_workdir(workdir: str) -> None:
-    """Delete a run's files from ``workdir`` (checkpoints, metrics, results, weights); keep anything else."""
-    for name in RUN_FILES:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-
-
-def storage_error(e: BaseException) -> OSError | None:
-    """The OSError of a full, read-only or forbidden disk behind ``e`` (orbax wraps them), or None."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
-            return x
-        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
-    return None
-
-
-class _InterruptGuard:
-    """Ctrl-C during training: KeyboardInterrupt at once, except while a checkpoint is being saved.
-
-    A save interrupted half-way is lost work and may leave orbax's background writer in an
-    unknown state, so SIGINT then waits for the save to return (a second Ctrl-C does not).
-    Only the main thread can install a signal handler; elsewhere this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self.saving = self.pending = False
-        self.previous: Any = None
-
-    def __enter__(self) -> _InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:  # a run started with SIGINT ignored keeps ignoring it
-                self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.saving and not self.pending:
-            self.pending = True
-            return
-        if callable(self.previous) and self.previous is not signal.default_int_handler:
-            self.previous(signum, frame)
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def saving_checkpoint(self) -> Iterator[None]:
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
 # ------------------------------------------------------------------------ training
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None,
@@ -481,28 +221,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     spec, source, total = run.spec, run.source, run.total_steps
     lead = jax.process_index() == 0
     if restart:
-        check_workdir(workdir)
+        rundir.check_workdir(workdir)
         if lead and os.path.isdir(workdir):
-            clear_workdir(workdir)
+            rundir.clear_workdir(workdir)
         if jax.process_count() > 1:  # nobody reads the old checkpoints while process 0 deletes them
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("effnet_jax restart")
     else:
-        stored = check_resume(config, workdir, run)
+        stored = rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
         if stored is not None:
             return stored
     if "://" in workdir:
         os.makedirs(workdir, exist_ok=True)
     else:
-        _make_workdir(workdir)
+        rundir.make_workdir(workdir)
     if config.compile_cache_dir:  # a rerun, a resumed trial or a same-shaped trial skips XLA compiles
         compile_cache.enable(config.compile_cache_dir, min_compile_time_s=0.5)
     if lead:
-        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
     t_start = time.time()
-    model = create_model(spec, source.num_classes, config.seed, dtype=run.dtype, network=network(config),
+    model = create_model(spec, source.num_classes, config.seed, dtype=run.dtype, network=scaling.network(config.model),
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout,
                          depthwise_impl=config.model.depthwise_impl,
                          head_init=config.model.get("head_init", "paper"))
@@ -557,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     timed_steps, timed_s, t_mark = 0, 0.0, None
     bar = _progress(config, total, start, lead)
     done = start
-    guard = _InterruptGuard()
+    guard = rundir.InterruptGuard()
     try:
         with guard:
             batches = source.train_batches(start)
@@ -618,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     })
     writer.close()
     if lead:
-        _write_json(os.path.join(workdir, "result.json"), final)
+        rundir.write_json(os.path.join(workdir, "result.json"), final)
     return final
 
 
@@ -690,14 +430,6 @@ def _progress(config: ml_collections.ConfigDict, total: int, start: int, lead: b
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    """Write atomically (a reader never sees half a file) and strictly: NaN / inf as null."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(metrics.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _num(x: Any, fmt: str) -> str:
     """``x`` formatted, or 'n/a' for a value a stored result holds as null (non-finite)."""
     return "n/a" if x is None else format(x, fmt)
@@ -739,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError("--workdir is required")
     workdir, lead = fv.workdir, jax.process_index() == 0
     run = prepare(config)
-    stored = None if fv.restart else check_resume(config, workdir, run)
+    stored = None if fv.restart else rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
     if stored is not None:
         if lead:
             print(f"{summary_line(stored)} (already finished; nothing changed)", flush=True)
@@ -747,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         result = train_and_evaluate(config, workdir, run=run, restart=fv.restart)
     except Exception as e:  # re-raised unless the disk is full, read-only or forbidden
-        err = storage_error(e)
+        err = rundir.storage_error(e)
         if err is None:
             raise
         name = errno.errorcode.get(err.errno, str(err.errno))

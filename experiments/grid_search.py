@@ -178,8 +178,8 @@ def trial_model(train_config: ml_collections.ConfigDict, c: Candidate, phi: floa
                 ) -> tuple[scaling.ScalingSpec, Architecture]:
     """The spec and rounded architecture a trial of ``c`` trains (the trainer's own config path)."""
     cfg = trial_config(train_config, c, 0, phi)
-    spec = train.model_spec(cfg)
-    return spec, scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+    spec = scaling.model_spec(cfg.model)
+    return spec, scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
 
 
 def _network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0) -> tuple[Architecture, int]:

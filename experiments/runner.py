@@ -42,7 +42,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import train
+from effnet_jax import rundir
 from effnet_jax.errors import UserError
 from effnet_jax.metrics import finite_or_none
 
@@ -101,12 +101,12 @@ def _has_module(name: str) -> bool:
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What makes two trials with the same key comparable: the trainer config minus cosmetic fields."""
     d = json.loads(config.to_json_best_effort())
-    return {k: v for k, v in d.items() if k not in train.COSMETIC_FIELDS}
+    return {k: v for k, v in d.items() if k not in rundir.COSMETIC_FIELDS}
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> list[str]:
     """'key old -> new' for each flattened field that differs (at most ``limit``, then a count)."""
-    a, b = train.flatten(dict(old)), train.flatten(dict(new))
+    a, b = rundir.flatten(dict(old)), rundir.flatten(dict(new))
     diff = [f"{k} {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
     return diff[:limit] + ([f"and {len(diff) - limit} more"] if len(diff) > limit else [])

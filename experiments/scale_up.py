@@ -12,7 +12,6 @@ one workdir per phi (resumable).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -28,9 +27,7 @@ from experiments import report
 
 def read_best(path: str) -> tuple[dict[str, float], dict[str, Any]]:
     """(constants, the whole best.json) of a grid search; best.json is read here, once."""
-    constants = scaling.load_constants(path)
-    with open(path) as f:
-        return constants, json.load(f)
+    return scaling.read_constants_file(path)
 
 
 def search_train_config(best: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -54,10 +51,13 @@ def _update(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
             cfg[k] = tuple(v) if isinstance(v, list) else v
 
 
-def phi_config(train_config: ml_collections.ConfigDict, constants_path: str, phi: float) -> ml_collections.ConfigDict:
+def phi_config(train_config: ml_collections.ConfigDict, constants: dict[str, float], phi: float
+               ) -> ml_collections.ConfigDict:
+    """The search's trainer config with B0 scaled by ``constants`` at ``phi`` (the constants by value)."""
     cfg = ml_collections.ConfigDict(train_config.to_dict())
-    cfg.model.name, cfg.model.constants, cfg.model.phi, cfg.model.resolution = (
-        "formula", os.path.abspath(constants_path), float(phi), 0)
+    m = cfg.model
+    m.name, m.constants, m.phi, m.resolution = "formula", "", float(phi), 0
+    m.alpha, m.beta, m.gamma = constants["alpha"], constants["beta"], constants["gamma"]
     return cfg
 
 
@@ -71,13 +71,13 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     train_config = overrides if overrides is not None else search_train_config(best)
     num_classes = int(best.get("num_classes") or 0)
     if not num_classes or (overrides is not None and train_config.data.name != best["config"]["train"]["data"]["name"]):
-        num_classes = train.prepare(phi_config(train_config, constants_path, 0.0)).source.num_classes
+        num_classes = train.prepare(phi_config(train_config, constants, 0.0)).source.num_classes
     m = train_config.model
     rows, base_macs = [], None
     for phi in [0.0, *phis]:
-        cfg = phi_config(train_config, constants_path, phi)
-        spec = train.model_spec(cfg)
-        arch = scaling.build_architecture(spec, train.network(cfg), cfg.model.drop_path_rate)
+        cfg = phi_config(train_config, constants, phi)
+        spec = scaling.model_spec(cfg.model)
+        arch = scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
         row = {"name": f"{m.network} phi={phi:g}", "phi": phi, "width": spec.width, "depth": spec.depth,
                "resolution": spec.resolution, "blocks": len(arch.blocks),
                "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution,
@@ -93,7 +93,7 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     if workdir is None:
         return rows
     for row in rows:
-        result = train.train_and_evaluate(phi_config(train_config, constants_path, row["phi"]),
+        result = train.train_and_evaluate(phi_config(train_config, constants, row["phi"]),
                                           os.path.join(workdir, f"phi{row['phi']:g}"))
         row.update({k: result.get(k) for k in ("status", "val_top1", "ema_val_top1", "wall_time_s", "num_classes")})
         print(train.summary_line(result), flush=True)

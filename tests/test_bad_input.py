@@ -195,7 +195,7 @@ def test_read_only_workdir(tmp_path):
 
 def test_unwritable_workdir_is_refused_before_writing(tmp_path, monkeypatch):
     """What a mode-0500 directory is to a non-root user, here as root: access(W_OK) says no."""
-    from effnet_jax import train
+    from effnet_jax import rundir
     from effnet_jax.errors import UserError
 
     real_access = os.access
@@ -203,7 +203,7 @@ def test_unwritable_workdir_is_refused_before_writing(tmp_path, monkeypatch):
         p, mode))
     for target in (tmp_path, tmp_path / "sub"):
         with pytest.raises(UserError, match=f"cannot be written: {tmp_path} is not writable"):
-            train.check_workdir(str(target))
+            rundir.check_workdir(str(target))
     assert os.listdir(tmp_path) == []
 
 
@@ -347,7 +347,7 @@ def test_resuming_with_a_changed_config_is_refused(copy, overrides, message):
 
 def test_config_differences_ignore_cosmetics_and_fields_added_or_removed_since():
     """A workdir from before a field existed resumes when the new config keeps that field's default."""
-    from effnet_jax import train
+    from effnet_jax import rundir
     from effnet_jax.configs import digits
 
     new = digits.get_config()
@@ -355,13 +355,13 @@ def test_config_differences_ignore_cosmetics_and_fields_added_or_removed_since()
     del old["schedule_steps"]  # added since (default 0)
     old["model"]["retired_field"] = 1  # removed since
     old["log_every_steps"], old["progress_bar"] = 1, False
-    assert train.config_differences(old, new, steps_per_epoch=33) == []
+    assert rundir.config_differences(old, new, steps_per_epoch=33) == []
     new.schedule_steps, new.batch_size = 100, 16
-    assert train.config_differences(old, new, 33) == ["batch_size 32 -> 16", "schedule_steps 0 -> 100"]
+    assert rundir.config_differences(old, new, 33) == ["batch_size 32 -> 16", "schedule_steps 0 -> 100"]
     old["schedule_steps"], old["num_train_steps"], new.num_train_steps, new.batch_size = 100, 0, 60, 32
-    assert train.config_differences(old, new, 33) == ["num_train_steps 0 -> 60"]  # 60 < 15 epochs of 33 steps
+    assert rundir.config_differences(old, new, 33) == ["num_train_steps 0 -> 60"]  # 60 < 15 epochs of 33 steps
     new.num_train_steps = 600
-    assert train.config_differences(old, new, 33) == []  # longer, same schedule: continues
+    assert rundir.config_differences(old, new, 33) == []  # longer, same schedule: continues
 
 
 def test_checkpoint_past_the_configs_steps_is_refused(copy):

@@ -181,12 +181,12 @@ def test_summary_line_names_a_network_other_than_b0_and_tolerates_nulls():
 def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
     import numpy as np
 
-    from effnet_jax import metrics, train
+    from effnet_jax import metrics, rundir
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
 
-    train._write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "x": [np.float32("inf"), 1.5], "n": 3})
+    rundir.write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "x": [np.float32("inf"), 1.5], "n": 3})
     assert strict((tmp_path / "r.json").read_text()) == {"loss": None, "x": [None, 1.5], "n": 3}
     writer = metrics.MetricsWriter(str(tmp_path))
     writer.write(1, {"loss": np.float32("nan"), "lr": np.float32(0.5)})

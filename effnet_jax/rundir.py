@@ -1,0 +1,253 @@
+"""A run's directory: whether it can take a run, whether it belongs to this config, what --restart
+deletes, a full disk told apart from a bug, and Ctrl-C that waits for a checkpoint save.
+
+A workdir belongs to one config: its ``config.json`` is compared with the new config (minus
+cosmetic fields such as ``log_every_steps``) and any difference is refused, because resuming
+someone else's checkpoint would silently mix two runs. The one exception: with the same
+positive ``schedule_steps`` a run may grow its ``num_train_steps``, continuing the shorter run
+exactly (the grid search's promoted trials). A finished workdir is not trained again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+
+from effnet_jax import metrics
+from effnet_jax.errors import UserError, one_line
+
+# Config fields that change how a run reports or saves itself, not what it computes: a workdir
+# may be resumed with other values (as experiments.runner's trial identity).
+COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps",
+                   "keep_checkpoints", "eval_every_steps", "save_weights")
+# What --restart deletes (and nothing else the user may keep in the workdir).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "config.json", "weights.safetensors",
+             "ema_weights.safetensors")
+# An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuse a workdir that cannot hold a run (a file, /proc, read-only), before anything is written."""
+    if "://" in workdir:  # a remote file system (gs://...): its own client reports
+        return
+    path = os.path.abspath(workdir)
+    real = os.path.realpath(path)
+    for virtual in ("/proc", "/sys"):
+        if real == virtual or real.startswith(virtual + os.sep):
+            raise UserError(f"--workdir {workdir} is under {virtual}, a virtual file system that cannot hold "
+                            "checkpoints; choose a directory on a disk")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--workdir {workdir} cannot be created: {existing} is a file, not a directory")
+    readonly = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if readonly or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if readonly else "is not writable (permission denied)"
+        raise UserError(f"--workdir {workdir} cannot be written: {existing} {why}")
+
+
+def make_workdir(workdir: str) -> None:
+    """Create ``workdir`` and write (then delete) a probe file: the last check before the run writes."""
+    path = os.path.abspath(workdir)
+    created = []
+    parent = path
+    while not os.path.exists(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    probe = os.path.join(path, f".write_test.{os.getpid()}.{jax.process_index()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        for d in created:  # deepest first: leave nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise UserError(f"--workdir {workdir} cannot be written: {e.strerror or e}") from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config fields by their dotted names."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as config.json holds it (tuples as lists, non-finite floats as null)."""
+    return json.loads(metrics.dumps(json.loads(config.to_json_best_effort())))
+
+
+def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, steps_per_epoch: int,
+                       limit: int = 5) -> list[str]:
+    """'field old -> new' for each non-cosmetic field of a workdir's config.json that ``new`` changes.
+
+    A field missing from the old file (a workdir from before the field existed) counts as its
+    default; one missing from the new config (a field since removed) is read by nothing.
+    Longer training (num_train_steps / num_epochs) is no difference when both configs have the
+    same positive schedule_steps: the new run continues the old one exactly.
+    """
+    from effnet_jax.configs import default
+
+    def fields(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
+
+    b = fields(_as_json(new))
+    a = {**fields(_as_json(default.get_config())), **fields(old)}
+    if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
+        b = {k: v for k, v in b.items() if k != "num_epochs"}
+    diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
+
+    def steps(c: dict[str, Any]) -> int:
+        return int(c.get("num_train_steps") or math.ceil(float(c.get("num_epochs", 0)) * steps_per_epoch))
+
+    same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
+    if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):
+        diff = []  # a longer run continuing this one
+    lines = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in diff]
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+_UNSET = object()
+
+
+def read_json(path: str, workdir: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"workdir {workdir} has an unreadable {os.path.basename(path)} ({one_line(e)[:100]}); "
+                        "use a new --workdir or pass --restart to start over") from None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the finished checkpoints in ``workdir`` (orbax writes a temporary name, then renames)."""
+    try:
+        return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    except OSError:
+        return []
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, total_steps: int, steps_per_epoch: int
+                 ) -> dict[str, Any] | None:
+    """Check that ``workdir`` can take this run (UserError if not); its stored result if already finished.
+
+    Writes nothing. Refused: a workdir of a different config (``config_differences``), or one
+    whose checkpoint is past this config's last step.
+    """
+    check_workdir(workdir)
+    if "://" in workdir:
+        return None
+    old = read_json(os.path.join(workdir, "config.json"), workdir)
+    if old is not None:
+        diff = config_differences(old, config, steps_per_epoch)
+        if diff:
+            raise UserError(f"workdir {workdir} was started with a different config: {', '.join(diff)}; "
+                            "use a new --workdir or pass --restart to start over")
+    steps = checkpoint_steps(workdir)
+    if steps and steps[-1] > total_steps:
+        raise UserError(f"workdir {workdir} holds a checkpoint at step {steps[-1]}, past this config's "
+                        f"{total_steps} steps; use a new --workdir or pass --restart to start over")
+    result = read_json(os.path.join(workdir, "result.json"), workdir)
+    if isinstance(result, dict) and result.get("status") == "ok" and result.get("steps") == total_steps:
+        return result
+    return None
+
+
+def clear_workdir(workdir: str) -> None:
+    """Delete a run's files from ``workdir`` (checkpoints, metrics, results, weights); keep anything else."""
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def storage_error(e: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden disk behind ``e`` (orbax wraps them), or None."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
+            return x
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None
+
+
+class InterruptGuard:
+    """Ctrl-C during training: KeyboardInterrupt at once, except while a checkpoint is being saved.
+
+    A save interrupted half-way is lost work and may leave orbax's background writer in an
+    unknown state, so SIGINT then waits for the save to return (a second Ctrl-C does not).
+    Only the main thread can install a signal handler; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.saving = self.pending = False
+        self.previous: Any = None
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:  # a run started with SIGINT ignored keeps ignoring it
+                self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.saving and not self.pending:
+            self.pending = True
+            return
+        if callable(self.previous) and self.previous is not signal.default_int_handler:
+            self.previous(signum, frame)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving_checkpoint(self) -> Iterator[None]:
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write atomically (a reader never sees half a file) and strictly: NaN / inf as null."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(metrics.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
