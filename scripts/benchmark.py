@@ -376,14 +376,22 @@ def table(records: list[dict[str, Any]]) -> str:
     """One row per runner: img/s, ms/step, first step (compile included), ours/timm ratios and, where the
     reference kernels were timed too, ours/reference (the speed-up of the fast kernels)."""
     peer = {(r["mode"], r["variant"]): r for r in records if r["impl"] == "timm"}
-    ref = {r["mode"]: r for r in records if r["impl"] == "effnet_jax" and r["variant"] == "reference"}
+    refs = [r for r in records if r["impl"] == "effnet_jax" and r["variant"] == "reference"]
+
+    def reference_for(r: dict[str, Any]) -> dict[str, Any] | None:
+        """The reference record of the same mode, from the same process if there is one (--report joins runs)."""
+        same_mode = [x for x in refs if x["mode"] == r["mode"]]
+        same_run = [x for x in same_mode if x.get("started") == r.get("started")]
+        return (same_run or same_mode or [None])[-1]
+
     lines = [f"{'mode':<10} {'impl':<11} {'variant':<10} {'img/s':>9} {'ms/step':>9} {'first s':>8}"
              "  vs timm / reference"]
     for r in records:
         ratios = []
         if r["impl"] == "effnet_jax":
-            if r["mode"] in ref and r["variant"] != "reference":
-                ratios.append(f"{r['img_per_s'] / ref[r['mode']]['img_per_s']:.2f}x reference")
+            ref = reference_for(r)
+            if ref is not None and r["variant"] != "reference":
+                ratios.append(f"{r['img_per_s'] / ref['img_per_s']:.2f}x reference")
             for (mode, variant), p in peer.items():
                 if mode == r["mode"]:
                     ratios.append(f"{r['img_per_s'] / p['img_per_s']:.2f}x {variant}")
@@ -461,6 +469,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # names this process's records
     if args.peer and _PEER_IMPORT_ERROR is not None:
         raise UserError(f"--peer timm needs torch and timm: pip install torch timm ({_PEER_IMPORT_ERROR})")
     spec, res = spec_and_resolution(args)
@@ -492,6 +501,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light
+    env["started"] = started
     peak = peak_device_bytes()
     records = []
     for r in runners:

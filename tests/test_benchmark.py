@@ -10,7 +10,7 @@ import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
 FIELDS = {"model", "resolution", "batch", "dtype", "impl", "mode", "variant", "kernels", "img_per_s", "step_s",
-          "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min"}
+          "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min", "started"}
 
 
 def load_benchmark():
