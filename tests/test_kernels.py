@@ -143,6 +143,20 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
     assert loaded == ([] if kernels == "reference" else sorted(TRICKS))
 
 
+def test_reference_train_step_program_does_not_depend_on_the_seed():
+    # As FlatModel's (tests/test_flat_state.py): trials that differ only in seed share one compiled step.
+    texts = []
+    for seed in (0, 1):
+        c = digits.get_config()
+        c.model.network, c.model.kernels, c.model.drop_path_rate = "tiny", "reference", 0.2
+        c.batch_size, c.seed = 4, seed
+        p = train.build_program(c, train.model_spec(c), 10, layers=train.model_layers(c), dtype=jax.numpy.float32,
+                                steps_per_epoch=10, total_steps=100)
+        batch = {"image": jax.numpy.zeros((4, 32, 32, 3)), "label": jax.numpy.zeros((4,), "int32")}
+        texts.append(p.train_step.lower(p.state, batch).as_text())
+    assert texts[0] == texts[1]
+
+
 def test_bad_kernels_value_is_one_user_error():
     c = digits.get_config()
     c.model.kernels = "fastest"
