@@ -5,7 +5,8 @@ optax and the EMA update every parameter leaf with kernels of their own; over B0
 a train step, and XLA:CPU compile time grows with the kernel count (measured:
 docs/benchmarks.md). On flat vectors those updates are a handful of kernels.
 Inside a jitted step, ``FlatModel.merge`` slices the vectors back into the module
-tree; the slices fuse into their consumers.
+tree; the slices fuse into their consumers. The state layout of ``model.kernels =
+"fast"``; ``tree_state.TreeModel`` is the per-leaf one of ``"reference"``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from effnet_jax.model import eval_view, train_view
-
-
-def _is_bn_param(path: tuple[Any, ...], value: Any) -> bool:
-    return isinstance(value, nnx.Param) and any(str(getattr(k, "key", k)).endswith("_bn") for k in path)
-
+from effnet_jax.model import eval_view, is_bn_param, train_view
+from effnet_jax.tree_state import seed_free
 
 # Which of the flat parameter vectors (FlatModel) weight decay applies to: conv and dense
 # weights and biases yes, BatchNorm scale and offset no.
@@ -45,21 +41,21 @@ class FlatModel:
     rest: nnx.State  # dropout RNG streams: constants of the program, reseeded by every train step
     unravel: dict[str, Callable[[jax.Array], Any]]
 
+    @property
+    def weight_decay_mask(self) -> dict[str, bool]:
+        """optax's mask over the parameter vectors: decay the ``decay`` vector only."""
+        return WEIGHT_DECAY_MASK
+
     @classmethod
     def create(cls, model: nnx.Module) -> tuple[FlatModel, dict[str, jax.Array], jax.Array]:
         """(layout, {"decay": vector, "no_decay": vector}, BatchNorm statistics vector)."""
-        graphdef, no_decay, decay, stats, rest = nnx.split(train_view(model), _is_bn_param, nnx.Param,
+        graphdef, no_decay, decay, stats, rest = nnx.split(train_view(model), is_bn_param, nnx.Param,
                                                            nnx.BatchStat, ...)
-        eval_graphdef = nnx.split(eval_view(model), _is_bn_param, nnx.Param, nnx.BatchStat, ...)[0]
+        eval_graphdef = nnx.split(eval_view(model), is_bn_param, nnx.Param, nnx.BatchStat, ...)[0]
         vectors, unravel = {}, {}
         for name, tree in (("decay", decay), ("no_decay", no_decay), ("stats", stats)):
             vectors[name], unravel[name] = ravel_pytree(tree)
-        # The streams' keys become constants of the compiled step; the trainer reseeds every
-        # dropout stream from its state, so the seed-derived keys are replaced by one fixed
-        # key: trials that differ only in seed then share one compiled program.
-        rest = jax.tree.map(lambda v: jax.random.key(0) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
-                            else jnp.zeros_like(v), rest)
-        layout = cls(graphdef, eval_graphdef, rest, unravel)
+        layout = cls(graphdef, eval_graphdef, seed_free(rest), unravel)
         return layout, {"decay": vectors["decay"], "no_decay": vectors["no_decay"]}, vectors["stats"]
 
     def merge(self, params: dict[str, jax.Array], stats: jax.Array, *, train: bool = True) -> nnx.Module:

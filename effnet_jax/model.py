@@ -4,10 +4,21 @@ Layer names follow the paper's block anatomy (expand -> depthwise -> squeeze-exc
 -> project); ``pretrained.py`` maps them to timm's names. NHWC, TensorFlow 'SAME'
 padding, BatchNorm momentum 0.99 / epsilon 1e-3, SiLU everywhere. ``dtype`` is
 the compute dtype; parameters stay float32.
+
+The BatchNorms and convolutions come from a ``Layers`` record (timm-builder style),
+chosen by the ``kernels`` switch (config ``model.kernels``): ``"reference"`` is plain
+``nnx.BatchNorm`` / ``nnx.Conv`` (depthwise through ``feature_group_count``), ``"fast"``
+(what ``"auto"`` means) the CPU speed tricks of ``fast_layers.py`` / ``ops.py``. Both build
+one parameter layout (same variable paths, shapes and initial values from a seed), so
+pretrained weights, ``weights.safetensors`` and checkpoints fit either without conversion;
+they differ in float rounding only. This module imports neither ops.py nor fast_layers.py
+unless the fast layers are asked for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.nn import normalization as _bn_lib
 
-from effnet_jax import ops
 from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec
 from effnet_jax.scaling import ScalingSpec, build_architecture, resolve
 
@@ -81,77 +90,73 @@ def head_init_fn(head_init: str | float = "paper") -> nnx.Initializer:
     return _fan_out_init(scale * scale / 3.0, "uniform", lambda s: s[-1])
 
 
-class PointwiseConv(nnx.Conv):
-    """A 1x1 stride-1 ``nnx.Conv`` (same variables) computed as a matrix product (ops.pointwise_conv)."""
-
-    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        if out_sharding is not None:
-            return super().__call__(inputs, out_sharding)
-        x, kernel = (a.astype(self.dtype or a.dtype) for a in (inputs, self.kernel[...]))
-        y = ops.pointwise_conv(x, kernel)
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+KERNELS = ("auto", "fast", "reference")
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-    cls = PointwiseConv if kernel == 1 and stride == 1 else nnx.Conv
-    return cls(
-        cin, cout, (kernel, kernel), strides=stride, padding="SAME", use_bias=False,
-        kernel_init=conv_init, dtype=dtype, rngs=rngs,
-    )
+def resolve_kernels(kernels: str) -> str:
+    """``"auto"`` -> ``"fast"`` (on every backend: the H200 A/B in docs/benchmarks.md found the
+    fast layers within 2% of flax's there); ValueError on an unknown name."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    return "fast" if kernels == "auto" else kernels
 
 
-class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` (same variables, same numbers) whose training step traces and runs fast.
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The factories the model builds its BatchNorms and convolutions with.
 
-    In training, the normalisation is ``ops.batch_norm_train``, whose hand-written
-    backward makes fewer passes over the activation than autodiff of flax's.
-
-    Flax writes the running statistics with ``self.mean[...] = ...``, whose
-    full-replace check reads ``.sharding`` of a tracer; jax answers that with an
-    error message that walks the whole jaxpr traced so far. Over 49 BatchNorms
-    that made tracing a B0 train step quadratic (about half of its ~10 s trace).
-    ``set_value`` without an index skips the check.
+    ``norm(channels, *, dtype, rngs)``; ``conv(cin, cout, kernel, stride, *, dtype, rngs)``
+    ('SAME', no bias); ``depthwise(channels, kernel, stride, *, dtype, rngs)`` ('SAME', no bias).
+    Every set must create the variables ``nnx.BatchNorm`` / ``nnx.Conv`` create, under the
+    same names, from the same keys: one parameter layout for every set (see the module docstring).
     """
 
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
-        if (mask is not None or self.axis_name is not None or self.scale is None or self.bias is None
-                or self.axis not in (-1, x.ndim - 1) or not self.use_fast_variance):
-            return super().__call__(x, use_running_average, mask=mask)
-        use_running_average = self.use_running_average if use_running_average is None else use_running_average
-        if use_running_average is None:
-            return super().__call__(x, use_running_average)  # flax's error message
-        feature_axes = _bn_lib._canonicalize_axes(x.ndim, self.axis)
-        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        x, mean, var, scale, bias = self.promote_dtype(
-            (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype
-        )
-        if not use_running_average:
-            y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon)
-            m = self.momentum
-            self.mean.set_value(jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
-            self.var.set_value(jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var))
-            return y
-        return _bn_lib._normalize(
-            x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon
-        )
+    kernels: str  # the resolved name: "fast" or "reference"
+    norm: Callable[..., nnx.Module]
+    conv: Callable[..., nnx.Module]
+    depthwise: Callable[..., nnx.Module]
 
 
-def _bn(channels: int, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return BatchNorm(channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+def _reference_norm(channels: int, *, momentum: float, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, momentum=momentum, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
 
 
-class DepthwiseConv(nnx.Module):
-    """k x k depthwise conv, 'SAME' padding, no bias; implementation per backend."""
+def _reference_conv(cin: int, cout: int, kernel: int, stride: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding="SAME", use_bias=False,
+                    kernel_init=conv_init, dtype=dtype, rngs=rngs)
 
-    def __init__(self, channels: int, kernel: int, stride: int, *, impl: str = "auto",
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(depthwise_init(rngs.params(), (kernel, kernel, 1, channels), jnp.float32))
-        self.stride = stride
-        self.impl = impl
-        self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return ops.depthwise_conv(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.impl)
+def _reference_depthwise(channels: int, kernel: int, stride: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
+    return nnx.Conv(channels, channels, (kernel, kernel), strides=stride, padding="SAME",
+                    feature_group_count=channels, use_bias=False, kernel_init=depthwise_init, dtype=dtype, rngs=rngs)
+
+
+def reference_layers(bn_momentum: float = BN_MOMENTUM) -> Layers:
+    """Flax's own layers, differentiated by autodiff: the baseline the fast layers are checked against."""
+    return Layers("reference", norm=functools.partial(_reference_norm, momentum=bn_momentum),
+                  conv=_reference_conv, depthwise=_reference_depthwise)
+
+
+def layers_for(kernels: str = "auto", *, depthwise_impl: str = "auto", bn_momentum: float = BN_MOMENTUM) -> Layers:
+    """The layer set ``kernels`` names; ``depthwise_impl`` (ops.DEPTHWISE_IMPLS) only applies to the fast set.
+
+    ValueError on an unknown name, or a ``depthwise_impl`` other than "auto" with the
+    reference layers (whose depthwise conv is ``nnx.Conv``'s grouped convolution).
+    """
+    kernels = resolve_kernels(kernels)
+    if kernels == "reference":
+        if depthwise_impl != "auto":
+            raise ValueError(f"depthwise_impl {depthwise_impl!r} applies to the fast kernels only; the reference "
+                             "depthwise conv is nnx.Conv's grouped convolution")
+        return reference_layers(bn_momentum)
+    from effnet_jax.fast_layers import fast_layers
+
+    return fast_layers(depthwise_impl, bn_momentum)
+
+
+def is_bn_param(path: tuple[Any, ...], value: Any) -> bool:
+    """A BatchNorm scale or offset (an ``nnx.Param`` under a ``*_bn`` layer): weight decay skips these."""
+    return isinstance(value, nnx.Param) and any(str(getattr(k, "key", k)).endswith("_bn") for k in path)
 
 
 class SqueezeExcite(nnx.Module):
@@ -170,15 +175,15 @@ class SqueezeExcite(nnx.Module):
 class MBConv(nnx.Module):
     """Mobile inverted bottleneck with squeeze-excite and stochastic depth."""
 
-    def __init__(self, spec: BlockSpec, *, depthwise_impl: str, dtype: Any, rngs: nnx.Rngs):
-        mid = spec.mid_channels
-        self.expand_conv = _conv(spec.in_channels, mid, 1, 1, dtype, rngs) if spec.expand != 1 else None
-        self.expand_bn = _bn(mid, dtype, rngs) if spec.expand != 1 else None
-        self.dw_conv = DepthwiseConv(mid, spec.kernel, spec.stride, impl=depthwise_impl, dtype=dtype, rngs=rngs)
-        self.dw_bn = _bn(mid, dtype, rngs)
+    def __init__(self, spec: BlockSpec, *, layers: Layers, dtype: Any, rngs: nnx.Rngs):
+        mid, f = spec.mid_channels, {"dtype": dtype, "rngs": rngs}
+        self.expand_conv = layers.conv(spec.in_channels, mid, 1, 1, **f) if spec.expand != 1 else None
+        self.expand_bn = layers.norm(mid, **f) if spec.expand != 1 else None
+        self.dw_conv = layers.depthwise(mid, spec.kernel, spec.stride, **f)
+        self.dw_bn = layers.norm(mid, **f)
         self.se = SqueezeExcite(mid, spec.se_channels, dtype=dtype, rngs=rngs) if spec.se_channels else None
-        self.project_conv = _conv(mid, spec.out_channels, 1, 1, dtype, rngs)
-        self.project_bn = _bn(spec.out_channels, dtype, rngs)
+        self.project_conv = layers.conv(mid, spec.out_channels, 1, 1, **f)
+        self.project_bn = layers.norm(spec.out_channels, **f)
         self.has_skip = spec.has_skip
         # Stochastic depth is dropout with one mask value per example.
         self.drop_path = nnx.Dropout(spec.drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if self.has_skip else None
@@ -200,20 +205,21 @@ class EfficientNet(nnx.Module):
     """Stem -> MBConv blocks -> 1x1 head -> global average pool -> dropout -> dense."""
 
     def __init__(self, arch: Architecture, num_classes: int = 1000, *, dropout: float = 0.2,
-                 depthwise_impl: str = "auto", head_init: str | float = "paper", dtype: Any = jnp.float32,
+                 layers: Layers | None = None, head_init: str | float = "paper", dtype: Any = jnp.float32,
                  rngs: nnx.Rngs):
-        ops.resolve_depthwise_impl(depthwise_impl)  # fail early on a typo
+        """``layers``: the BatchNorm / conv factories (default ``layers_for("auto")``, the fast set)."""
+        layers = layers_for("auto") if layers is None else layers
         classifier_init = head_init_fn(head_init)
         self.arch = arch
+        self.kernels = layers.kernels
         self.dtype = dtype
-        self.stem_conv = _conv(3, arch.stem_channels, 3, arch.stem_stride, dtype, rngs)
-        self.stem_bn = _bn(arch.stem_channels, dtype, rngs)
-        self.blocks = nnx.List(
-            [MBConv(b, depthwise_impl=depthwise_impl, dtype=dtype, rngs=rngs) for b in arch.blocks]
-        )
+        f = {"dtype": dtype, "rngs": rngs}
+        self.stem_conv = layers.conv(3, arch.stem_channels, 3, arch.stem_stride, **f)
+        self.stem_bn = layers.norm(arch.stem_channels, **f)
+        self.blocks = nnx.List([MBConv(b, layers=layers, **f) for b in arch.blocks])
         last = arch.blocks[-1].out_channels
-        self.head_conv = _conv(last, arch.head_channels, 1, 1, dtype, rngs)
-        self.head_bn = _bn(arch.head_channels, dtype, rngs)
+        self.head_conv = layers.conv(last, arch.head_channels, 1, 1, **f)
+        self.head_bn = layers.norm(arch.head_channels, **f)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.classifier = nnx.Linear(arch.head_channels, num_classes, kernel_init=classifier_init, dtype=dtype,
                                      rngs=rngs)
@@ -240,21 +246,27 @@ def create_model(
     network: NetworkSpec = B0,
     drop_path_rate: float = 0.2,
     dropout: float | None = None,
+    kernels: str | Layers = "auto",
     depthwise_impl: str = "auto",
+    bn_momentum: float = BN_MOMENTUM,
     head_init: str | float = "paper",
 ) -> EfficientNet:
     """An EfficientNet for ``"b0".."b8"``, ``"l2"`` or a ScalingSpec, in training mode.
 
-    ``dropout`` defaults to the spec's; ``head_init`` is the classifier kernel's
-    initialisation (``head_init_fn``). ``nnx.view(model, deterministic=True,
+    ``dropout`` defaults to the spec's; ``kernels`` is ``"auto"`` / ``"fast"`` /
+    ``"reference"`` or a ``Layers`` record of one's own (then ``depthwise_impl`` and
+    ``bn_momentum`` are that record's business); ``head_init`` is the classifier
+    kernel's initialisation (``head_init_fn``). ``nnx.view(model, deterministic=True,
     use_running_average=True)`` (or ``eval_view``) gives the inference view.
     """
     spec = resolve(spec_or_name)
     arch = build_architecture(spec, network, drop_path_rate)
+    if not isinstance(kernels, Layers):
+        kernels = layers_for(kernels, depthwise_impl=depthwise_impl, bn_momentum=bn_momentum)
     return EfficientNet(
         arch, num_classes,
         dropout=spec.dropout if dropout is None else dropout,
-        depthwise_impl=depthwise_impl, head_init=head_init, dtype=dtype, rngs=nnx.Rngs(seed),
+        layers=kernels, head_init=head_init, dtype=dtype, rngs=nnx.Rngs(seed),
     )
 
 

@@ -16,6 +16,10 @@ fine-tuning or checking the paper's numbers starts from them.
   statistics) with JSON metadata that rebuilds the model (``config.init_from``).
 * ``to_timm_state_dict`` goes back to timm's layout.
 
+Both ``model.kernels`` layer sets (``"fast"``, ``"reference"``) hold the same variables
+under the same paths and shapes (one parameter layout, model.py), so every function here
+serves either without conversion; ``kernels`` picks the set a loader builds.
+
 The core does not need torch: it is imported lazily, only to read ``.pth`` files.
 """
 
@@ -36,7 +40,7 @@ from flax import nnx
 
 from effnet_jax.arch import B0, Architecture, BlockSpec
 from effnet_jax.errors import UserError
-from effnet_jax.model import EfficientNet
+from effnet_jax.model import EfficientNet, layers_for
 from effnet_jax.scaling import (
     OFFICIAL,
     PAPER_CONSTANTS,
@@ -418,6 +422,7 @@ def load_timm(
     num_classes: int | None = None,
     *,
     dtype: Any = jnp.float32,
+    kernels: str = "auto",
     depthwise_impl: str = "auto",
 ) -> EfficientNet:
     """Our EfficientNet with a timm checkpoint's weights and BatchNorm running statistics.
@@ -428,7 +433,8 @@ def load_timm(
     inferred from the tensor shapes when None, as is ``num_classes``. A checkpoint
     without a classifier (timm ``num_classes=0``) needs ``num_classes`` and gets a
     freshly initialised one. Any tensor that does not fit raises a one-line UserError
-    naming it. The model comes back in training mode, like ``create_model``: use
+    naming it. ``kernels`` / ``depthwise_impl`` pick the layer set (``model.layers_for``).
+    The model comes back in training mode, like ``create_model``: use
     ``eval_view(model)`` for inference.
     """
     state = read_checkpoint(source)
@@ -453,7 +459,7 @@ def load_timm(
     layout = _layout(architecture, num_classes if has_head else None)
     _check_layout(state, layout, what)
     model = EfficientNet(architecture, num_classes, dropout=spec.dropout if spec else 0.2,
-                         depthwise_impl=depthwise_impl, dtype=dtype, rngs=nnx.Rngs(0))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(0))
     _assign(model, {e.path: _to_ours(e.kind, state[e.timm_key]) for e in layout},
             skip=() if has_head else ("classifier",))
     return model
@@ -633,6 +639,7 @@ def load_weights(
     reset_classifier: bool = False,
     seed: int = 0,
     dtype: Any = jnp.float32,
+    kernels: str = "auto",
     depthwise_impl: str = "auto",
     dropout: float | None = None,
     drop_path_rate: float | None = None,
@@ -642,7 +649,8 @@ def load_weights(
     ``num_classes`` defaults to the file's. A different class count needs
     ``reset_classifier=True``, which keeps every weight but the classifier and starts
     that fresh from ``seed`` (fine-tuning). ``dropout`` defaults to the file's;
-    ``drop_path_rate`` re-spreads stochastic depth linearly over the blocks.
+    ``drop_path_rate`` re-spreads stochastic depth linearly over the blocks; ``kernels`` /
+    ``depthwise_impl`` pick the layer set (``model.layers_for``).
     """
     meta, arch, saved_classes = _saved_layout(path)
     if drop_path_rate is not None:
@@ -651,6 +659,6 @@ def load_weights(
             dataclasses.replace(b, drop_path=drop_path_rate * i / n) for i, b in enumerate(arch.blocks)))
     model = EfficientNet(arch, saved_classes if num_classes is None else num_classes,
                          dropout=meta.get("dropout", 0.2) if dropout is None else dropout,
-                         depthwise_impl=depthwise_impl, dtype=dtype, rngs=nnx.Rngs(seed))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(seed))
     load_weights_into(model, path, reset_classifier=reset_classifier)
     return model

@@ -5,7 +5,8 @@
         --config.batch_size=1024
 
 The train step is one ``jax.jit`` over pure state (the model split once into flat
-vectors by ``flat_state.FlatModel``, merged back inside the trace), data-parallel
+vectors by ``flat_state.FlatModel``, or with ``model.kernels = "reference"`` into one array
+per variable by ``tree_state.TreeModel``, merged back inside the trace), data-parallel
 over a mesh of every device of every host: the batch is sharded on its leading
 axis, parameters are replicated, so BatchNorm
 statistics and gradients are computed over the global batch. A workdir holding a
@@ -32,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -44,13 +45,41 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from effnet_jax import compile_cache, input_pipeline, metrics, rundir, scaling
+from effnet_jax.arch import Architecture
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError, exit_on_user_error
-from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
 from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import BN_MOMENTUM, create_model, head_init_fn
+from effnet_jax.model import KERNELS, Layers, create_model, head_init_fn, layers_for
+
+if TYPE_CHECKING:
+    from effnet_jax.flat_state import FlatModel
+    from effnet_jax.tree_state import TreeModel
 
 State = dict[str, Any]
+
+def model_layers(config: ml_collections.ConfigDict) -> Layers:
+    """The layer set ``model.kernels`` (and ``model.depthwise_impl``, ``model.bn_momentum``) asks for."""
+    m = config.model
+    kernels = m.get("kernels", "auto")
+    if kernels not in KERNELS:
+        raise UserError(f"model.kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    try:
+        return layers_for(kernels, depthwise_impl=m.depthwise_impl, bn_momentum=m.bn_momentum)
+    except ValueError as e:
+        raise UserError(f"model.{e}") from None
+
+
+def state_layout(kernels: str) -> type[FlatModel] | type[TreeModel]:
+    """How the train state holds the model: flat vectors for the fast kernels, one array per variable
+    for the reference ones (imported here, so that a reference run never loads flat_state)."""
+    if kernels == "reference":
+        from effnet_jax.tree_state import TreeModel
+
+        return TreeModel
+    from effnet_jax.flat_state import FlatModel
+
+    return FlatModel
+
 
 
 # ------------------------------------------------------------------------- optimizer
@@ -71,9 +100,9 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_
     raise UserError(f"optimizer.schedule must be exponential, cosine or constant, got {o.schedule!r}")
 
 
-def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """optax chain for the configured optimizer over FlatModel's vectors; L2 decay enters as a gradient term."""
-    mask = WEIGHT_DECAY_MASK
+def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
+    """optax chain for the configured optimizer; L2 decay enters as a gradient term where ``mask``
+    (the state layout's ``weight_decay_mask``) says."""
     parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     if o.name == "rmsprop":  # TensorFlow's: eps inside the sqrt, accumulator starts at 1
         parts += [optax.add_decayed_weights(o.weight_decay, mask),
@@ -91,7 +120,7 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule) -> op
 
 # --------------------------------------------------------------------------- steps
 
-def make_steps(layout: FlatModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_steps(layout: FlatModel | TreeModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
                config: ml_collections.ConfigDict, num_classes: int) -> tuple[Callable, Callable]:
     """Pure train and eval steps over (state, batch); the caller jits them."""
     o = config.optimizer
@@ -139,6 +168,50 @@ def make_steps(layout: FlatModel, tx: optax.GradientTransformation, schedule: op
     return train_step, eval_step
 
 
+@dataclasses.dataclass
+class Program:
+    """A model's train state and the jitted steps over it: what the training loop runs
+    (and ``scripts/benchmark.py`` times)."""
+
+    layout: FlatModel | TreeModel
+    state: State
+    train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+    eval_step: Callable  # jitted (params, stats, batch) -> sums of correct1, correct5, loss, count
+    data_sharding: NamedSharding  # how a global batch is laid out over the devices
+    arch: Architecture
+
+
+def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, num_classes: int, *,
+                  layers: Layers, dtype: Any, steps_per_epoch: int, total_steps: int) -> Program:
+    """The model per ``config`` (``config.model.init_from`` loaded), its initial train state,
+    replicated over a mesh of every device, and the jitted train and eval steps."""
+    model = create_model(spec, num_classes, config.seed, dtype=dtype, network=scaling.network(config.model),
+                         drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
+                         head_init=config.model.get("head_init", "paper"))
+    if config.model.init_from:
+        from effnet_jax import pretrained
+
+        pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
+    layout, params, stats = state_layout(layers.kernels).create(model)
+    schedule = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch,
+                                      schedule_steps(config, total_steps))
+    tx = make_optimizer(config.optimizer, schedule, layout.weight_decay_mask)
+    # The dropout key is state, not a constant baked into the program: trials that differ
+    # only in seed then share one compiled step (persistent compilation cache).
+    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
+    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
+                    "dropout_key": dropout_key}
+    if config.optimizer.ema_decay > 0:
+        state["ema_params"], state["ema_stats"] = params, stats
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    train_step, eval_step = make_steps(layout, tx, schedule, config, num_classes)
+    p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
+    p_eval = jax.jit(eval_step, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
+    return Program(layout, _replicate(state, repl), p_train, p_eval, data_sharding, model.arch)
+
+
 # ----------------------------------------------------------------------- the run
 
 @dataclasses.dataclass
@@ -151,6 +224,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     dtype: Any
+    layers: Layers
 
 
 def prepare(config: ml_collections.ConfigDict) -> Run:
@@ -161,6 +235,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         raise UserError(f"resolution {spec.resolution} is smaller than the network's total stride "
                         f"{arch.total_stride}")
     dtype = scaling.compute_dtype(config.model.dtype)
+    layers = model_layers(config)
     ndev = jax.device_count()
     if config.batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {config.batch_size}")
@@ -184,7 +259,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         head_init_fn(config.model.get("head_init", "paper"))
     except ValueError as e:
         raise UserError(f"model.{e}") from None
-    return Run(config, spec, source, total, steps_per_epoch, dtype)
+    return Run(config, spec, source, total, steps_per_epoch, dtype, layers)
 
 
 def schedule_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
@@ -242,36 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
         rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
     t_start = time.time()
-    model = create_model(spec, source.num_classes, config.seed, dtype=run.dtype, network=scaling.network(config.model),
-                         drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout,
-                         depthwise_impl=config.model.depthwise_impl,
-                         head_init=config.model.get("head_init", "paper"))
-    if config.model.bn_momentum != BN_MOMENTUM:
-        for _, module in nnx.iter_graph(model):
-            if isinstance(module, nnx.BatchNorm):
-                module.momentum = config.model.bn_momentum
-    if config.model.init_from:
-        from effnet_jax import pretrained
-
-        pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
-    layout, params, stats = FlatModel.create(model)
-    schedule = learning_rate_schedule(config.optimizer, config.batch_size, run.steps_per_epoch,
-                                      schedule_steps(config, total))
-    tx = make_optimizer(config.optimizer, schedule)
-    # The dropout key is state, not a constant baked into the program: trials that differ
-    # only in seed then share one compiled step (persistent compilation cache).
-    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
-    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
-                    "dropout_key": dropout_key}
-    if config.optimizer.ema_decay > 0:
-        state["ema_params"], state["ema_stats"] = params, stats
-
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = _replicate(state, repl)
-    train_step, eval_step = make_steps(layout, tx, schedule, config, source.num_classes)
-    p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    p_eval = jax.jit(eval_step, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
+    program = build_program(config, spec, source.num_classes, layers=run.layers, dtype=run.dtype,
+                            steps_per_epoch=run.steps_per_epoch, total_steps=total)
+    layout, state, data_sharding = program.layout, program.state, program.data_sharding
+    p_train, p_eval = program.train_step, program.eval_step
 
     ckpt = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -284,13 +333,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
 
     info = {
         "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
-        "resolution": spec.resolution, "blocks": len(model.arch.blocks),
-        "params": count_params(model.arch, source.num_classes),
-        "macs": count_macs(model.arch, spec.resolution, source.num_classes), "dataset": source.name,
+        "resolution": spec.resolution, "blocks": len(program.arch.blocks),
+        "params": count_params(program.arch, source.num_classes),
+        "macs": count_macs(program.arch, spec.resolution, source.num_classes), "dataset": source.name,
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": total,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
+        "kernels": run.layers.kernels,
     }
-    del model
 
     eval_every = config.eval_every_steps or run.steps_per_epoch
     status, last_loss, compile_s = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0
@@ -371,7 +420,7 @@ def _logged_loss(workdir: str, step: int) -> float:
     return float(rows[-1]["loss"]) if rows else float("nan")
 
 
-def _save_weights(layout: FlatModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
+def _save_weights(layout: FlatModel | TreeModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
     """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
     from effnet_jax import pretrained
 

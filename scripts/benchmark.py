@@ -2,10 +2,13 @@
 
     python scripts/benchmark.py --model b0 --resolution 64 --batch 32 --peer timm
 
-Measures, on whatever backend JAX has: train-step img/s (a jitted, state-donating
-RMSProp step), inference img/s, compile time of each program (trace + lower +
-compile, and the first step), XLA's compiled memory estimate and, where the
-backend reports it (GPU/TPU), peak device memory. ``--peer timm`` times timm's
+Measures, on whatever backend JAX has: train-step img/s (the trainer's own jitted,
+state-donating step, built by ``train.build_program`` from the default config: the
+paper's RMSProp recipe with EMA, label smoothing, dropout and drop path), inference
+img/s, compile time of each program (trace + lower + compile, and the first step),
+XLA's compiled memory estimate and, where the backend reports it (GPU/TPU), peak
+device memory. ``--kernels fast,reference`` times the speed tricks against plain
+flax layers and per-leaf optax (config ``model.kernels``). ``--peer timm`` times timm's
 ``tf_efficientnet_*`` equivalent in the same process, interleaved with ours so that
 noise from other jobs on the machine hits both alike, and prints ours/peer ratios.
 
@@ -13,7 +16,8 @@ On a GPU, where compiles are long, ``scripts/gpu_suite.sh`` runs each setting in
 process (``--peer_only`` times timm alone) and ``--report FILES`` joins their JSON lines
 into one table.
 
-Only jax, flax, optax (and torch, timm for the peer) are imported: no tensorflow.
+Only jax, flax, optax, ml_collections (the trainer's config) and torch, timm for the peer
+are imported: no tensorflow.
 One JSON object per measurement goes to stdout (``--json`` also writes them to a
 file), then a readable table. A bad argument (``--batch 0``, a resolution below the
 network's total stride, an unknown flag) is one ``error:`` line on stderr and exit code 2,
@@ -23,7 +27,6 @@ before anything is compiled.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -52,14 +55,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from effnet_jax import compile_cache, ops  # noqa: E402
-from effnet_jax import model as model_lib  # noqa: E402
+from effnet_jax import compile_cache, ops, scaling, train  # noqa: E402
+from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
-from effnet_jax.flat_state import FlatModel  # noqa: E402
-from effnet_jax.model import create_model, eval_view  # noqa: E402
+from effnet_jax.model import KERNELS, create_model, eval_view, resolve_kernels  # noqa: E402
 from effnet_jax.scaling import ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
 
-LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32
+LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32 (timm's optimizer)
 
 
 def cpu_threads() -> int:
@@ -76,7 +78,7 @@ class Runner:
 
     impl: str  # "effnet_jax" or "timm"
     mode: str  # "train" or "inference"
-    variant: str  # e.g. "xla", "shift", "eager", "compile"
+    variant: str  # e.g. "xla", "shift" (fast kernels), "reference", "eager", "compile"
     run: Callable[[int], None]
     info: dict[str, Any] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)  # seconds per step, one per repeat
@@ -84,23 +86,6 @@ class Runner:
 
 
 # --------------------------------------------------------------------------- ours
-
-
-def make_train_step(layout: FlatModel, tx: optax.GradientTransformation) -> Callable:
-    """The trainer's state layout (flat vectors) and a pure RMSProp step; state buffers are donated."""
-
-    def step(params: dict[str, jax.Array], stats: jax.Array, opt_state: Any, x: jax.Array, y: jax.Array):
-        def loss_fn(params: dict[str, jax.Array]):
-            model = layout.merge(params, stats)
-            logits = model(x)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, layout.stats_of(model)
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def memory_info(compiled: Any) -> dict[str, Any]:
@@ -124,63 +109,58 @@ def peak_device_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def variant_name(impl: str, args: argparse.Namespace) -> str:
-    """The depthwise implementation, plus '+flax' when flax's own BatchNorm and 1x1 conv are used."""
-    return ops.resolve_depthwise_impl(impl) + ("+flax" if args.flax_layers else "")
+def variant_name(kernels: str, impl: str) -> str:
+    """The depthwise implementation for the fast kernels ("shift", "xla", "hybrid"); "reference" for flax's layers."""
+    return "reference" if kernels == "reference" else ops.resolve_depthwise_impl(impl)
 
 
-@contextlib.contextmanager
-def flax_layers(enabled: bool):
-    """For an A/B on this backend: flax's own BatchNorm and 1x1 Conv in place of ours.
-
-    Ours (``ops.batch_norm_train``'s backward, ``ops.pointwise_conv``'s matrix product) were
-    chosen by CPU measurements; same variables, same numbers, so only speed can differ.
-    """
-    if not enabled:
-        yield
-        return
-    saved = model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__
-    model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__ = nnx.BatchNorm.__call__, nnx.Conv.__call__
-    try:
-        yield
-    finally:
-        model_lib.BatchNorm.__call__, model_lib.PointwiseConv.__call__ = saved
+def bench_config(args: argparse.Namespace, kernels: str, impl: str) -> Any:
+    """The trainer's default config (the paper's ImageNet recipe) at this benchmark's batch, dtype and kernels."""
+    c = default_config.get_config()
+    c.batch_size = args.batch
+    c.model.dtype = args.dtype
+    c.model.kernels = kernels
+    c.model.depthwise_impl = impl
+    c.compile_cache_dir = ""
+    return c
 
 
-def ours_train(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray, y: np.ndarray) -> Runner:
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    model = create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl)
-    layout, params, stats = FlatModel.create(model)
-    tx = optax.rmsprop(LEARNING_RATE, decay=0.9, eps=1e-3, momentum=0.9)
-    opt_state = tx.init(params)
-    xd, yd = jnp.asarray(x, dtype), jnp.asarray(y)
-    step = make_train_step(layout, tx)
+def ours_train(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray,
+               y: np.ndarray) -> Runner:
+    """The trainer's jitted train step (``train.build_program``) on one fixed batch, its state donated and rebound."""
+    config = bench_config(args, kernels, impl)
+    program = train.build_program(config, spec, args.num_classes, layers=train.model_layers(config),
+                                  dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
+    batch = jax.device_put({"image": jnp.asarray(x), "label": jnp.asarray(y)}, program.data_sharding)
     t0, c0 = time.perf_counter(), time.process_time()
-    compiled = step.lower(params, stats, opt_state, xd, yd).compile()
+    compiled = program.train_step.lower(program.state, batch).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    state = [params, stats, opt_state]
+    state = [program.state]
 
     def run(n: int) -> None:
-        loss = None
+        metrics = None
         for _ in range(n):
-            state[0], state[1], state[2], loss = compiled(state[0], state[1], state[2], xd, yd)
-        jax.block_until_ready((state, loss))
+            state[0], metrics = compiled(state[0], batch)
+        jax.block_until_ready((state, metrics))
 
     t0 = time.perf_counter()
     run(1)
     first_run_s = time.perf_counter() - t0
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
-            **memory_info(compiled)}
-    print(f"compiled train ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "train", variant_name(impl, args), run, info, hlo=compiled.as_text)
+            "kernels": kernels, **memory_info(compiled)}
+    variant = variant_name(kernels, impl)
+    print(f"compiled train ({variant}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
+    return Runner("effnet_jax", "train", variant, run, info, hlo=compiled.as_text)
 
 
-def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np.ndarray) -> Runner:
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    model = eval_view(create_model(spec, args.num_classes, dtype=dtype, depthwise_impl=impl))
+def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray) -> Runner:
+    """The model's forward on running statistics, one jitted function over its split state."""
+    config = bench_config(args, kernels, impl)
+    model = eval_view(create_model(spec, args.num_classes, dtype=scaling.compute_dtype(args.dtype),
+                                   kernels=train.model_layers(config)))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    xd = jnp.asarray(x, dtype)
+    xd = jnp.asarray(x, scaling.compute_dtype(args.dtype))
     t0, c0 = time.perf_counter(), time.process_time()
     compiled = fwd.lower(state, xd).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
@@ -194,9 +174,10 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, impl: str, x: np
     t0 = time.perf_counter()
     run(1)
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
-            "first_step_s": compile_s + time.perf_counter() - t0, **memory_info(compiled)}
-    print(f"compiled inference ({impl}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
-    return Runner("effnet_jax", "inference", variant_name(impl, args), run, info, hlo=compiled.as_text)
+            "first_step_s": compile_s + time.perf_counter() - t0, "kernels": kernels, **memory_info(compiled)}
+    variant = variant_name(kernels, impl)
+    print(f"compiled inference ({variant}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
+    return Runner("effnet_jax", "inference", variant, run, info, hlo=compiled.as_text)
 
 
 # --------------------------------------------------------------------------- timm
@@ -315,8 +296,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="default: the spec's resolution")
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--kernels", default="auto",
+                   help=f"one of {KERNELS} (config model.kernels), or a comma list to compare: fast,reference")
     p.add_argument("--depthwise_impl", default="auto",
-                   help=f"one of {ops.DEPTHWISE_IMPLS}, or a comma list to compare several")
+                   help=f"fast kernels: one of {ops.DEPTHWISE_IMPLS}, or a comma list to compare several")
     p.add_argument("--modes", default="train,inference", help="comma list of train, inference")
     p.add_argument("--peer", choices=("timm",), default=None)
     p.add_argument("--peer_only", action="store_true", help="time only the peer (compare with --report)")
@@ -324,8 +307,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timm_variants", default=None,
                    help="comma list of eager, eager-cl, compile, compile-cl (default: eager and eager-cl, "
                         "plus compile and compile-cl on GPU)")
-    p.add_argument("--flax_layers", action="store_true",
-                   help="A/B: flax's own BatchNorm and 1x1 Conv in place of ours (chosen on CPU)")
     p.add_argument("--profile", default=None,
                    help="after timing, trace a few of our steps into this folder (see scripts/profile_summary.py)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSONL",
@@ -363,6 +344,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for impl in args.impls:
         if impl not in ops.DEPTHWISE_IMPLS:
             p.error(f"--depthwise_impl: {impl!r} is not one of {ops.DEPTHWISE_IMPLS}")
+    args.kernel_sets = []
+    for k in (k.strip() for k in args.kernels.split(",") if k.strip()):
+        if k not in KERNELS:
+            p.error(f"--kernels: {k!r} is not one of {KERNELS}")
+        if resolve_kernels(k) not in args.kernel_sets:
+            args.kernel_sets.append(resolve_kernels(k))
+    if not args.kernel_sets:
+        p.error(f"--kernels takes one or more of {KERNELS}")
     return args
 
 
@@ -384,12 +373,25 @@ def environment() -> dict[str, Any]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """One row per runner: img/s, ms/step, first step (compile included), and ours/peer ratios."""
+    """One row per runner: img/s, ms/step, first step (compile included), ours/timm ratios and, where the
+    reference kernels were timed too, ours/reference (the speed-up of the fast kernels)."""
     peer = {(r["mode"], r["variant"]): r for r in records if r["impl"] == "timm"}
-    lines = [f"{'mode':<10} {'impl':<11} {'variant':<10} {'img/s':>9} {'ms/step':>9} {'first s':>8}  vs timm"]
+    refs = [r for r in records if r["impl"] == "effnet_jax" and r["variant"] == "reference"]
+
+    def reference_for(r: dict[str, Any]) -> dict[str, Any] | None:
+        """The reference record of the same mode, from the same process if there is one (--report joins runs)."""
+        same_mode = [x for x in refs if x["mode"] == r["mode"]]
+        same_run = [x for x in same_mode if x.get("started") == r.get("started")]
+        return (same_run or same_mode or [None])[-1]
+
+    lines = [f"{'mode':<10} {'impl':<11} {'variant':<10} {'img/s':>9} {'ms/step':>9} {'first s':>8}"
+             "  vs timm / reference"]
     for r in records:
         ratios = []
         if r["impl"] == "effnet_jax":
+            ref = reference_for(r)
+            if ref is not None and r["variant"] != "reference":
+                ratios.append(f"{r['img_per_s'] / ref['img_per_s']:.2f}x reference")
             for (mode, variant), p in peer.items():
                 if mode == r["mode"]:
                     ratios.append(f"{r['img_per_s'] / p['img_per_s']:.2f}x {variant}")
@@ -405,13 +407,14 @@ PROFILE_STEPS = 3
 
 
 def profile(runners: list[Runner], args: argparse.Namespace) -> None:
-    """Trace PROFILE_STEPS steps of each of ours (first --depthwise_impl) into ``args.profile``.
+    """Trace PROFILE_STEPS steps of each of ours (the first --kernels / --depthwise_impl) into ``args.profile``.
 
     Writes a Perfetto trace (``*.trace.json.gz``, also readable by xprof / TensorBoard) and
     each program's optimized HLO (``<mode>.hlo.txt``); ``scripts/profile_summary.py``
     turns the two into milliseconds per step by op.
     """
-    ours = [r for r in runners if r.impl == "effnet_jax" and r.variant == variant_name(args.impls[0], args)]
+    first = next((r.variant for r in runners if r.impl == "effnet_jax"), None)
+    ours = [r for r in runners if r.impl == "effnet_jax" and r.variant == first]
     os.makedirs(args.profile, exist_ok=True)
     with open(os.path.join(args.profile, "profile.json"), "w") as f:
         json.dump({"steps": PROFILE_STEPS, "modes": [r.mode for r in ours]}, f)
@@ -466,6 +469,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # names this process's records
     if args.peer and _PEER_IMPORT_ERROR is not None:
         raise UserError(f"--peer timm needs torch and timm: pip install torch timm ({_PEER_IMPORT_ERROR})")
     spec, res = spec_and_resolution(args)
@@ -475,13 +479,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     x = rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)
     y = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
 
+    if not args.peer_only and args.batch % jax.device_count():
+        raise UserError(f"--batch {args.batch} is not divisible by the {jax.device_count()} devices")
     runners: list[Runner] = []
-    with flax_layers(args.flax_layers):  # the models are built and traced inside
-        for impl in [] if args.peer_only else args.impls:
+    for kernels in [] if args.peer_only else args.kernel_sets:
+        for impl in args.impls if kernels == "fast" else ["auto"]:  # depthwise_impl: the fast kernels' option
             if "train" in args.modes:
-                runners.append(ours_train(spec, args, impl, x, y))
+                runners.append(ours_train(spec, args, kernels, impl, x, y))
             if "inference" in args.modes:
-                runners.append(ours_inference(spec, args, impl, x))
+                runners.append(ours_inference(spec, args, kernels, impl, x))
     if args.peer == "timm":
         runners += timm_runners(spec, args, x, y)
 
@@ -495,13 +501,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     env = environment()
     env["loadavg_1min"] = os.getloadavg()[0]  # other jobs on the machine: read timings in its light
+    env["started"] = started
     peak = peak_device_bytes()
     records = []
     for r in runners:
         step_s = statistics.median(r.times)
         rec = {
             "model": spec.name, "resolution": res, "batch": args.batch, "dtype": args.dtype,
-            "impl": r.impl, "mode": r.mode, "variant": r.variant,
+            "impl": r.impl, "mode": r.mode, "variant": r.variant, "kernels": r.info.get("kernels"),
             "img_per_s": args.batch / step_s, "step_s": step_s,
             "step_s_all": r.times, "steps": args.steps, "repeats": args.repeats,
             "compile_s": r.info.get("compile_s"), "compile_cpu_s": r.info.get("compile_cpu_s"),

@@ -4,7 +4,7 @@
 #
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b0      # B0 224 px batch 256 + profile: ~4.5 min on an H200 (estimated)
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b3      # B3 300 px batch 128: ~5 min (estimated)
-#   OUT=runs/gpu bash scripts/gpu_suite.sh ab      # flax's BatchNorm/1x1 conv, hybrid depthwise, autotune off
+#   OUT=runs/gpu bash scripts/gpu_suite.sh ab      # reference kernels (flax layers, per-leaf optax), hybrid depthwise, autotune off
 #   OUT=runs/gpu bash scripts/gpu_suite.sh b0_ours b3_timm_compile   # single parts
 #   SMOKE=1 OUT=/tmp/s bash scripts/gpu_suite.sh b0   # tiny sizes, any backend: try it before a lease
 #
@@ -43,7 +43,7 @@ PARTS=(
   "b0|b0_timm_eager|60||$B0 --peer_only --peer timm --timm_variants eager,eager-cl"
   "b3|b3_ours|200||$B3 --depthwise_impl xla"
   "b3|b3_timm_compile|200||$B3 --peer_only --peer timm --timm_variants compile-cl"
-  "ab|b0_flax_layers|150||$B0 --depthwise_impl xla --flax_layers"
+  "ab|b0_reference|150||$B0 --kernels reference"
   "ab|b0_hybrid|120||$B0 --depthwise_impl hybrid --modes train"
   "ab|b0_autotune0|90|--xla_gpu_autotune_level=0|$B0 --depthwise_impl xla --modes train"
 )

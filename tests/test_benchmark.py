@@ -9,8 +9,8 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
-FIELDS = {"model", "resolution", "batch", "dtype", "impl", "mode", "variant", "img_per_s", "step_s",
-          "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min"}
+FIELDS = {"model", "resolution", "batch", "dtype", "impl", "mode", "variant", "kernels", "img_per_s", "step_s",
+          "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min", "started"}
 
 
 def load_benchmark():
@@ -48,10 +48,14 @@ def test_benchmark_json_fields(capsys, tmp_path):
 def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     bench = load_benchmark()
     records = bench.main(["--batch", "2", "--resolution", "32", "--num_classes", "10", "--modes", "train",
-                          "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1", "--repeats", "1",
-                          "--profile", str(tmp_path / "prof")])
-    (r,) = records
-    assert r["mode"] == "train" and r["variant"] == "shift" and r["first_step_s"] >= r["compile_s"] > 0
+                          "--kernels", "fast,reference", "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1",
+                          "--repeats", "1", "--profile", str(tmp_path / "prof")])
+    fast, ref = records
+    assert [(r["mode"], r["variant"], r["kernels"]) for r in records] == [("train", "shift", "fast"),
+                                                                          ("train", "reference", "reference")]
+    for r in records:
+        assert r["first_step_s"] >= r["compile_s"] > 0
+    assert "x reference" in capsys.readouterr().out  # the fast/reference ratio column
     # The profile maps kernel time back to the JAX ops of the forward and backward pass.
     spec = importlib.util.spec_from_file_location("profile_summary", os.path.join(os.path.dirname(SCRIPT),
                                                                                   "profile_summary.py"))
@@ -59,7 +63,7 @@ def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     spec.loader.exec_module(summary)
     result = summary.main([str(tmp_path / "prof")])
     train = result["train"]
-    assert set(result) == {"train"} and train["total_ms"] > 0
+    assert set(result) == {"train"} and train["total_ms"] > 0  # the first kernels' program only
     assert sum(ms for _, ms in train["by_op"]) == pytest.approx(train["total_ms"])
     assert {cat.split()[0] for cat, _ in train["by_op"]} == {"fwd", "bwd"}
     assert "ms of kernels per step" in capsys.readouterr().out
@@ -67,7 +71,8 @@ def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
         summary.main([str(tmp_path)])  # not a profile folder: one-line usage error
 
 
-@pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"]])
+@pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"],
+                                  ["--kernels", "fast,flax"], ["--kernels", ","], ["--flax_layers"]])
 def test_benchmark_rejects_bad_arguments(argv):
     from effnet_jax.errors import UserError
 
@@ -100,25 +105,28 @@ def test_benchmark_mistakes_are_one_line_exit_2(tmp_path, argv, message):
 
 
 def test_no_tensorflow_in_import_chain():
-    # A fresh interpreter: other tests in this process may have imported tensorflow.
+    # A fresh interpreter: other tests in this process may have imported tensorflow. (ml_collections is
+    # allowed: the benchmark builds the trainer's own step from the trainer's config.)
     code = (f"import runpy, sys; runpy.run_path({SCRIPT!r}, run_name='smoke'); "
-            "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu') if m in sys.modules]; "
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'clu') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
-def test_flax_layers_swaps_in_flax_and_restores_ours():
-    # The GPU A/B (--flax_layers) patches two classes for one process; the patch must not outlive it,
-    # even when the measurement fails.
+def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
+    # --kernels goes through the trainer's config switch: "auto" and "fast" are one set, and the
+    # reference set is flax's own layers (no monkey-patching: the two models differ in their classes).
     from flax import nnx
 
-    from effnet_jax import model
-
     bench = load_benchmark()
-    ours = model.BatchNorm.__call__, model.PointwiseConv.__call__
-    with pytest.raises(RuntimeError), bench.flax_layers(True):
-        assert (model.BatchNorm.__call__, model.PointwiseConv.__call__) == (nnx.BatchNorm.__call__, nnx.Conv.__call__)
-        raise RuntimeError("a failed measurement")
-    assert (model.BatchNorm.__call__, model.PointwiseConv.__call__) == ours
-    args = bench.parse_args(["--flax_layers", "--depthwise_impl", "xla"])
-    assert bench.variant_name("xla", args) == "xla+flax"
+    assert bench.parse_args(["--kernels", "auto,fast,reference"]).kernel_sets == ["fast", "reference"]
+    args = bench.parse_args([])
+    assert args.kernel_sets == ["fast"]
+    for kernels, bn_type in (("fast", "effnet_jax.fast_layers"), ("reference", "flax.")):
+        config = bench.bench_config(args, kernels, "auto")
+        assert config.model.kernels == kernels and config.batch_size == args.batch
+        assert bench.train.model_layers(config).kernels == kernels
+        model = bench.create_model("b0", 10, kernels=bench.train.model_layers(config))
+        assert type(model.stem_bn).__module__.startswith(bn_type) and isinstance(model.stem_bn, nnx.BatchNorm)
+    assert bench.variant_name("reference", "auto") == "reference"
+    assert bench.variant_name("fast", "xla") == "xla"

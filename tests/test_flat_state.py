@@ -43,7 +43,7 @@ def test_train_step_program_does_not_depend_on_the_seed():
     for seed in (0, 1):
         layout, params, stats = FlatModel.create(tiny(seed))
         schedule = train.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
-        tx = train.make_optimizer(c.optimizer, schedule)
+        tx = train.make_optimizer(c.optimizer, schedule, layout.weight_decay_mask)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
                  "dropout_key": jax.random.key_data(jax.random.key(seed)), "ema_params": params, "ema_stats": stats}
         train_step, _ = train.make_steps(layout, tx, schedule, c, 10)

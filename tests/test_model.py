@@ -6,7 +6,7 @@ from flax import nnx
 
 from effnet_jax import EfficientNet, build_architecture, count_params, create_model, eval_view, train_view
 from effnet_jax.arch import TINY
-from effnet_jax.model import MBConv
+from effnet_jax.model import MBConv, layers_for
 from effnet_jax.scaling import OFFICIAL, ScalingSpec
 
 TINY_SPEC = ScalingSpec("tiny", 1.0, 1.0, 32, 0.2)
@@ -75,7 +75,7 @@ def test_train_mode_uses_batch_stats_and_dropout():
 def test_drop_path_drops_whole_examples():
     spec = build_architecture(TINY_SPEC, TINY).blocks[2]  # stride 1, in == out: has a skip
     assert spec.has_skip
-    block = MBConv(spec.__class__(**{**spec.__dict__, "drop_path": 0.5}), depthwise_impl="auto",
+    block = MBConv(spec.__class__(**{**spec.__dict__, "drop_path": 0.5}), layers=layers_for("auto"),
                    dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (64, 8, 8, spec.in_channels))
     residual = run(eval_view(block), x) - x  # eval: no drop, residual branch at full scale

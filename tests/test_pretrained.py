@@ -113,6 +113,15 @@ def test_b0_logits_match_timm(b0):
     compare_logits(tm, ours, 224)
 
 
+def test_reference_kernels_load_the_same_weights_and_match_timm(b0):
+    # One parameter layout: flax's own layers (model.kernels="reference") take timm's weights unconverted.
+    tm, sd, ours = b0
+    ref = load_timm(sd, kernels="reference")
+    assert ref.kernels == "reference" and ours.kernels == "fast"
+    assert_same_weights(ours, ref)
+    compare_logits(tm, ref, 64)
+
+
 def test_b2_ten_classes_from_safetensors_at_odd_resolution(tmp_path):
     from safetensors.numpy import save_file
 

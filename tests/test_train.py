@@ -154,6 +154,7 @@ def test_sigkill_then_resume_ends_with_identical_parameters(tmp_path):
         (["--config.model.resolution=4"], "smaller than the network's total stride"),
         (["--config.model.name=formula", "--config.model.constants={constants}"], "alpha must be a finite number >= 1"),
         (["--config.optimizer.name=lamb"], "optimizer.name"),
+        (["--config.model.kernels=fastest"], "model.kernels must be one of auto, fast, reference, got 'fastest'"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message):

@@ -24,7 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = -1.0  # < 0: the spec's
     m.drop_path_rate = 0.2  # stochastic depth at the last block, linear in block index
     m.bn_momentum = 0.99  # running-statistics decay; short runs (a few hundred steps) need ~0.9
-    m.depthwise_impl = "auto"  # "auto" (per backend), "xla", "shift" or "hybrid" (ops.py)
+    # "auto" (= "fast"): the speed tricks (fast_layers.py, ops.py: hand-written BatchNorm backward, 1x1 convs
+    # as matrix products, shifted depthwise taps, the optimizer over flat vectors); "reference": plain
+    # nnx.BatchNorm / nnx.Conv and per-leaf optax. Same parameters, numbers equal up to float rounding.
+    m.kernels = "auto"
+    m.depthwise_impl = "auto"  # fast kernels only: "auto" (per backend), "xla", "shift" or "hybrid" (ops.py)
     # Classifier kernel: "paper" (uniform +-1/sqrt(num_classes)), "zero", or a scale s as a string
     # ("0.1": uniform +-s/sqrt(num_classes)). The paper's range is sized for 1000 classes.
     m.head_init = "paper"
