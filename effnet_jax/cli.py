@@ -209,3 +209,12 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     return config, fv
 
 
+
+
+def enable_compile_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` ("" leaves it off): a rerun, a resumed trial or a
+    same-shaped trial loads its programs instead of compiling them. Process-wide, so set once here."""
+    if path:
+        from effnet_jax import compile_cache
+
+        compile_cache.enable(path, min_compile_time_s=0.5)

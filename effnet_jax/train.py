@@ -1,507 +1,29 @@
-"""The one trainer: config in, trained model and final metrics out.
+"""The trainer's command line: ``python -m effnet_jax.train --config=... --workdir=...``.
 
     python -m effnet_jax.train --config=effnet_jax/configs/digits.py --workdir=runs/digits
     python -m effnet_jax.train --config=effnet_jax/configs/imagenet.py:b3 --workdir=runs/b3 \
         --config.batch_size=1024
 
-The train step is one ``jax.jit`` over pure state (the model split once into flat
-vectors by ``flat_state.FlatModel``, or with ``model.kernels = "reference"`` into one array
-per variable by ``tree_state.TreeModel``, merged back inside the trace), data-parallel
-over a mesh of every device of every host: the batch is sharded on its leading
-axis, parameters are replicated, so BatchNorm
-statistics and gradients are computed over the global batch. A workdir holding a
-checkpoint resumes from it: data order and dropout keys are functions of
-(seed, step), so a killed-and-resumed run ends where an uninterrupted one does.
-``experiments.grid_search`` calls ``train_and_evaluate`` in-process.
+Flags and process-wide setup (``jax.distributed``, the persistent compilation cache) live
+here and in ``effnet_jax.cli``; the training itself is ``trainer.train_and_evaluate``.
 
-A workdir belongs to one config (``rundir.check_resume``: a changed config is refused,
-``--restart`` starts over); a finished workdir is not trained again: its stored result is
-returned and no file changes.
-
-Exit codes of the CLI: 0 done; 1 training diverged (non-finite loss); 2 a mistake in the
-flags, config, data or workdir, or a full / read-only disk (one ``error:`` line on stderr,
-nothing written when it is found before training); 130 Ctrl-C (one line saying how to resume).
+Exit codes: 0 done; 1 training diverged (non-finite loss); 2 a mistake in the flags, config,
+data or workdir, or a full / read-only disk (one ``error:`` line on stderr, nothing written
+when it is found before training); 130 Ctrl-C (one line saying how to resume).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import json
-import math
 import os
 import sys
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from effnet_jax import compile_cache, input_pipeline, metrics, rundir, scaling
-from effnet_jax.arch import Architecture
-from effnet_jax.cost import count_macs, count_params
-from effnet_jax.errors import Interrupted, UserError, exit_on_user_error
-from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import KERNELS, Layers, create_model, head_init_fn, layers_for
+from effnet_jax import cli, rundir, trainer
+from effnet_jax.errors import UserError, exit_on_user_error
 
-if TYPE_CHECKING:
-    from effnet_jax.flat_state import FlatModel
-    from effnet_jax.tree_state import TreeModel
-
-State = dict[str, Any]
-
-def model_layers(config: ml_collections.ConfigDict) -> Layers:
-    """The layer set ``model.kernels`` (and ``model.depthwise_impl``, ``model.bn_momentum``) asks for."""
-    m = config.model
-    kernels = m.get("kernels", "auto")
-    if kernels not in KERNELS:
-        raise UserError(f"model.kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    try:
-        return layers_for(kernels, depthwise_impl=m.depthwise_impl, bn_momentum=m.bn_momentum)
-    except ValueError as e:
-        raise UserError(f"model.{e}") from None
-
-
-def state_layout(kernels: str) -> type[FlatModel] | type[TreeModel]:
-    """How the train state holds the model: flat vectors for the fast kernels, one array per variable
-    for the reference ones (imported here, so that a reference run never loads flat_state)."""
-    if kernels == "reference":
-        from effnet_jax.tree_state import TreeModel
-
-        return TreeModel
-    from effnet_jax.flat_state import FlatModel
-
-    return FlatModel
-
-
-
-# ------------------------------------------------------------------------- optimizer
-
-def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
-    """Linear warmup, then staircase exponential decay (the paper), cosine or constant."""
-    peak = o.learning_rate * batch_size / 256
-    warmup = int(o.warmup_epochs * steps_per_epoch)
-    if o.schedule == "exponential":
-        return optax.warmup_exponential_decay_schedule(
-            0.0, peak, warmup, max(1, int(o.decay_epochs * steps_per_epoch)), o.decay_rate, staircase=True)
-    if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
-    if o.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
-                                    [warmup])
-    raise UserError(f"optimizer.schedule must be exponential, cosine or constant, got {o.schedule!r}")
-
-
-def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
-    """optax chain for the configured optimizer; L2 decay enters as a gradient term where ``mask``
-    (the state layout's ``weight_decay_mask``) says."""
-    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
-    if o.name == "rmsprop":  # TensorFlow's: eps inside the sqrt, accumulator starts at 1
-        parts += [optax.add_decayed_weights(o.weight_decay, mask),
-                  optax.rmsprop(schedule, decay=o.rms_decay, eps=o.epsilon, initial_scale=1.0,
-                                eps_in_sqrt=True, momentum=o.momentum)]
-    elif o.name == "sgd":
-        parts += [optax.add_decayed_weights(o.weight_decay, mask),
-                  optax.sgd(schedule, momentum=o.momentum, nesterov=True)]
-    elif o.name == "adamw":
-        parts += [optax.adamw(schedule, weight_decay=o.weight_decay, mask=mask)]
-    else:
-        raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {o.name!r}")
-    return optax.chain(*parts)
-
-
-# --------------------------------------------------------------------------- steps
-
-def make_steps(layout: FlatModel | TreeModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict, num_classes: int) -> tuple[Callable, Callable]:
-    """Pure train and eval steps over (state, batch); the caller jits them."""
-    o = config.optimizer
-
-    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        step = state["step"]
-
-        def loss_fn(params: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            model = layout.merge(params, state["stats"])
-            nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state["dropout_key"]), step))
-            logits = model(batch["image"])
-            targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), o.label_smoothing)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, (logits, layout.stats_of(model))
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "stats": stats, "opt": opt, "dropout_key": state["dropout_key"]}
-        if "ema_params" in state:  # TF's ExponentialMovingAverage(num_updates=step)
-            decay = jnp.minimum(o.ema_decay, (1.0 + step) / (10.0 + step))
-            new["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - decay)
-            new["ema_stats"] = optax.incremental_update(stats, state["ema_stats"], 1.0 - decay)
-        metrics = {
-            "loss": loss,
-            "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "learning_rate": schedule(step),
-            "grad_norm": optax.tree.norm(grads),
-        }
-        return new, metrics
-
-    def eval_step(params: dict[str, jax.Array], stats: jax.Array, batch: dict[str, jax.Array]
-                  ) -> dict[str, jax.Array]:
-        logits = layout.merge(params, stats, train=False)(batch["image"])
-        mask, label = batch["mask"], batch["label"]
-        top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-        return {
-            "correct1": jnp.sum((top5[:, 0] == label) * mask),
-            "correct5": jnp.sum(jnp.any(top5 == label[:, None], axis=-1) * mask),
-            "loss": jnp.sum(loss * mask),
-            "count": jnp.sum(mask),
-        }
-
-    return train_step, eval_step
-
-
-@dataclasses.dataclass
-class Program:
-    """A model's train state and the jitted steps over it: what the training loop runs
-    (and ``scripts/benchmark.py`` times)."""
-
-    layout: FlatModel | TreeModel
-    state: State
-    train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
-    eval_step: Callable  # jitted (params, stats, batch) -> sums of correct1, correct5, loss, count
-    data_sharding: NamedSharding  # how a global batch is laid out over the devices
-    arch: Architecture
-
-
-def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, num_classes: int, *,
-                  layers: Layers, dtype: Any, steps_per_epoch: int, total_steps: int) -> Program:
-    """The model per ``config`` (``config.model.init_from`` loaded), its initial train state,
-    replicated over a mesh of every device, and the jitted train and eval steps."""
-    model = create_model(spec, num_classes, config.seed, dtype=dtype, network=scaling.network(config.model),
-                         drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
-                         head_init=config.model.get("head_init", "paper"))
-    if config.model.init_from:
-        from effnet_jax import pretrained
-
-        pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
-    layout, params, stats = state_layout(layers.kernels).create(model)
-    schedule = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch,
-                                      schedule_steps(config, total_steps))
-    tx = make_optimizer(config.optimizer, schedule, layout.weight_decay_mask)
-    # The dropout key is state, not a constant baked into the program: trials that differ
-    # only in seed then share one compiled step (persistent compilation cache).
-    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
-    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
-                    "dropout_key": dropout_key}
-    if config.optimizer.ema_decay > 0:
-        state["ema_params"], state["ema_stats"] = params, stats
-
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    train_step, eval_step = make_steps(layout, tx, schedule, config, num_classes)
-    p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    p_eval = jax.jit(eval_step, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
-    return Program(layout, _replicate(state, repl), p_train, p_eval, data_sharding, model.arch)
-
-
-# ----------------------------------------------------------------------- the run
-
-@dataclasses.dataclass
-class Run:
-    """Everything resolved and validated from a config, before anything is written."""
-
-    config: ml_collections.ConfigDict
-    spec: scaling.ScalingSpec
-    source: input_pipeline.Source
-    total_steps: int
-    steps_per_epoch: int
-    dtype: Any
-    layers: Layers
-
-
-def prepare(config: ml_collections.ConfigDict) -> Run:
-    """Validate a config (UserError on any mistake) and open its data source."""
-    spec = scaling.model_spec(config.model)
-    arch = scaling.build_architecture(spec, scaling.network(config.model), config.model.drop_path_rate)
-    if spec.resolution < arch.total_stride:
-        raise UserError(f"resolution {spec.resolution} is smaller than the network's total stride "
-                        f"{arch.total_stride}")
-    dtype = scaling.compute_dtype(config.model.dtype)
-    layers = model_layers(config)
-    ndev = jax.device_count()
-    if config.batch_size <= 0:
-        raise UserError(f"batch_size must be positive, got {config.batch_size}")
-    if config.batch_size % ndev:
-        raise UserError(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
-    source = input_pipeline.create_source(config.data, spec.resolution, config.batch_size, config.seed,
-                                          jax.process_index(), jax.process_count())
-    steps_per_epoch = max(1, source.num_train // config.batch_size)
-    total = config.num_train_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    if total <= 0:
-        raise UserError("num_train_steps / num_epochs give no training steps")
-    span = config.get("schedule_steps", 0)
-    if span < 0 or 0 < span < total:
-        raise UserError(f"schedule_steps must be 0 (the run's length) or at least the run's {total} steps, "
-                        f"got {span}")
-    sched = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch, schedule_steps(config, total))
-    del sched  # validated here, built again with the state
-    if config.optimizer.name not in ("rmsprop", "sgd", "adamw"):
-        raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {config.optimizer.name!r}")
-    try:
-        head_init_fn(config.model.get("head_init", "paper"))
-    except ValueError as e:
-        raise UserError(f"model.{e}") from None
-    return Run(config, spec, source, total, steps_per_epoch, dtype, layers)
-
-
-def schedule_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
-    """Steps the learning-rate schedule spans: ``config.schedule_steps`` if > 0, else the run's own length."""
-    return int(config.get("schedule_steps", 0)) or total_steps
-
-
-def _replicate(tree: Any, sharding: NamedSharding) -> Any:
-    """Host values (identical on every process) as global, replicated arrays."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-                        tree)
-
-
-def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------ training
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None,
-                       restart: bool = False) -> dict[str, Any]:
-    """Train per ``config`` in ``workdir`` (resuming from its checkpoint) and return final metrics.
-
-    Raises UserError for a bad config or a workdir of another config (``check_resume``) before
-    anything is written; a finished workdir returns its stored result and changes nothing.
-    ``restart``: delete the workdir's run files first (``clear_workdir``) and start over.
-    Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt) naming the step to resume from.
-    A diverged run (non-finite loss) returns ``status`` "diverged".
-    """
-    import orbax.checkpoint as ocp
-
-    workdir = os.fspath(workdir)
-    run = run or prepare(config)
-    spec, source, total = run.spec, run.source, run.total_steps
-    lead = jax.process_index() == 0
-    if restart:
-        rundir.check_workdir(workdir)
-        if lead and os.path.isdir(workdir):
-            rundir.clear_workdir(workdir)
-        if jax.process_count() > 1:  # nobody reads the old checkpoints while process 0 deletes them
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("effnet_jax restart")
-    else:
-        stored = rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
-        if stored is not None:
-            return stored
-    if "://" in workdir:
-        os.makedirs(workdir, exist_ok=True)
-    else:
-        rundir.make_workdir(workdir)
-    if config.compile_cache_dir:  # a rerun, a resumed trial or a same-shaped trial skips XLA compiles
-        compile_cache.enable(config.compile_cache_dir, min_compile_time_s=0.5)
-    if lead:
-        rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-    t_start = time.time()
-    program = build_program(config, spec, source.num_classes, layers=run.layers, dtype=run.dtype,
-                            steps_per_epoch=run.steps_per_epoch, total_steps=total)
-    layout, state, data_sharding = program.layout, program.state, program.data_sharding
-    p_train, p_eval = program.train_step, program.eval_step
-
-    ckpt = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    start = ckpt.latest_step() or 0
-    if start:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
-    writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
-
-    info = {
-        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
-        "resolution": spec.resolution, "blocks": len(program.arch.blocks),
-        "params": count_params(program.arch, source.num_classes),
-        "macs": count_macs(program.arch, spec.resolution, source.num_classes), "dataset": source.name,
-        "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": total,
-        "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
-        "kernels": run.layers.kernels,
-    }
-
-    eval_every = config.eval_every_steps or run.steps_per_epoch
-    status, last_loss, compile_s = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0
-    timed_steps, timed_s, t_mark = 0, 0.0, None
-    bar = _progress(config, total, start, lead)
-    done = start
-    guard = rundir.InterruptGuard()
-    try:
-        with guard:
-            batches = source.train_batches(start)
-            for step in range(start, total):
-                batch = _global_batch(next(batches), data_sharding)
-                t0 = time.time()
-                state, metrics_ = p_train(state, batch)
-                if step == start:
-                    jax.block_until_ready(metrics_)
-                    compile_s = time.time() - t0
-                    t_mark = time.time()
-                done = step + 1
-                if done % config.log_every_steps == 0 or done == total:
-                    metrics_ = jax.device_get(metrics_)
-                    last_loss = float(metrics_["loss"])
-                    now = time.time()
-                    n = done - start - 1
-                    if n > timed_steps:
-                        timed_s, timed_steps = now - t_mark, n
-                    img_s = config.batch_size * timed_steps / timed_s if timed_s > 0 else float("nan")
-                    writer.write(done, {**metrics_, "img_per_s": img_s, "epoch": done / run.steps_per_epoch})
-                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{img_s:.0f}")
-                    if not math.isfinite(last_loss):
-                        status = "diverged"
-                        break
-                if done % eval_every == 0 or done == total:
-                    writer.write(done, _evaluate(p_eval, state, source, data_sharding))
-                if done % config.checkpoint_every_steps == 0 or done == total:
-                    with guard.saving_checkpoint():
-                        ckpt.save(done, args=ocp.args.StandardSave(state))
-                bar.update(1)
-            bar.close()
-            with guard.saving_checkpoint():
-                ckpt.wait_until_finished()
-            final = {"status": status, "steps": int(jax.device_get(state["step"])), "train_loss": last_loss}
-            if status == "ok":
-                final.update(_evaluate(p_eval, state, source, data_sharding))
-    except KeyboardInterrupt:
-        bar.close()
-        ckpt.wait_until_finished()  # an in-flight save completes: it is where the rerun resumes
-        saved = ckpt.latest_step()
-        ckpt.close()
-        writer.close()
-        how = (f"resume from the last checkpoint (step {saved})" if saved else
-               "start over (no checkpoint was saved yet)")
-        raise Interrupted(f"interrupted at step {done} of {total}; rerun the same command to {how}") from None
-    ckpt.close()
-
-    final.update(info)
-    final["params_sha256"] = params_digest(state["params"])
-    if lead and status == "ok" and config.save_weights:
-        final["weights"] = _save_weights(layout, state, spec, workdir)
-    final.update({
-        "epochs": final["steps"] / run.steps_per_epoch,
-        "wall_time_s": time.time() - t_start,
-        "compile_s": compile_s,
-        "train_img_per_s": config.batch_size * timed_steps / timed_s if timed_s > 0 else None,
-    })
-    writer.close()
-    if lead:
-        rundir.write_json(os.path.join(workdir, "result.json"), final)
-    return final
-
-
-def _logged_loss(workdir: str, step: int) -> float:
-    """The last training loss logged at or before ``step`` (a resumed run that has no step left to take)."""
-    if not step:
-        return float("nan")
-    rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if r.get("step", 0) <= step and isinstance(r.get("loss"), (int, float))]
-    return float(rows[-1]["loss"]) if rows else float("nan")
-
-
-def _save_weights(layout: FlatModel | TreeModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
-    """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
-    from effnet_jax import pretrained
-
-    paths = []
-    for name, p, s in (("weights", "params", "stats"), ("ema_weights", "ema_params", "ema_stats")):
-        if p in state:
-            params, stats = jax.device_get((state[p], state[s]))
-            path = os.path.join(workdir, f"{name}.safetensors")
-            pretrained.save_weights(layout.merge(params, stats), path, spec)
-            paths.append(path)
-    return paths
-
-
-def params_digest(params: nnx.State) -> str:
-    """SHA-256 of every parameter's bytes: equal digests mean bit-identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
-    return h.hexdigest()
-
-
-def _evaluate(p_eval: Callable, state: State, source: input_pipeline.Source,
-              sharding: NamedSharding) -> dict[str, float]:
-    """Top-1 / top-5 / loss on the eval split, for the raw and (if kept) EMA weights."""
-    out = {}
-    variants = [("val", "params", "stats")]
-    if "ema_params" in state:
-        variants.append(("ema_val", "ema_params", "ema_stats"))
-    sums: dict[str, dict[str, float]] = {v[0]: {} for v in variants}
-    for batch in source.eval_batches():
-        batch = _global_batch(batch, sharding)
-        for prefix, p, s in variants:
-            for k, v in jax.device_get(p_eval(state[p], state[s], batch)).items():
-                sums[prefix][k] = sums[prefix].get(k, 0.0) + float(v)
-    for prefix, s in sums.items():
-        count = max(s["count"], 1.0)
-        out[f"{prefix}_top1"] = s["correct1"] / count
-        out[f"{prefix}_top5"] = s["correct5"] / count
-        out[f"{prefix}_loss"] = s["loss"] / count
-    return out
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(config: ml_collections.ConfigDict, total: int, start: int, lead: bool) -> Any:
-    if not (config.progress_bar and lead):
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
-
-
-def _num(x: Any, fmt: str) -> str:
-    """``x`` formatted, or 'n/a' for a value a stored result holds as null (non-finite)."""
-    return "n/a" if x is None else format(x, fmt)
-
-
-def summary_line(result: dict[str, Any]) -> str:
-    """The final one-line summary printed by the CLI; names the block table when it is not B0's."""
-    model = result["model"]
-    if result.get("network", "b0") != "b0":
-        model = f"{result['network']}/{model}"
-    parts = [f"{model} {result['resolution']}px on {result['dataset']}", f"status {result['status']}",
-             f"{result['steps']} steps", f"train loss {_num(result.get('train_loss'), '.4f')}"]
-    if "val_top1" in result:
-        parts.append(f"val top-1 {_num(result['val_top1'], '.4f')}")
-    if "ema_val_top1" in result:
-        parts.append(f"EMA val top-1 {_num(result['ema_val_top1'], '.4f')}")
-    if result.get("train_img_per_s"):
-        parts.append(f"{result['train_img_per_s']:.0f} img/s")
-    parts.append(f"{_num(result.get('wall_time_s'), '.1f')} s")
-    return "done: " + ", ".join(parts)
-
-
-# --------------------------------------------------------------------------- CLI
 
 def _define_train_flags(fv: Any) -> None:
     from absl import flags
@@ -513,20 +35,19 @@ def _define_train_flags(fv: Any) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """The CLI: exit 0 done, 1 diverged, 2 a mistake or a full / read-only disk, 130 Ctrl-C (one stderr line)."""
-    from effnet_jax import cli
-
     config, fv = cli.parse_config_flags(sys.argv if argv is None else argv, define_extra=_define_train_flags)
     if not fv.workdir:
         raise UserError("--workdir is required")
     workdir, lead = fv.workdir, jax.process_index() == 0
-    run = prepare(config)
+    run = trainer.prepare(config)
     stored = None if fv.restart else rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
     if stored is not None:
         if lead:
-            print(f"{summary_line(stored)} (already finished; nothing changed)", flush=True)
+            print(f"{trainer.summary_line(stored)} (already finished; nothing changed)", flush=True)
         return stored
+    cli.enable_compile_cache(config.compile_cache_dir)
     try:
-        result = train_and_evaluate(config, workdir, run=run, restart=fv.restart)
+        result = trainer.train_and_evaluate(config, workdir, run=run, restart=fv.restart)
     except Exception as e:  # re-raised unless the disk is full, read-only or forbidden
         err = rundir.storage_error(e)
         if err is None:
@@ -536,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"or fix the permissions of --workdir {workdir}, then rerun to resume from the last "
                         "checkpoint") from None
     if lead:
-        print(summary_line(result), flush=True)
+        print(trainer.summary_line(result), flush=True)
     if result["status"] == "diverged":
         print(f"error: training diverged at step {result['steps']} (non-finite loss); lower the learning rate",
               file=sys.stderr, flush=True)

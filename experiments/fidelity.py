@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, train
+from effnet_jax import cli, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 
@@ -129,12 +129,12 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
     check_config(config)
     base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
-    prepared = train.prepare(base)  # validates the train config; writes nothing
+    prepared = trainer.prepare(base)  # validates the train config; writes nothing
     cands = grid_search.candidates(config.search, config.train, prepared.source.num_classes)
     base_steps = grid_search.rung_steps(config, prepared.steps_per_epoch)[0]
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir)
-    rows = list(runner.run(study, plans(config, cands, base_steps), workdir, train.train_and_evaluate,
+    rows = list(runner.run(study, plans(config, cands, base_steps), workdir, trainer.train_and_evaluate,
                            config.search.metric, log).values())
     out = {"rows": rows, **analyse(rows, config.search.metric), "base_steps": base_steps}
     report.write_csv(os.path.join(workdir, "fidelity.csv"), rows,
@@ -162,6 +162,7 @@ def format_agreement(out: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
                                           lambda fv: runner.define_flags(fv, "fidelity"))
+    cli.enable_compile_cache(config.train.compile_cache_dir)
     workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()

@@ -48,7 +48,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling, train
+from effnet_jax import cli, cost, scaling, trainer
 from effnet_jax.arch import Architecture
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
@@ -463,7 +463,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     s = config.search
     check_search(config)
     base = trial_config(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), int(s.seeds[0]))
-    prepared = train.prepare(base)  # validates the train config and opens the data: writes nothing
+    prepared = trainer.prepare(base)  # validates the train config and opens the data: writes nothing
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
     cands = candidates(s, config.train, num_classes)
     if s.constraint == "macs":
@@ -486,9 +486,9 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
         if rung == 0 and s.sampler == "tpe":  # the references as planned trials, the rest proposed by TPE
             alive = [c for c in cands if c.label]
             rows.update(runner.run(study, plan_rung(config, alive, 0, steps, num_classes), workdir,
-                                   train.train_and_evaluate, s.metric, log))
+                                   trainer.train_and_evaluate, s.metric, log))
             sampled = runner.run_sampled(study, s.n_trials, proposer(config, steps), workdir,
-                                         train.train_and_evaluate, s.metric, log)
+                                         trainer.train_and_evaluate, s.metric, log)
             rows.update({r["trial_id"]: r for r in sampled})
             alive += list(dict.fromkeys(Candidate(r["alpha"], r["beta"], r["gamma"]) for r in sampled))
             continue
@@ -502,7 +502,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
             log(f"rung {rung}: {len(alive)} candidates go on to {steps[rung]} steps with seeds "
                 f"{rung_seeds(config, rung, len(steps))}")
         plans = plan_rung(config, alive, rung, steps, num_classes)
-        rows.update(runner.run(study, plans, workdir, train.train_and_evaluate, s.metric, log))
+        rows.update(runner.run(study, plans, workdir, trainer.train_and_evaluate, s.metric, log))
     rows_list = list(rows.values())
     base_macs = _macs(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), num_classes)
     summary = summarize(rows_list, s.metric, base_macs, num_eval)
@@ -575,6 +575,7 @@ def _workers(fv: Any) -> tuple[int, list[dict[str, str]]]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv_list = list(sys.argv if argv is None else argv)
     config, fv = cli.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
+    cli.enable_compile_cache(config.train.compile_cache_dir)
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     check_search(config)  # a bad search config fails here, once, before any worker starts

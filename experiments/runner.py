@@ -258,7 +258,7 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
     """Work the queue until every plan has a finished trial (run by this or any other process).
 
     Returns {key: row} for the plans; a row is the trial's attrs, its result and its state.
-    ``train_fn(config, trial_dir)`` trains one trial (``effnet_jax.train.train_and_evaluate``).
+    ``train_fn(config, trial_dir)`` trains one trial (``effnet_jax.trainer.train_and_evaluate``).
     """
     import optuna
 

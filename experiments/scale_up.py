@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, scaling
+from effnet_jax import cli, cost, scaling
 from effnet_jax import summary as summary_mod
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report
@@ -62,16 +62,17 @@ def phi_config(train_config: ml_collections.ConfigDict, constants: dict[str, flo
 
 
 def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = None,
-             overrides: ml_collections.ConfigDict | None = None) -> list[dict[str, Any]]:
+             overrides: ml_collections.ConfigDict | None = None,
+             best: tuple[dict[str, float], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Print params/MACs of each phi model (the search's network, dataset classes, base resolution);
     train them into ``workdir`` when given."""
-    from effnet_jax import train
+    from effnet_jax import trainer
 
-    constants, best = read_best(constants_path)
+    constants, best = best or read_best(constants_path)
     train_config = overrides if overrides is not None else search_train_config(best)
     num_classes = int(best.get("num_classes") or 0)
     if not num_classes or (overrides is not None and train_config.data.name != best["config"]["train"]["data"]["name"]):
-        num_classes = train.prepare(phi_config(train_config, constants, 0.0)).source.num_classes
+        num_classes = trainer.prepare(phi_config(train_config, constants, 0.0)).source.num_classes
     m = train_config.model
     rows, base_macs = [], None
     for phi in [0.0, *phis]:
@@ -93,10 +94,10 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     if workdir is None:
         return rows
     for row in rows:
-        result = train.train_and_evaluate(phi_config(train_config, constants, row["phi"]),
+        result = trainer.train_and_evaluate(phi_config(train_config, constants, row["phi"]),
                                           os.path.join(workdir, f"phi{row['phi']:g}"))
         row.update({k: result.get(k) for k in ("status", "val_top1", "ema_val_top1", "wall_time_s", "num_classes")})
-        print(train.summary_line(result), flush=True)
+        print(trainer.summary_line(result), flush=True)
     return rows
 
 
@@ -112,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     flags.DEFINE_string("phi", "1,2,3", "comma-separated phi values", flag_values=fv)
     flags.DEFINE_bool("train", False, "train each model with the search's trainer config", flag_values=fv)
     flags.DEFINE_string("workdir", "runs/scale_up", "where trained models go (one folder per phi)", flag_values=fv)
-    best_cfg = None
+    best_cfg, best = None, None
     if constants:
-        best_cfg = search_train_config(read_best(constants)[1])
+        best = read_best(constants)
+        best_cfg = search_train_config(best[1])
         config_flags.DEFINE_config_dict("config", best_cfg, "the search's trainer config; override any field "
                                         "with --config.<field>=<value>", flag_values=fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
@@ -130,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise UserError("--constants=best.json is required")
     phis = report.parse_floats(fv.phi, "--phi")
     overridden = any(a.startswith("--config.") for a in argv[1:])
-    rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None)
+    if fv.train:
+        cli.enable_compile_cache(fv.config.compile_cache_dir)
+    rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None, best)
     sys.stdout.flush()
     return rows
 

@@ -52,7 +52,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling, train
+from effnet_jax import cli, cost, scaling, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 from experiments.grid_search import Candidate
@@ -334,7 +334,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     constants = check_config(config)
     seeds = [int(x) for x in config.study.seeds]
     base_cfg = grid_search.trial_config(config.train, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0])
-    num_classes = train.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
+    num_classes = trainer.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
     points = plan(config, constants, num_classes)
     base_macs = points[0].macs
     phis = [p.phi for p in points if p.family == "compound"]
@@ -346,7 +346,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
             f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x")
     study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                                storage or workdir)
-    rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, train.train_and_evaluate,
+    rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, trainer.train_and_evaluate,
                            config.study.metric, log).values())
     summary = summarize(rows, points, config.study.metric)
     write_outputs(workdir, config, rows, summary, growth)
@@ -357,6 +357,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
                                           lambda fv: runner.define_flags(fv, "scaling_study"))
+    cli.enable_compile_cache(config.train.compile_cache_dir)
     workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     print(f"workdir: {workdir}", flush=True)
     t0 = time.time()

@@ -130,6 +130,7 @@ if BATCH_SIZE % jax.device_count():
 # %%
 import os
 
+from effnet_jax import cli
 from experiments import grid_search
 from experiments.configs import grid_search as grid_config
 
@@ -160,6 +161,7 @@ t.model.base_resolution = BASE_RESOLUTION
 t.batch_size = BATCH_SIZE
 t.num_epochs, t.num_train_steps = NUM_EPOCHS, NUM_TRAIN_STEPS
 t.compile_cache_dir = COMPILE_CACHE_DIR
+cli.enable_compile_cache(COMPILE_CACHE_DIR)  # process-wide: the trainer (a library) sets none itself
 s = config.search
 s.alpha, s.beta, s.gamma, s.step, s.tolerance = ALPHA, BETA, GAMMA, STEP, TOLERANCE
 s.include_paper = s.include_baseline = INCLUDE_REFERENCES
@@ -173,7 +175,7 @@ for c in cands:
 # %% [markdown]
 # ## Grid search
 #
-# Each candidate is trained through the one trainer (`effnet_jax.train.train_and_evaluate`)
+# Each candidate is trained through the one trainer (`effnet_jax.trainer.train_and_evaluate`)
 # and scored on the validation split, in successive-halving rungs (the best third goes on
 # with more steps and seeds). Results go to `WORKDIR`: `study.journal` (the Optuna study; a
 # rerun skips finished trials, `optuna-dashboard WORKDIR/study.journal` shows it live),
@@ -243,14 +245,14 @@ print(summary.format_table([summary.describe(n) for n in ("b0", "b1", "b2", "b3"
 # %%
 import copy
 
-from effnet_jax import train
+from effnet_jax import trainer
 
 cfg = copy.deepcopy(config.train)
 cfg.model.name, cfg.model.constants = "formula", os.path.abspath(BEST_JSON)
 cfg.model.phi, cfg.model.resolution = float(TRAIN_PHI), 0  # resolution from gamma**phi
 cfg.num_epochs, cfg.num_train_steps = TRAIN_EPOCHS, TRAIN_STEPS
-scaled = train.train_and_evaluate(cfg, os.path.join(WORKDIR, f"scaled_phi{TRAIN_PHI:g}"))
-print(train.summary_line(scaled))
+scaled = trainer.train_and_evaluate(cfg, os.path.join(WORKDIR, f"scaled_phi{TRAIN_PHI:g}"))
+print(trainer.summary_line(scaled))
 print(f"{scaled['params']:,} parameters, {scaled['macs'] / 1e6:.1f} MMACs per image")
 
 # %% [markdown]

@@ -3,7 +3,7 @@
     python scripts/benchmark.py --model b0 --resolution 64 --batch 32 --peer timm
 
 Measures, on whatever backend JAX has: train-step img/s (the trainer's own jitted,
-state-donating step, built by ``train.build_program`` from the default config: the
+state-donating step, built by ``trainer.build_program`` from the default config: the
 paper's RMSProp recipe with EMA, label smoothing, dropout and drop path), inference
 img/s, compile time of each program (trace + lower + compile, and the first step),
 XLA's compiled memory estimate and, where the backend reports it (GPU/TPU), peak
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from effnet_jax import compile_cache, ops, scaling, train  # noqa: E402
+from effnet_jax import compile_cache, ops, scaling, trainer  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from effnet_jax.model import KERNELS, create_model, eval_view, resolve_kernels  # noqa: E402
@@ -127,9 +127,9 @@ def bench_config(args: argparse.Namespace, kernels: str, impl: str) -> Any:
 
 def ours_train(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray,
                y: np.ndarray) -> Runner:
-    """The trainer's jitted train step (``train.build_program``) on one fixed batch, its state donated and rebound."""
+    """The trainer's jitted train step (``trainer.build_program``) on one fixed batch, its state donated and rebound."""
     config = bench_config(args, kernels, impl)
-    program = train.build_program(config, spec, args.num_classes, layers=train.model_layers(config),
+    program = trainer.build_program(config, spec, args.num_classes, layers=trainer.model_layers(config),
                                   dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
     batch = jax.device_put({"image": jnp.asarray(x), "label": jnp.asarray(y)}, program.data_sharding)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -157,7 +157,7 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, im
     """The model's forward on running statistics, one jitted function over its split state."""
     config = bench_config(args, kernels, impl)
     model = eval_view(create_model(spec, args.num_classes, dtype=scaling.compute_dtype(args.dtype),
-                                   kernels=train.model_layers(config)))
+                                   kernels=trainer.model_layers(config)))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     xd = jnp.asarray(x, scaling.compute_dtype(args.dtype))

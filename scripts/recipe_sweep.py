@@ -4,7 +4,7 @@
     python scripts/recipe_sweep.py --table /tmp/recipe_sweep.jsonl --at 67,134,200
 
 Each run is experiments/configs/grid_search.py's ``train`` section (the trial recipe)
-with the ``--set`` overrides, trained through ``train.train_and_evaluate`` on the
+with the ``--set`` overrides, trained through ``trainer.train_and_evaluate`` on the
 grid search's two fixed points: unscaled B0 (``baseline``, phi = 0) and the paper's
 constants at phi = 1 (``paper``: 1.2, 1.1, 1.15). It evaluates every ``--eval_every``
 steps, so a run of N steps also gives the curve of a halving rung that stops early on
@@ -73,13 +73,13 @@ def trial_config(point: str, steps: int, seed: int, eval_every: int, sets: list[
 
 
 def run_one(point: str, steps: int, seed: int, eval_every: int, sets: list[str]) -> dict[str, Any]:
-    from effnet_jax import train
+    from effnet_jax import trainer
 
     cfg, overrides = trial_config(point, steps, seed, eval_every, sets)
     workdir = tempfile.mkdtemp(prefix="recipe_")
     try:
         t0 = time.time()
-        result = train.train_and_evaluate(cfg, workdir)
+        result = trainer.train_and_evaluate(cfg, workdir)
         took = time.time() - t0
         curve = []
         with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -15,3 +15,12 @@ try:  # noqa: SIM105
     import torch  # noqa: F401
 except ImportError:
     pass
+
+
+def pytest_configure(config):
+    """The in-process runs share one persistent compilation cache, as a CLI run sets it up
+    (effnet_jax.cli.enable_compile_cache): the library itself sets no process-wide state."""
+    from effnet_jax import cli
+
+    root = os.environ.get("PYTEST_CACHE_ROOT", "/tmp")
+    cli.enable_compile_cache(os.path.join(root, f"effnet_jax_test_xla_{os.getuid()}"))

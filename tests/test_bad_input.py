@@ -313,19 +313,19 @@ def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
     result = json.loads((copy / "result.json").read_text())
     proc = cli(*train_cmd(copy, "--config.num_train_steps=4", *extra))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
-    from effnet_jax import train
+    from effnet_jax import trainer
 
-    assert proc.stdout.splitlines() == [f"{train.summary_line(result)} (already finished; nothing changed)"]
+    assert proc.stdout.splitlines() == [f"{trainer.summary_line(result)} (already finished; nothing changed)"]
     assert snapshot(copy) == before
 
 
 def test_finished_workdir_in_process_returns_the_stored_result(copy):
     """The grid search calls train_and_evaluate per trial: a finished one is neither retrained nor rewritten."""
-    from effnet_jax import cli, train
+    from effnet_jax import cli, trainer
 
     before = snapshot(copy)
     config, _ = cli.parse_config_flags(train_cmd(copy, "--config.num_train_steps=4")[2:])
-    assert train.train_and_evaluate(config, str(copy)) == json.loads((copy / "result.json").read_text())
+    assert trainer.train_and_evaluate(config, str(copy)) == json.loads((copy / "result.json").read_text())
     assert snapshot(copy) == before
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effnet_jax import train
+from effnet_jax import trainer
 from effnet_jax.arch import TINY
 from effnet_jax.configs import digits
 from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
@@ -42,11 +42,11 @@ def test_train_step_program_does_not_depend_on_the_seed():
     texts = []
     for seed in (0, 1):
         layout, params, stats = FlatModel.create(tiny(seed))
-        schedule = train.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
-        tx = train.make_optimizer(c.optimizer, schedule, layout.weight_decay_mask)
+        schedule = trainer.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
+        tx = trainer.make_optimizer(c.optimizer, schedule, layout.weight_decay_mask)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
                  "dropout_key": jax.random.key_data(jax.random.key(seed)), "ema_params": params, "ema_stats": stats}
-        train_step, _ = train.make_steps(layout, tx, schedule, c, 10)
+        train_step, _ = trainer.make_steps(layout, tx, schedule, c, 10)
         batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
         texts.append(jax.jit(train_step).lower(state, batch).as_text())
     assert texts[0] == texts[1]

@@ -73,7 +73,7 @@ def test_digits_deterministic_resumable_sharded():
 
 
 def test_core_imports_do_not_import_tensorflow():
-    code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.model\n"
+    code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.trainer, effnet_jax.model\n"
             "from effnet_jax import input_pipeline\n"
             "from effnet_jax.configs.default import get_config\n"
             "d = get_config().data; d.name = 'digits'; d.train_split = 'train'\n"

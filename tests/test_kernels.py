@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from effnet_jax import model as model_lib
-from effnet_jax import scaling, train
+from effnet_jax import scaling, trainer
 from effnet_jax.arch import TINY
 from effnet_jax.configs import digits
 from effnet_jax.errors import UserError
@@ -45,8 +45,8 @@ def train_losses(config, workdir, resume_at=None):
     if resume_at is not None:
         first = config.copy_and_resolve_references()
         first.num_train_steps = resume_at
-        train.train_and_evaluate(first, str(workdir))
-    result = train.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(first, str(workdir))
+    result = trainer.train_and_evaluate(config, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
         losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
     return result, losses, load_file(str(workdir / "weights.safetensors"))
@@ -126,12 +126,12 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
     script = textwrap.dedent(f"""
         import json, sys
         import jax
-        from effnet_jax import train
+        from effnet_jax import trainer
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.model.kernels, c.batch_size = "tiny", {kernels!r}, 4
         run_spec = scaling.model_spec(c.model)
-        p = train.build_program(c, run_spec, 10, layers=train.model_layers(c), dtype=jax.numpy.float32,
+        p = trainer.build_program(c, run_spec, 10, layers=trainer.model_layers(c), dtype=jax.numpy.float32,
                                 steps_per_epoch=10, total_steps=10)
         batch = {{"image": jax.numpy.zeros((4, 32, 32, 3)), "label": jax.numpy.zeros((4,), "int32")}}
         p.train_step.lower(p.state, batch)
@@ -150,7 +150,7 @@ def test_reference_train_step_program_does_not_depend_on_the_seed():
         c = digits.get_config()
         c.model.network, c.model.kernels, c.model.drop_path_rate = "tiny", "reference", 0.2
         c.batch_size, c.seed = 4, seed
-        p = train.build_program(c, scaling.model_spec(c.model), 10, layers=train.model_layers(c),
+        p = trainer.build_program(c, scaling.model_spec(c.model), 10, layers=trainer.model_layers(c),
                                 dtype=jax.numpy.float32, steps_per_epoch=10, total_steps=100)
         batch = {"image": jax.numpy.zeros((4, 32, 32, 3)), "label": jax.numpy.zeros((4,), "int32")}
         texts.append(p.train_step.lower(p.state, batch).as_text())
@@ -161,10 +161,10 @@ def test_bad_kernels_value_is_one_user_error():
     c = digits.get_config()
     c.model.kernels = "fastest"
     with pytest.raises(UserError, match="model.kernels must be one of auto, fast, reference, got 'fastest'"):
-        train.model_layers(c)
+        trainer.model_layers(c)
     c.model.kernels, c.model.depthwise_impl = "reference", "shift"
     with pytest.raises(UserError, match="applies to the fast kernels only"):
-        train.model_layers(c)
+        trainer.model_layers(c)
     with pytest.raises(ValueError, match="kernels must be one of"):
         model_lib.create_model("b0", kernels="flax")
 

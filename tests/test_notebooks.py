@@ -98,7 +98,7 @@ def test_quickstart_runs_tiny(tmp_path, monkeypatch):
     assert "a*b2*g2" in text and "val_top1" in text  # the grid search's results table
     assert "winner: alpha=" in text
     assert "MACs/phi0" in text and "(ab2g2)^phi" in text  # the scaled models' params / MACs
-    assert "done: " in text and "status ok" in text  # train.summary_line of the scaled model
+    assert "done: " in text and "status ok" in text  # trainer.summary_line of the scaled model
     assert images(nb) >= 3  # grid.png, accuracy_vs_macs.png, the notebook's own plot
     for name in ("study.journal", "best.json", "grid.png", "accuracy_vs_macs.png", "notebook_accuracy_vs_macs.png"):
         assert (tmp_path / "work" / name).exists(), name

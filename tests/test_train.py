@@ -55,14 +55,14 @@ def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
     assert os.listdir(wd / "tensorboard")
     # The final weights come out in our weight format and hold exactly the trained state.
-    from effnet_jax import pretrained, train
+    from effnet_jax import pretrained, trainer
     from effnet_jax.flat_state import FlatModel
 
     assert result["weights"] == [str(wd / "weights.safetensors"), str(wd / "ema_weights.safetensors")]
     model = pretrained.load_weights(wd / "weights.safetensors")
-    assert train.params_digest(FlatModel.create(model)[1]) == result["params_sha256"]
+    assert trainer.params_digest(FlatModel.create(model)[1]) == result["params_sha256"]
     ema = pretrained.load_weights(wd / "ema_weights.safetensors")
-    assert train.params_digest(FlatModel.create(ema)[1]) != result["params_sha256"]
+    assert trainer.params_digest(FlatModel.create(ema)[1]) != result["params_sha256"]
 
 
 def test_sharded_step_matches_single_device(tmp_path):
@@ -94,12 +94,12 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
         import json, sys, jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
-        from effnet_jax import train
+        from effnet_jax import trainer
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.progress_bar, c.compile_cache_dir = "tiny", False, ""
         c.num_train_steps, c.batch_size, c.checkpoint_every_steps = 4, 16, 2
-        r = train.train_and_evaluate(c, {str(wd)!r})
+        r = trainer.train_and_evaluate(c, {str(wd)!r})
         print("RESULT", json.dumps({{"pid": jax.process_index(), "n": jax.process_count(),
                                      "sha": r["params_sha256"], "val": r["val_top1"]}}))
     """)
@@ -170,13 +170,13 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message)
 
 
 def test_summary_line_names_a_network_other_than_b0_and_tolerates_nulls():
-    from effnet_jax import train
+    from effnet_jax import trainer
 
     result = {"model": "b0", "network": "tiny", "resolution": 32, "dataset": "digits", "status": "ok", "steps": 4,
               "train_loss": 2.5, "val_top1": 0.25, "wall_time_s": 1.0}
-    assert train.summary_line(result).startswith("done: tiny/b0 32px on digits, status ok, 4 steps")
-    assert train.summary_line({**result, "network": "b0"}).startswith("done: b0 32px on digits")
-    assert "train loss n/a" in train.summary_line({**result, "status": "diverged", "train_loss": None})
+    assert trainer.summary_line(result).startswith("done: tiny/b0 32px on digits, status ok, 4 steps")
+    assert trainer.summary_line({**result, "network": "b0"}).startswith("done: b0 32px on digits")
+    assert "train loss n/a" in trainer.summary_line({**result, "status": "diverged", "train_loss": None})
 
 
 def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
