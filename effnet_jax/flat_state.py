@@ -4,9 +4,9 @@ optax and the EMA update every parameter leaf with kernels of their own; over B0
 213 parameters and 98 BatchNorm statistics that was half of the ~2,900 kernels of
 a train step, and XLA:CPU compile time grows with the kernel count (measured:
 docs/benchmarks.md). On flat vectors those updates are a handful of kernels.
-Inside a jitted step, ``FlatModel.merge`` slices the vectors back into the module
-tree; the slices fuse into their consumers. The state layout of ``model.kernels =
-"fast"``; ``tree_state.TreeModel`` is the per-leaf one of ``"reference"``.
+Inside a jitted step, ``FlatPacking.merge`` slices the vectors back into the module
+tree; the slices fuse into their consumers. The train-state packing of ``model.kernels =
+"fast"``; ``tree_state.TreePacking`` is the per-leaf one of ``"reference"``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from jax.flatten_util import ravel_pytree
 from effnet_jax.model import eval_view, is_bn_param, train_view
 from effnet_jax.tree_state import seed_free
 
-# Which of the flat parameter vectors (FlatModel) weight decay applies to: conv and dense
+# Which of the flat parameter vectors (FlatPacking) weight decay applies to: conv and dense
 # weights and biases yes, BatchNorm scale and offset no.
 WEIGHT_DECAY_MASK = {"decay": True, "no_decay": False}
 
 
 @dataclasses.dataclass(frozen=True)
-class FlatModel:
+class FlatPacking:
     """A model's structure plus how its flat vectors map back to its variables.
 
     Parameters are two vectors, ``decay`` (conv and dense weights and biases) and
@@ -47,16 +47,16 @@ class FlatModel:
         return WEIGHT_DECAY_MASK
 
     @classmethod
-    def create(cls, model: nnx.Module) -> tuple[FlatModel, dict[str, jax.Array], jax.Array]:
-        """(layout, {"decay": vector, "no_decay": vector}, BatchNorm statistics vector)."""
+    def create(cls, model: nnx.Module) -> tuple[FlatPacking, dict[str, jax.Array], jax.Array]:
+        """(packing, {"decay": vector, "no_decay": vector}, BatchNorm statistics vector)."""
         graphdef, no_decay, decay, stats, rest = nnx.split(train_view(model), is_bn_param, nnx.Param,
                                                            nnx.BatchStat, ...)
         eval_graphdef = nnx.split(eval_view(model), is_bn_param, nnx.Param, nnx.BatchStat, ...)[0]
         vectors, unravel = {}, {}
         for name, tree in (("decay", decay), ("no_decay", no_decay), ("stats", stats)):
             vectors[name], unravel[name] = ravel_pytree(tree)
-        layout = cls(graphdef, eval_graphdef, seed_free(rest), unravel)
-        return layout, {"decay": vectors["decay"], "no_decay": vectors["no_decay"]}, vectors["stats"]
+        packing = cls(graphdef, eval_graphdef, seed_free(rest), unravel)
+        return packing, {"decay": vectors["decay"], "no_decay": vectors["no_decay"]}, vectors["stats"]
 
     def merge(self, params: dict[str, jax.Array], stats: jax.Array, *, train: bool = True) -> nnx.Module:
         """A module over (traced) flat vectors: the train view, or the eval view."""

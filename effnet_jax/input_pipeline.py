@@ -1,4 +1,4 @@
-"""Input pipelines: the embedded digits dataset (numpy) and, lazily, tfds / image folders.
+"""Input pipelines: the ``Source`` protocol, in-memory array sources and the embedded digits dataset.
 
 Every source serves *per-process* numpy batches of a global batch:
 
@@ -149,24 +149,3 @@ def digits_source(data: Any, resolution: int, global_batch: int, seed: int,
         max_shift=max(0, round(resolution * data.get("max_shift_fraction", 0.0))),
         process_index=process_index, process_count=process_count,
     )
-
-
-def create_source(data: Any, resolution: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> Source:
-    """A Source for ``data.name``: 'digits', 'idx:DIR' / 'fashion_mnist', a tfds dataset name, or 'folder:PATH'."""
-    if global_batch % process_count:
-        raise UserError(f"batch size {global_batch} is not divisible by the {process_count} processes")
-    if data.name in EMBEDDED:
-        return digits_source(data, resolution, global_batch, seed, process_index, process_count)
-    if data.name == "fashion_mnist" or data.name.startswith("idx:"):  # MNIST-format files, numpy only
-        from effnet_jax import idx_source
-
-        return idx_source.idx_source(data, resolution, global_batch, seed, process_index, process_count)
-    try:
-        from effnet_jax import tfds_source  # imports TensorFlow: only on this path
-    except ImportError as e:
-        if "tfds_source" in str(e):
-            raise UserError(f"unknown dataset {data.name!r}: only the embedded {', '.join(EMBEDDED)} "
-                            "is available in this installation") from None
-        raise UserError(f"dataset {data.name!r} needs TensorFlow Datasets: pip install -e '.[data]' ({e})") from None
-    return tfds_source.create_source(data, resolution, global_batch, seed, process_index, process_count)

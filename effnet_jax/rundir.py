@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import jax
 import ml_collections
 
 from effnet_jax import metrics
+from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError, one_line
 
 # Config fields that change how a run reports or saves itself, not what it computes: a workdir
@@ -119,7 +119,7 @@ def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, step
     diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
 
     def steps(c: dict[str, Any]) -> int:
-        return int(c.get("num_train_steps") or math.ceil(float(c.get("num_epochs", 0)) * steps_per_epoch))
+        return to_steps(c.get("num_train_steps", 0), c.get("num_epochs", 0), steps_per_epoch)
 
     same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
     if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):

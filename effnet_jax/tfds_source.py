@@ -1,6 +1,6 @@
 """TFDS datasets and image folders as a :class:`effnet_jax.input_pipeline.Source`.
 
-The only module that imports TensorFlow; ``input_pipeline.create_source`` imports it
+The only module that imports TensorFlow; ``sources.create_source`` imports it
 lazily, so training on the embedded digits never pays for (or needs) TensorFlow.
 
 * ``data.name``: any TFDS image-classification dataset (``cifar10``, ``imagenette``,

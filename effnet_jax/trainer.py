@@ -4,8 +4,8 @@ A library module: no flag parsing and no process-wide setup (the entry points ow
 ``effnet_jax.train`` for ``python -m effnet_jax.train``, ``effnet_jax.cli`` for all of them).
 
 The train step is one ``jax.jit`` over pure state (the model split once into flat
-vectors by ``flat_state.FlatModel``, or with ``model.kernels = "reference"`` into one array
-per variable by ``tree_state.TreeModel``, merged back inside the trace), data-parallel
+vectors by ``flat_state.FlatPacking``, or with ``model.kernels = "reference"`` into one array
+per variable by ``tree_state.TreePacking``, merged back inside the trace), data-parallel
 over a mesh of every device of every host: the batch is sharded on its leading
 axis, parameters are replicated, so BatchNorm
 statistics and gradients are computed over the global batch. A workdir holding a
@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,18 +42,38 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import input_pipeline, metrics, rundir, scaling
+from effnet_jax import input_pipeline, metrics, rundir, scaling, sources
 from effnet_jax.arch import Architecture
+from effnet_jax.configs import to_steps
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError
 from effnet_jax.metrics import MetricsWriter
 from effnet_jax.model import KERNELS, Layers, create_model, head_init_fn, layers_for
 
 if TYPE_CHECKING:
-    from effnet_jax.flat_state import FlatModel
-    from effnet_jax.tree_state import TreeModel
+    from effnet_jax.flat_state import FlatPacking
+    from effnet_jax.tree_state import TreePacking
 
-State = dict[str, Any]
+@flax.struct.dataclass
+class Weights:
+    """A model at one moment, in its packing's form: parameters and BatchNorm statistics."""
+
+    params: Any
+    stats: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a checkpoint saves exactly this."""
+
+    step: jax.Array
+    weights: Weights
+    opt: Any  # the optimizer's state
+    dropout_key: jax.Array  # state, not a compiled constant: trials differing only in seed share one program
+    ema: Weights | None = None  # exponential moving average of ``weights`` (optimizer.ema_decay > 0)
+
+
+EvalStep = Callable[[Weights, dict[str, jax.Array]], dict[str, jax.Array]]
 
 def model_layers(config: ml_collections.ConfigDict) -> Layers:
     """The layer set ``model.kernels`` (and ``model.depthwise_impl``, ``model.bn_momentum``) asks for."""
@@ -66,16 +87,16 @@ def model_layers(config: ml_collections.ConfigDict) -> Layers:
         raise UserError(f"model.{e}") from None
 
 
-def state_layout(kernels: str) -> type[FlatModel] | type[TreeModel]:
+def state_packing(kernels: str) -> type[FlatPacking] | type[TreePacking]:
     """How the train state holds the model: flat vectors for the fast kernels, one array per variable
     for the reference ones (imported here, so that a reference run never loads flat_state)."""
     if kernels == "reference":
-        from effnet_jax.tree_state import TreeModel
+        from effnet_jax.tree_state import TreePacking
 
-        return TreeModel
-    from effnet_jax.flat_state import FlatModel
+        return TreePacking
+    from effnet_jax.flat_state import FlatPacking
 
-    return FlatModel
+    return FlatPacking
 
 
 
@@ -85,10 +106,11 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_
                            total_steps: int) -> optax.Schedule:
     """Linear warmup, then staircase exponential decay (the paper), cosine or constant."""
     peak = o.learning_rate * batch_size / 256
-    warmup = int(o.warmup_epochs * steps_per_epoch)
+    warmup = to_steps(0, o.warmup_epochs, steps_per_epoch, math.floor)
     if o.schedule == "exponential":
         return optax.warmup_exponential_decay_schedule(
-            0.0, peak, warmup, max(1, int(o.decay_epochs * steps_per_epoch)), o.decay_rate, staircase=True)
+            0.0, peak, warmup, max(1, to_steps(0, o.decay_epochs, steps_per_epoch, math.floor)), o.decay_rate,
+            staircase=True)
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
     if o.schedule == "constant":
@@ -99,7 +121,7 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_
 
 def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
     """optax chain for the configured optimizer; L2 decay enters as a gradient term where ``mask``
-    (the state layout's ``weight_decay_mask``) says."""
+    (the state packing's ``weight_decay_mask``) says."""
     parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     if o.name == "rmsprop":  # TensorFlow's: eps inside the sqrt, accumulator starts at 1
         parts += [optax.add_decayed_weights(o.weight_decay, mask),
@@ -117,52 +139,59 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask:
 
 # --------------------------------------------------------------------------- steps
 
-def make_steps(layout: FlatModel | TreeModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               config: ml_collections.ConfigDict, num_classes: int) -> tuple[Callable, Callable]:
-    """Pure train and eval steps over (state, batch); the caller jits them."""
+def make_train_step(packing: FlatPacking | TreePacking, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, config: ml_collections.ConfigDict, num_classes: int) -> Callable:
+    """The pure train step over (TrainState, batch); the caller jits it."""
     o = config.optimizer
 
-    def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        step = state["step"]
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        step = state.step
 
-        def loss_fn(params: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            model = layout.merge(params, state["stats"])
-            nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state["dropout_key"]), step))
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            model = packing.merge(params, state.weights.stats)
+            nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), step))
             logits = model(batch["image"])
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), o.label_smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, (logits, layout.stats_of(model))
+            return loss, (logits, packing.stats_of(model))
 
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "stats": stats, "opt": opt, "dropout_key": state["dropout_key"]}
-        if "ema_params" in state:  # TF's ExponentialMovingAverage(num_updates=step)
+        params = state.weights.params
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, state.opt, params)
+        weights = Weights(optax.apply_updates(params, updates), stats)
+        ema = state.ema
+        if ema is not None:  # TF's ExponentialMovingAverage(num_updates=step)
             decay = jnp.minimum(o.ema_decay, (1.0 + step) / (10.0 + step))
-            new["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - decay)
-            new["ema_stats"] = optax.incremental_update(stats, state["ema_stats"], 1.0 - decay)
+            ema = optax.incremental_update(weights, ema, 1.0 - decay)
         metrics = {
             "loss": loss,
             "train_top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
             "learning_rate": schedule(step),
             "grad_norm": optax.tree.norm(grads),
         }
-        return new, metrics
+        return state.replace(step=step + 1, weights=weights, opt=opt, ema=ema), metrics
 
-    def eval_step(params: dict[str, jax.Array], stats: jax.Array, batch: dict[str, jax.Array]
-                  ) -> dict[str, jax.Array]:
-        logits = layout.merge(params, stats, train=False)(batch["image"])
+    return train_step
+
+
+def classification_eval_step(packing: FlatPacking | TreePacking, num_classes: int) -> EvalStep:
+    """The default evaluation: per-batch *sums* of top-1, top-5 and loss over real examples, and their
+    ``count``; the trainer reports each sum / count as ``val_<name>`` (and ``ema_val_<name>``). Another
+    evaluation passes its own ``make_eval_step`` to ``train_and_evaluate`` with the same contract."""
+
+    def eval_step(weights: Weights, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = packing.merge(weights.params, weights.stats, train=False)(batch["image"])
         mask, label = batch["mask"], batch["label"]
         top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
         return {
-            "correct1": jnp.sum((top5[:, 0] == label) * mask),
-            "correct5": jnp.sum(jnp.any(top5 == label[:, None], axis=-1) * mask),
+            "top1": jnp.sum((top5[:, 0] == label) * mask),
+            "top5": jnp.sum(jnp.any(top5 == label[:, None], axis=-1) * mask),
             "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask),
         }
 
-    return train_step, eval_step
+    return eval_step
 
 
 @dataclasses.dataclass
@@ -170,16 +199,17 @@ class Program:
     """A model's train state and the jitted steps over it: what the training loop runs
     (and ``scripts/benchmark.py`` times)."""
 
-    layout: FlatModel | TreeModel
-    state: State
+    packing: FlatPacking | TreePacking
+    state: TrainState
     train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
-    eval_step: Callable  # jitted (params, stats, batch) -> sums of correct1, correct5, loss, count
+    eval_step: Callable  # jitted (weights, batch) -> sums, and their count (see classification_eval_step)
     data_sharding: NamedSharding  # how a global batch is laid out over the devices
     arch: Architecture
 
 
 def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, num_classes: int, *,
-                  layers: Layers, dtype: Any, steps_per_epoch: int, total_steps: int) -> Program:
+                  layers: Layers, dtype: Any, steps_per_epoch: int, total_steps: int,
+                  make_eval_step: Callable[[Any, int], EvalStep] = classification_eval_step) -> Program:
     """The model per ``config`` (``config.model.init_from`` loaded), its initial train state,
     replicated over a mesh of every device, and the jitted train and eval steps."""
     model = create_model(spec, num_classes, config.seed, dtype=dtype, network=scaling.network(config.model),
@@ -189,24 +219,21 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
         from effnet_jax import pretrained
 
         pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
-    layout, params, stats = state_layout(layers.kernels).create(model)
+    packing, params, stats = state_packing(layers.kernels).create(model)
     schedule = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch,
                                       schedule_steps(config, total_steps))
-    tx = make_optimizer(config.optimizer, schedule, layout.weight_decay_mask)
-    # The dropout key is state, not a constant baked into the program: trials that differ
-    # only in seed then share one compiled step (persistent compilation cache).
-    dropout_key = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1))
-    state: State = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
-                    "dropout_key": dropout_key}
-    if config.optimizer.ema_decay > 0:
-        state["ema_params"], state["ema_stats"] = params, stats
+    tx = make_optimizer(config.optimizer, schedule, packing.weight_decay_mask)
+    weights = Weights(params, stats)
+    state = TrainState(step=jnp.zeros((), jnp.int32), weights=weights, opt=tx.init(params),
+                       dropout_key=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
+                       ema=weights if config.optimizer.ema_decay > 0 else None)
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    train_step, eval_step = make_steps(layout, tx, schedule, config, num_classes)
+    train_step = make_train_step(packing, tx, schedule, config, num_classes)
     p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    p_eval = jax.jit(eval_step, in_shardings=(repl, repl, data_sharding), out_shardings=repl)
-    return Program(layout, _replicate(state, repl), p_train, p_eval, data_sharding, model.arch)
+    p_eval = jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding), out_shardings=repl)
+    return Program(packing, _replicate(state, repl), p_train, p_eval, data_sharding, model.arch)
 
 
 # ----------------------------------------------------------------------- the run
@@ -238,10 +265,10 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         raise UserError(f"batch_size must be positive, got {config.batch_size}")
     if config.batch_size % ndev:
         raise UserError(f"batch_size {config.batch_size} is not divisible by the {ndev} devices")
-    source = input_pipeline.create_source(config.data, spec.resolution, config.batch_size, config.seed,
+    source = sources.create_source(config.data, spec.resolution, config.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
     steps_per_epoch = max(1, source.num_train // config.batch_size)
-    total = config.num_train_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    total = to_steps(config.num_train_steps, config.num_epochs, steps_per_epoch)
     if total <= 0:
         raise UserError("num_train_steps / num_epochs give no training steps")
     span = config.get("schedule_steps", 0)
@@ -277,20 +304,46 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict
 # ------------------------------------------------------------------------ training
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None,
-                       restart: bool = False) -> dict[str, Any]:
+                       restart: bool = False,
+                       make_eval_step: Callable[[Any, int], EvalStep] = classification_eval_step) -> dict[str, Any]:
     """Train per ``config`` in ``workdir`` (resuming from its checkpoint) and return final metrics.
 
-    Raises UserError for a bad config or a workdir of another config (``check_resume``) before
-    anything is written; a finished workdir returns its stored result and changes nothing.
-    ``restart``: delete the workdir's run files first (``clear_workdir``) and start over.
+    Raises UserError for a bad config or a workdir of another config (``rundir.check_resume``)
+    before anything is written; a finished workdir returns its stored result and changes nothing.
+    ``restart``: delete the workdir's run files first (``rundir.clear_workdir``) and start over.
     Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt) naming the step to resume from.
-    A diverged run (non-finite loss) returns ``status`` "diverged".
+    A diverged run (non-finite loss) returns ``status`` "diverged". ``make_eval_step(packing,
+    num_classes)`` swaps the evaluation (``classification_eval_step`` says the contract).
     """
-    import orbax.checkpoint as ocp
+    workdir, run = os.fspath(workdir), run or prepare(config)
+    stored = _claim_workdir(config, workdir, run, restart)
+    if stored is not None:
+        return stored
 
-    workdir = os.fspath(workdir)
-    run = run or prepare(config)
-    spec, source, total = run.spec, run.source, run.total_steps
+    t_start, lead = time.time(), jax.process_index() == 0
+    program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
+                            steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
+                            make_eval_step=make_eval_step)
+    ckpt, state, start = _restore(config, workdir, program.state)
+    writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
+    state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir)
+
+    final.update(_run_info(config, run, program))
+    final["params_sha256"] = params_digest(state.weights.params)
+    if lead and final["status"] == "ok" and config.save_weights:
+        final["weights"] = _save_weights(program.packing, state, run.spec, workdir)
+    final.update({"epochs": final["steps"] / run.steps_per_epoch, "wall_time_s": time.time() - t_start,
+                  "compile_s": timing.compile_s, "train_img_per_s": timing.img_per_s(config.batch_size)})
+    writer.close()
+    if lead:
+        rundir.write_json(os.path.join(workdir, "result.json"), final)
+    return final
+
+
+def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, run: Run, restart: bool
+                   ) -> dict[str, Any] | None:
+    """Make ``workdir`` this run's (cleared with ``restart``) and write its config.json; or, when it
+    already holds this run finished, return the stored result and write nothing."""
     lead = jax.process_index() == 0
     if restart:
         rundir.check_workdir(workdir)
@@ -310,12 +363,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
         rundir.make_workdir(workdir)
     if lead:
         rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    return None
 
-    t_start = time.time()
-    program = build_program(config, spec, source.num_classes, layers=run.layers, dtype=run.dtype,
-                            steps_per_epoch=run.steps_per_epoch, total_steps=total)
-    layout, state, data_sharding = program.layout, program.state, program.data_sharding
-    p_train, p_eval = program.train_step, program.eval_step
+
+def _restore(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> tuple[Any, TrainState, int]:
+    """The workdir's checkpoint manager, the state (its latest checkpoint, if any) and the step to start at."""
+    import orbax.checkpoint as ocp
 
     ckpt = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -324,51 +377,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
-    writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
+    return ckpt, state, start
 
-    info = {
-        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
-        "resolution": spec.resolution, "blocks": len(program.arch.blocks),
-        "params": count_params(program.arch, source.num_classes),
-        "macs": count_macs(program.arch, spec.resolution, source.num_classes), "dataset": source.name,
-        "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": total,
-        "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
-        "kernels": run.layers.kernels,
-    }
 
-    eval_every = config.eval_every_steps or run.steps_per_epoch
-    status, last_loss, compile_s = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0
-    timed_steps, timed_s, t_mark = 0, 0.0, None
+@dataclasses.dataclass
+class _Timing:
+    """Compile time (the first step) and the steady-state step rate after it."""
+
+    compile_s: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def img_per_s(self, batch_size: int) -> float | None:
+        return batch_size * self.steps / self.seconds if self.seconds > 0 else None
+
+
+def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state: TrainState, start: int,
+           ckpt: Any, writer: MetricsWriter, workdir: str) -> tuple[TrainState, dict[str, Any], _Timing]:
+    """The loop: steps, logs, evaluations and checkpoints from ``start``, then the final evaluation.
+
+    Ctrl-C waits for a checkpoint save in flight, then raises ``Interrupted`` naming where to resume.
+    """
+    import orbax.checkpoint as ocp
+
+    total, lead, timing = run.total_steps, jax.process_index() == 0, _Timing()
+    eval_every = to_steps(config.eval_every_steps, 1, run.steps_per_epoch)
+    status, last_loss, t_mark, done = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0, start
     bar = _progress(config, total, start, lead)
-    done = start
     guard = rundir.InterruptGuard()
     try:
         with guard:
-            batches = source.train_batches(start)
+            batches = run.source.train_batches(start)
             for step in range(start, total):
-                batch = _global_batch(next(batches), data_sharding)
+                batch = _global_batch(next(batches), program.data_sharding)
                 t0 = time.time()
-                state, metrics_ = p_train(state, batch)
+                state, metrics_ = program.train_step(state, batch)
                 if step == start:
                     jax.block_until_ready(metrics_)
-                    compile_s = time.time() - t0
-                    t_mark = time.time()
+                    timing.compile_s, t_mark = time.time() - t0, time.time()
                 done = step + 1
                 if done % config.log_every_steps == 0 or done == total:
                     metrics_ = jax.device_get(metrics_)
                     last_loss = float(metrics_["loss"])
-                    now = time.time()
-                    n = done - start - 1
-                    if n > timed_steps:
-                        timed_s, timed_steps = now - t_mark, n
-                    img_s = config.batch_size * timed_steps / timed_s if timed_s > 0 else float("nan")
+                    if done - start - 1 > timing.steps:
+                        timing.seconds, timing.steps = time.time() - t_mark, done - start - 1
+                    img_s = timing.img_per_s(config.batch_size) or float("nan")
                     writer.write(done, {**metrics_, "img_per_s": img_s, "epoch": done / run.steps_per_epoch})
                     bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{img_s:.0f}")
                     if not math.isfinite(last_loss):
                         status = "diverged"
                         break
                 if done % eval_every == 0 or done == total:
-                    writer.write(done, _evaluate(p_eval, state, source, data_sharding))
+                    writer.write(done, _evaluate(program, state, run.source))
                 if done % config.checkpoint_every_steps == 0 or done == total:
                     with guard.saving_checkpoint():
                         ckpt.save(done, args=ocp.args.StandardSave(state))
@@ -376,9 +436,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
             bar.close()
             with guard.saving_checkpoint():
                 ckpt.wait_until_finished()
-            final = {"status": status, "steps": int(jax.device_get(state["step"])), "train_loss": last_loss}
+            final = {"status": status, "steps": int(jax.device_get(state.step)), "train_loss": last_loss}
             if status == "ok":
-                final.update(_evaluate(p_eval, state, source, data_sharding))
+                final.update(_evaluate(program, state, run.source))
     except KeyboardInterrupt:
         bar.close()
         ckpt.wait_until_finished()  # an in-flight save completes: it is where the rerun resumes
@@ -389,21 +449,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
                "start over (no checkpoint was saved yet)")
         raise Interrupted(f"interrupted at step {done} of {total}; rerun the same command to {how}") from None
     ckpt.close()
+    return state, final, timing
 
-    final.update(info)
-    final["params_sha256"] = params_digest(state["params"])
-    if lead and status == "ok" and config.save_weights:
-        final["weights"] = _save_weights(layout, state, spec, workdir)
-    final.update({
-        "epochs": final["steps"] / run.steps_per_epoch,
-        "wall_time_s": time.time() - t_start,
-        "compile_s": compile_s,
-        "train_img_per_s": config.batch_size * timed_steps / timed_s if timed_s > 0 else None,
-    })
-    writer.close()
-    if lead:
-        rundir.write_json(os.path.join(workdir, "result.json"), final)
-    return final
+
+def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> dict[str, Any]:
+    """What was trained, for result.json: the network's size and cost, the data, the hardware."""
+    spec, source, arch = run.spec, run.source, program.arch
+    return {
+        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
+        "resolution": spec.resolution, "blocks": len(arch.blocks), "params": count_params(arch, source.num_classes),
+        "macs": count_macs(arch, spec.resolution, source.num_classes), "dataset": source.name,
+        "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": run.total_steps,
+        "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
+        "kernels": run.layers.kernels,
+    }
 
 
 def _logged_loss(workdir: str, step: int) -> float:
@@ -415,16 +474,17 @@ def _logged_loss(workdir: str, step: int) -> float:
     return float(rows[-1]["loss"]) if rows else float("nan")
 
 
-def _save_weights(layout: FlatModel | TreeModel, state: State, spec: scaling.ScalingSpec, workdir: str) -> list[str]:
+def _save_weights(packing: FlatPacking | TreePacking, state: TrainState, spec: scaling.ScalingSpec,
+                  workdir: str) -> list[str]:
     """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
     from effnet_jax import pretrained
 
     paths = []
-    for name, p, s in (("weights", "params", "stats"), ("ema_weights", "ema_params", "ema_stats")):
-        if p in state:
-            params, stats = jax.device_get((state[p], state[s]))
+    for name, weights in (("weights", state.weights), ("ema_weights", state.ema)):
+        if weights is not None:
+            w = jax.device_get(weights)
             path = os.path.join(workdir, f"{name}.safetensors")
-            pretrained.save_weights(layout.merge(params, stats), path, spec)
+            pretrained.save_weights(packing.merge(w.params, w.stats), path, spec)
             paths.append(path)
     return paths
 
@@ -439,24 +499,20 @@ def params_digest(params: nnx.State) -> str:
     return h.hexdigest()
 
 
-def _evaluate(p_eval: Callable, state: State, source: input_pipeline.Source,
-              sharding: NamedSharding) -> dict[str, float]:
-    """Top-1 / top-5 / loss on the eval split, for the raw and (if kept) EMA weights."""
-    out = {}
-    variants = [("val", "params", "stats")]
-    if "ema_params" in state:
-        variants.append(("ema_val", "ema_params", "ema_stats"))
-    sums: dict[str, dict[str, float]] = {v[0]: {} for v in variants}
+def _evaluate(program: Program, state: TrainState, source: input_pipeline.Source) -> dict[str, float]:
+    """The eval step's sums over the eval split, each divided by the example count, for the raw weights
+    (``val_<name>``) and, when kept, the EMA weights (``ema_val_<name>``)."""
+    variants = [("val", state.weights)] + ([("ema_val", state.ema)] if state.ema is not None else [])
+    sums: dict[str, dict[str, float]] = {prefix: {} for prefix, _ in variants}
     for batch in source.eval_batches():
-        batch = _global_batch(batch, sharding)
-        for prefix, p, s in variants:
-            for k, v in jax.device_get(p_eval(state[p], state[s], batch)).items():
+        batch = _global_batch(batch, program.data_sharding)
+        for prefix, weights in variants:
+            for k, v in jax.device_get(program.eval_step(weights, batch)).items():
                 sums[prefix][k] = sums[prefix].get(k, 0.0) + float(v)
+    out = {}
     for prefix, s in sums.items():
-        count = max(s["count"], 1.0)
-        out[f"{prefix}_top1"] = s["correct1"] / count
-        out[f"{prefix}_top5"] = s["correct5"] / count
-        out[f"{prefix}_loss"] = s["loss"] / count
+        count = max(s.pop("count"), 1.0)
+        out.update({f"{prefix}_{k}": v / count for k, v in s.items()})
     return out
 
 

@@ -1,10 +1,10 @@
 """The train state's plain view of a model: one array per variable, keyed by its path.
 
-The state layout of ``model.kernels = "reference"``: optax and the EMA update each
-parameter leaf on its own (no ``flat_state.FlatModel`` packing), which is what a
+The train-state packing of ``model.kernels = "reference"``: optax and the EMA update each
+parameter leaf on its own (no ``flat_state.FlatPacking`` packing), which is what a
 textbook Flax NNX trainer does. Keys are the variables' dotted paths
 (``blocks.3.dw_conv.kernel``), the names ``weights.safetensors`` uses. Inside a jitted
-step, ``TreeModel.merge`` puts the arrays back into the module tree.
+step, ``TreePacking.merge`` puts the arrays back into the module tree.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _named(state: nnx.State) -> tuple[dict[str, jax.Array], tuple[str, ...], Any
 
 
 @dataclasses.dataclass(frozen=True)
-class TreeModel:
-    """A model's structure plus where each named array goes back (same interface as FlatModel).
+class TreePacking:
+    """A model's structure plus where each named array goes back (same interface as FlatPacking).
 
     Parameters are ``{name: array}`` over every ``nnx.Param``, BatchNorm running
     statistics ``{name: array}`` over every ``nnx.BatchStat``.
@@ -58,15 +58,15 @@ class TreeModel:
     treedefs: dict[str, Any]
 
     @classmethod
-    def create(cls, model: nnx.Module) -> tuple[TreeModel, dict[str, jax.Array], dict[str, jax.Array]]:
-        """(layout, parameters by name, BatchNorm statistics by name)."""
+    def create(cls, model: nnx.Module) -> tuple[TreePacking, dict[str, jax.Array], dict[str, jax.Array]]:
+        """(packing, parameters by name, BatchNorm statistics by name)."""
         graphdef, params, stats, rest = nnx.split(train_view(model), nnx.Param, nnx.BatchStat, ...)
         eval_graphdef = nnx.split(eval_view(model), nnx.Param, nnx.BatchStat, ...)[0]
         params, param_names, param_def = _named(params)
         stats, stat_names, stat_def = _named(stats)
-        layout = cls(graphdef, eval_graphdef, seed_free(rest), {"params": param_names, "stats": stat_names},
+        packing = cls(graphdef, eval_graphdef, seed_free(rest), {"params": param_names, "stats": stat_names},
                      {"params": param_def, "stats": stat_def})
-        return layout, params, stats
+        return packing, params, stats
 
     @property
     def weight_decay_mask(self) -> dict[str, bool]:

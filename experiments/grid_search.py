@@ -50,6 +50,7 @@ import ml_collections
 
 from effnet_jax import cli, cost, scaling, trainer
 from effnet_jax.arch import Architecture
+from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import PAPER_CONSTANTS
 from experiments import report, runner, stats
@@ -174,7 +175,7 @@ def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, seed: in
     return cfg
 
 
-def trial_model(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0
+def trial_network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0
                 ) -> tuple[scaling.ScalingSpec, Architecture]:
     """The spec and rounded architecture a trial of ``c`` trains (the trainer's own config path)."""
     cfg = trial_config(train_config, c, 0, phi)
@@ -184,7 +185,7 @@ def trial_model(train_config: ml_collections.ConfigDict, c: Candidate, phi: floa
 
 def _network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0) -> tuple[Architecture, int]:
     """What a trial of ``c`` really trains: the rounded architecture and the input resolution."""
-    spec, arch = trial_model(train_config, c, phi)
+    spec, arch = trial_network(train_config, c, phi)
     return arch, spec.resolution
 
 
@@ -235,7 +236,7 @@ def check_search(config: ml_collections.ConfigDict) -> None:
 def rung_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
     """Training steps of each rung: the train config's budget, times eta per rung when halving."""
     t, s = config.train, config.search
-    base = int(t.num_train_steps) or max(1, math.ceil(t.num_epochs * steps_per_epoch))
+    base = max(1, to_steps(t.num_train_steps, t.num_epochs, steps_per_epoch))
     rungs = s.halving_rungs if s.strategy == "halving" else 1
     return [base * s.halving_eta**r for r in range(rungs)]
 
@@ -257,7 +258,7 @@ def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], run
     repeats fill the gaps at the end (greedy list scheduling).
     """
     plans, cost_of, seen = [], {}, set()
-    shapes = {c: trial_model(config.train, c) for c in cands}
+    shapes = {c: trial_network(config.train, c) for c in cands}
     macs = {c: cost.count_macs(a, sp.resolution, num_classes) for c, (sp, a) in shapes.items()}
     top = max(macs.values())
     for c in cands:

@@ -19,8 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling
-from effnet_jax import summary as summary_mod
+from effnet_jax import cli, cost, scaling, size_table
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report
 
@@ -90,7 +89,7 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
             rows.append(row)
     print(f"scaling alpha={constants['alpha']} beta={constants['beta']} gamma={constants['gamma']} "
           f"from {m.base_resolution} px, {num_classes} classes ({train_config.data.name}):")
-    print(summary_mod.format_table(rows))
+    print(size_table.format_table(rows))
     if workdir is None:
         return rows
     for row in rows:

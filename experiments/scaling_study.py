@@ -108,7 +108,7 @@ def family_candidate(family: str, coefficient: float, constants: dict[str, float
 
 def measure(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
     """Shape and MACs of the model the trial runner would train (same config path, same rounding)."""
-    spec, arch = grid_search.trial_model(train_config, c, phi)
+    spec, arch = grid_search.trial_network(train_config, c, phi)
     return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
             "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution, num_classes)}
 

@@ -206,7 +206,7 @@ for name in ("grid.png", "accuracy_vs_macs.png"):
 # %% [markdown]
 # ## Scale the winner to phi = 1..3
 #
-# `effnet_jax.summary.formula_rows` builds B0 scaled by the winning constants at each
+# `effnet_jax.size_table.formula_rows` builds B0 scaled by the winning constants at each
 # `phi` and counts its parameters and MACs without building weights. `MACs/phi0` is the
 # measured growth over the baseline, `(ab2g2)^phi` the paper's prediction: they differ
 # because depths and channel counts are rounded, and at a few dozen pixels because the
@@ -215,20 +215,20 @@ for name in ("grid.png", "accuracy_vs_macs.png"):
 # official B0..B3.
 
 # %%
-from effnet_jax import summary
+from effnet_jax import size_table
 from effnet_jax.scaling import load_constants
 
 constants = load_constants(BEST_JSON)
-rows = summary.formula_rows(constants, SCALE_PHIS, BASE_RESOLUTION, t.model.resolution_multiple,
+rows = size_table.formula_rows(constants, SCALE_PHIS, BASE_RESOLUTION, t.model.resolution_multiple,
                             NUM_CLASSES)
 print(f"B0 scaled by {constants} from {BASE_RESOLUTION} px, {NUM_CLASSES} classes:")
-print(summary.format_table(rows))
+print(size_table.format_table(rows))
 print()
 print("the same constants at ImageNet size (224 px, 1000 classes):")
-print(summary.format_table(summary.formula_rows(constants, (1, 2, 3), 224, 8, 1000)))
+print(size_table.format_table(size_table.formula_rows(constants, (1, 2, 3), 224, 8, 1000)))
 print()
 print("the official models (the paper's constants, rounded by hand):")
-print(summary.format_table([summary.describe(n) for n in ("b0", "b1", "b2", "b3")]))
+print(size_table.format_table([size_table.describe(n) for n in ("b0", "b1", "b2", "b3")]))
 
 # %% [markdown]
 # ## Train one scaled model

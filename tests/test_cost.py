@@ -17,7 +17,7 @@ PAPER_GMACS = {"b0": 0.39, "b1": 0.70, "b2": 1.0, "b3": 1.8, "b4": 4.2, "b5": 9.
 
 def test_summary_json_params_match_timm_exactly():
     out = subprocess.run(
-        [sys.executable, "-m", "effnet_jax.summary", *TIMM_PARAMS, "--json"],
+        [sys.executable, "-m", "effnet_jax.size_table", *TIMM_PARAMS, "--json"],
         capture_output=True, text=True, check=True,
     ).stdout
     rows = [json.loads(line) for line in out.splitlines()]
@@ -44,7 +44,7 @@ def test_b0_macs_by_hand():
 
 def test_summary_growth_columns():
     out = subprocess.run(
-        [sys.executable, "-m", "effnet_jax.summary", "--alpha", "1.2", "--beta", "1.1", "--gamma", "1.15",
+        [sys.executable, "-m", "effnet_jax.size_table", "--alpha", "1.2", "--beta", "1.1", "--gamma", "1.15",
          "--phi", "0,1,2", "--json"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -61,7 +61,7 @@ def test_summary_growth_columns():
      (["--alpha", "1.2"], "go together"), (["--bogus"], "unrecognized")],
 )
 def test_summary_bad_input_one_line_exit_2(args, message):
-    proc = subprocess.run([sys.executable, "-m", "effnet_jax.summary", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "effnet_jax.size_table", *args], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

@@ -1,4 +1,4 @@
-"""FlatModel: the train state's flat vectors map back to the same model, and nothing seed-dependent is compiled."""
+"""FlatPacking: the train state's flat vectors map back to the same model, and nothing seed-dependent is compiled."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from flax import nnx
 from effnet_jax import trainer
 from effnet_jax.arch import TINY
 from effnet_jax.configs import digits
-from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatModel
+from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatPacking
 from effnet_jax.model import create_model, eval_view
 
 
@@ -18,7 +18,7 @@ def tiny(seed=0):
 
 def test_merge_restores_every_variable_and_the_forward():
     model = tiny()
-    layout, params, stats = FlatModel.create(model)
+    packing, params, stats = FlatPacking.create(model)
     assert set(params) == set(WEIGHT_DECAY_MASK)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert params["decay"].size + params["no_decay"].size == n_params
@@ -26,14 +26,14 @@ def test_merge_restores_every_variable_and_the_forward():
     bn = [x.size for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
           if any(str(getattr(k, "key", k)).endswith("_bn") for k in p)]
     assert params["no_decay"].size == sum(bn) > 0
-    back = layout.merge(params, stats, train=False)
+    back = packing.merge(params, stats, train=False)
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param, nnx.BatchStat)),
                     jax.tree.leaves(nnx.state(back, nnx.Param, nnx.BatchStat)), strict=True):
         np.testing.assert_array_equal(a, b)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     np.testing.assert_array_equal(eval_view(model)(x), back(x))
     # stats_of reads the statistics back in create's order.
-    np.testing.assert_array_equal(FlatModel.stats_of(back), stats)
+    np.testing.assert_array_equal(FlatPacking.stats_of(back), stats)
 
 
 def test_train_step_program_does_not_depend_on_the_seed():
@@ -41,12 +41,13 @@ def test_train_step_program_does_not_depend_on_the_seed():
     c.model.network, c.model.drop_path_rate, c.batch_size = "tiny", 0.2, 4
     texts = []
     for seed in (0, 1):
-        layout, params, stats = FlatModel.create(tiny(seed))
+        packing, params, stats = FlatPacking.create(tiny(seed))
         schedule = trainer.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
-        tx = trainer.make_optimizer(c.optimizer, schedule, layout.weight_decay_mask)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats, "opt": tx.init(params),
-                 "dropout_key": jax.random.key_data(jax.random.key(seed)), "ema_params": params, "ema_stats": stats}
-        train_step, _ = trainer.make_steps(layout, tx, schedule, c, 10)
+        tx = trainer.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
+        weights = trainer.Weights(params, stats)
+        state = trainer.TrainState(step=jnp.zeros((), jnp.int32), weights=weights, opt=tx.init(params),
+                                   dropout_key=jax.random.key_data(jax.random.key(seed)), ema=weights)
+        train_step = trainer.make_train_step(packing, tx, schedule, c, 10)
         batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
         texts.append(jax.jit(train_step).lower(state, batch).as_text())
     assert texts[0] == texts[1]

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from effnet_jax import idx_source, input_pipeline
+from effnet_jax import idx_source, input_pipeline, sources
 from effnet_jax.configs.digits import get_config
 from effnet_jax.errors import UserError
 
@@ -56,7 +56,7 @@ def data_config(name, **overrides):
 
 
 def source(data, batch=16, seed=0, res=RES, **kw):
-    return input_pipeline.create_source(data, res, batch, seed, **kw)
+    return sources.create_source(data, res, batch, seed, **kw)
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -226,10 +226,10 @@ def test_no_tensorflow_imported(tmp_path):
     root = make_dir(tmp_path / "d", gz=True)
     script = (
         "import sys\n"
-        "from effnet_jax import input_pipeline\n"
+        "from effnet_jax import sources\n"
         "from effnet_jax.configs.digits import get_config\n"
         f"d = get_config().data; d.name = 'idx:{root}'; d.eval_split = 'test'\n"
-        "src = input_pipeline.create_source(d, 16, 8, 0)\n"
+        "src = sources.create_source(d, 16, 8, 0)\n"
         "assert src.num_train == 200, src.num_train\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         "print('OK')\n"

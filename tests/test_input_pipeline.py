@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from effnet_jax import input_pipeline
+from effnet_jax import sources
 from effnet_jax.configs.default import get_config
 from effnet_jax.errors import UserError
 
@@ -58,7 +58,7 @@ def test_digits_deterministic_resumable_sharded():
     data = data_config(name="digits", train_split="train", eval_split="validation", max_shift_fraction=0.1)
 
     def make(p, n):
-        return input_pipeline.create_source(data, RES, 10, seed=3, process_index=p, process_count=n)
+        return sources.create_source(data, RES, 10, seed=3, process_index=p, process_count=n)
 
     src, first, parts = check_source(make, num_eval=359)
     assert first[0]["image"].shape == (10, RES, RES, 3) and first[0]["image"].dtype == np.float32
@@ -68,16 +68,16 @@ def test_digits_deterministic_resumable_sharded():
     data.max_shift_fraction = 0.0  # the shift's random stream is per process: compare images without it
     local = [next(make(p, 2).train_batches(2)) for p in range(2)]
     assert same({k: np.concatenate([b[k] for b in local]) for k in local[0]}, next(make(0, 1).train_batches(2)))
-    assert input_pipeline.create_source(data, RES, 10, seed=4).train_batches(0).__next__()["label"].tolist() != \
+    assert sources.create_source(data, RES, 10, seed=4).train_batches(0).__next__()["label"].tolist() != \
         first[0]["label"].tolist()
 
 
 def test_core_imports_do_not_import_tensorflow():
     code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.trainer, effnet_jax.model\n"
-            "from effnet_jax import input_pipeline\n"
+            "from effnet_jax import sources\n"
             "from effnet_jax.configs.default import get_config\n"
             "d = get_config().data; d.name = 'digits'; d.train_split = 'train'\n"
-            "next(input_pipeline.create_source(d, 8, 8, 0).train_batches(0))\n"
+            "next(sources.create_source(d, 8, 8, 0).train_batches(0))\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -213,7 +213,7 @@ def test_image_folder(tmp_path, capsys):
 def folder_error(data) -> str:
     """The one-line UserError that opening ``data`` raises."""
     with pytest.raises(UserError) as e:
-        input_pipeline.create_source(data, RES, 4, seed=0)
+        sources.create_source(data, RES, 4, seed=0)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -265,7 +265,7 @@ def test_image_folder_warns_on_a_class_with_few_images(tmp_path, capsys):
 def one_line_error(data) -> str:
     start = time.perf_counter()
     with pytest.raises(UserError) as e:
-        input_pipeline.create_source(data, RES, 8, seed=0)
+        sources.create_source(data, RES, 8, seed=0)
     assert time.perf_counter() - start < 10, "must fail fast, not retry downloads"
     message = str(e.value)
     assert "\n" not in message

@@ -144,7 +144,7 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
 
 
 def test_reference_train_step_program_does_not_depend_on_the_seed():
-    # As FlatModel's (tests/test_flat_state.py): trials that differ only in seed share one compiled step.
+    # As FlatPacking's (tests/test_flat_state.py): trials that differ only in seed share one compiled step.
     texts = []
     for seed in (0, 1):
         c = digits.get_config()

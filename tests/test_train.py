@@ -56,13 +56,13 @@ def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     assert os.listdir(wd / "tensorboard")
     # The final weights come out in our weight format and hold exactly the trained state.
     from effnet_jax import pretrained, trainer
-    from effnet_jax.flat_state import FlatModel
+    from effnet_jax.flat_state import FlatPacking
 
     assert result["weights"] == [str(wd / "weights.safetensors"), str(wd / "ema_weights.safetensors")]
     model = pretrained.load_weights(wd / "weights.safetensors")
-    assert trainer.params_digest(FlatModel.create(model)[1]) == result["params_sha256"]
+    assert trainer.params_digest(FlatPacking.create(model)[1]) == result["params_sha256"]
     ema = pretrained.load_weights(wd / "ema_weights.safetensors")
-    assert trainer.params_digest(FlatModel.create(ema)[1]) != result["params_sha256"]
+    assert trainer.params_digest(FlatPacking.create(ema)[1]) != result["params_sha256"]
 
 
 def test_sharded_step_matches_single_device(tmp_path):

@@ -1,8 +1,8 @@
 """Print width, depth, resolution, parameters and MACs of scaled EfficientNets.
 
-    python -m effnet_jax.summary b0 b3 b7
-    python -m effnet_jax.summary --alpha 1.2 --beta 1.1 --gamma 1.15 --phi 0,1,2,3
-    python -m effnet_jax.summary --constants runs/grid/best.json --phi 1,2 --json
+    python -m effnet_jax.size_table b0 b3 b7
+    python -m effnet_jax.size_table --alpha 1.2 --beta 1.1 --gamma 1.15 --phi 0,1,2,3
+    python -m effnet_jax.size_table --constants runs/grid/best.json --phi 1,2 --json
 
 For formula-scaled models it also prints how MACs grew against phi = 0 next to
 the paper's prediction (alpha * beta**2 * gamma**2) ** phi.
@@ -94,7 +94,7 @@ def _phis(text: str) -> list[float]:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
-    p = _Parser(prog="python -m effnet_jax.summary", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m effnet_jax.size_table", description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="*", help=f"official names: {', '.join(OFFICIAL)}")
     p.add_argument("--alpha", type=float)
     p.add_argument("--beta", type=float)
