@@ -2,7 +2,7 @@
 
 Each class has exactly the variables of the flax layer it stands for (same names,
 shapes, dtypes and initial values from the same seed), so a model built with these
-and one built with plain ``nnx.BatchNorm`` / ``nnx.Conv`` (``model.reference_layers``)
+and one built with plain ``nnx.BatchNorm`` / ``nnx.Conv`` (``layers.reference_layers``)
 share one parameter layout: pretrained loading, ``weights.safetensors`` and
 checkpoints need no conversion. Only how the train step computes differs, by float
 rounding (tests/test_kernels.py). Imported only when the fast layers are chosen.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effnet_jax import ops
-from effnet_jax.model import BN_EPSILON, BN_MOMENTUM, Layers, conv_init, depthwise_init
+from effnet_jax.layers import BN_EPSILON, BN_MOMENTUM, Layers, conv_init, depthwise_init
 
 
 class PointwiseConv(nnx.Conv):

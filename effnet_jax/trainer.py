@@ -47,8 +47,9 @@ from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError
+from effnet_jax.layers import KERNELS, Layers, head_init_fn
 from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import KERNELS, Layers, create_model, head_init_fn, layers_for
+from effnet_jax.model import create_model, layers_for
 
 if TYPE_CHECKING:
     from effnet_jax.flat_state import FlatPacking

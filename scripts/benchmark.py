@@ -58,7 +58,8 @@ from flax import nnx  # noqa: E402
 from effnet_jax import compile_cache, ops, scaling, trainer  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
-from effnet_jax.model import KERNELS, create_model, eval_view, resolve_kernels  # noqa: E402
+from effnet_jax.layers import KERNELS, resolve_kernels  # noqa: E402
+from effnet_jax.model import create_model, eval_view  # noqa: E402
 from effnet_jax.scaling import ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32 (timm's optimizer)

@@ -125,8 +125,8 @@ def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
     for kernels, bn_type in (("fast", "effnet_jax.fast_layers"), ("reference", "flax.")):
         config = bench.bench_config(args, kernels, "auto")
         assert config.model.kernels == kernels and config.batch_size == args.batch
-        assert bench.train.model_layers(config).kernels == kernels
-        model = bench.create_model("b0", 10, kernels=bench.train.model_layers(config))
+        assert bench.trainer.model_layers(config).kernels == kernels
+        model = bench.create_model("b0", 10, kernels=bench.trainer.model_layers(config))
         assert type(model.stem_bn).__module__.startswith(bn_type) and isinstance(model.stem_bn, nnx.BatchNorm)
     assert bench.variant_name("reference", "auto") == "reference"
     assert bench.variant_name("fast", "xla") == "xla"

@@ -194,3 +194,28 @@ def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
     writer.close()
     assert [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         {"step": 1, "loss": None, "lr": 0.5}]
+
+
+def test_the_evaluation_step_can_be_swapped(tmp_path):
+    """``make_eval_step`` replaces the evaluation: its sums over the eval split, divided by ``count``, are reported
+    as val_<name> / ema_val_<name>; the same run with the default evaluation agrees on what both measure."""
+    import jax.numpy as jnp
+
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    def error_rate(packing, num_classes):
+        def step(weights, batch):
+            logits = packing.merge(weights.params, weights.stats, train=False)(batch["image"])
+            wrong = (jnp.argmax(logits, -1) != batch["label"]) * batch["mask"]
+            return {"error": jnp.sum(wrong), "count": jnp.sum(batch["mask"])}
+        return step
+
+    c = digits.get_config()
+    c.model.network, c.progress_bar, c.num_train_steps, c.checkpoint_every_steps = "tiny", False, 3, 3
+    c.save_weights = False
+    swapped = trainer.train_and_evaluate(c, str(tmp_path / "swapped"), make_eval_step=error_rate)
+    default = trainer.train_and_evaluate(c, str(tmp_path / "default"))
+    assert "val_top1" not in swapped and "val_top1" in default
+    assert swapped["val_error"] == pytest.approx(1 - default["val_top1"])
+    assert swapped["ema_val_error"] == pytest.approx(1 - default["ema_val_top1"])
