@@ -10,8 +10,9 @@ chosen by the ``kernels`` switch (config ``model.kernels``): ``"reference"`` is 
 ``nnx.BatchNorm`` / ``nnx.Conv`` (depthwise through ``feature_group_count``), ``"fast"``
 (what ``"auto"`` means) the CPU speed tricks of ``fast_layers.py`` / ``ops.py``. Both build
 one parameter layout (same variable paths, shapes and initial values from a seed), so
-pretrained weights, ``weights.safetensors`` and checkpoints fit either without conversion;
-they differ in float rounding only. This module imports neither ops.py nor fast_layers.py
+pretrained weights and ``weights.safetensors`` fit either without conversion (a checkpoint
+holds the train state in its packing, flat or per leaf, so it fits the kernels it was saved
+with); they differ in float rounding only. This module imports neither ops.py nor fast_layers.py
 unless the fast layers are asked for; what both sets share is in layers.py.
 """
 

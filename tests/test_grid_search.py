@@ -237,12 +237,12 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    real = gs.train.train_and_evaluate
-    gs.train.train_and_evaluate = no_training
+    real = gs.trainer.train_and_evaluate
+    gs.trainer.train_and_evaluate = no_training
     try:  # a rerun finds every trial done: same rows, nothing trained
         again = gs.search(c, str(tmp_path), log=quiet)
     finally:
-        gs.train.train_and_evaluate = real
+        gs.trainer.train_and_evaluate = real
     assert [r["val_top1"] for r in again["rows"]] == [r["val_top1"] for r in rows]
 
 
@@ -278,7 +278,7 @@ def test_halving_continues_promoted_runs_and_decides_at_the_top_rung(tmp_path, c
                      final_seeds=(0, 1), alpha=(1.2, 1.3), tolerance=0.3)
     c.train.checkpoint_every_steps = 1
     seen = []
-    real = gs.train.train_and_evaluate
+    real = gs.trainer.train_and_evaluate
 
     def spy(cfg, workdir, *a, **k):
         ckpt = os.path.join(workdir, "checkpoints")
@@ -286,11 +286,11 @@ def test_halving_continues_promoted_runs_and_decides_at_the_top_rung(tmp_path, c
                      sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []))
         return real(cfg, workdir, *a, **k)
 
-    gs.train.train_and_evaluate = spy
+    gs.trainer.train_and_evaluate = spy
     try:
         out = gs.search(c, str(tmp_path), log=quiet)
     finally:
-        gs.train.train_and_evaluate = real
+        gs.trainer.train_and_evaluate = real
     grid = [x for x in gs.candidates(c.search) if not x.label]
     assert len(grid) == 3
     top = [r for r in out["rows"] if r["rung"] == 1]
@@ -316,7 +316,7 @@ def test_diverging_trials_are_recorded_and_the_search_goes_on(tmp_path, cache_di
 
 def test_failed_trial_is_a_row_not_a_crash_and_a_rerun_retries_it(tmp_path, cache_dir, monkeypatch):
     c = small_config(cache_dir, include_baseline=False, include_paper=False)
-    real = gs.train.train_and_evaluate
+    real = gs.trainer.train_and_evaluate
     calls = []
 
     def flaky(cfg, workdir, run=None):
@@ -325,7 +325,7 @@ def test_failed_trial_is_a_row_not_a_crash_and_a_rerun_retries_it(tmp_path, cach
             raise RuntimeError("out of memory\nsecond line")
         return real(cfg, workdir)
 
-    monkeypatch.setattr(gs.train, "train_and_evaluate", flaky)
+    monkeypatch.setattr(gs.trainer, "train_and_evaluate", flaky)
     out = gs.search(c, str(tmp_path), log=quiet)
     statuses = sorted(r["status"] for r in out["rows"])
     assert statuses.count("failed") == 1 and statuses.count("ok") == len(statuses) - 1

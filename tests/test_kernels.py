@@ -126,7 +126,7 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
     script = textwrap.dedent(f"""
         import json, sys
         import jax
-        from effnet_jax import trainer
+        from effnet_jax import scaling, trainer
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.model.kernels, c.batch_size = "tiny", {kernels!r}, 4
@@ -221,6 +221,8 @@ def test_no_private_flax_name_anywhere():
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("runs", "build", "__pycache__")]
         for name in files:
             path = os.path.join(folder, name)
+            if name.endswith(".py") and os.path.exists(path[:-3] + ".ipynb"):
+                continue  # a jupytext notebook: its .ipynb twin (the same cells, tests/test_notebooks.py) is read
             if name.endswith(".py"):
                 sources = [open(path).read()]
             elif name.endswith(".ipynb"):

@@ -129,7 +129,7 @@ def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monke
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr(scaling_study.train, "train_and_evaluate", no_training)
+    monkeypatch.setattr(scaling_study.trainer, "train_and_evaluate", no_training)
     again = scaling_study.main(argv)
     assert len(again["rows"]) == 2
     assert [s["mean"] for s in again["summary"]] == [s["mean"] for s in out["summary"]]
