@@ -415,3 +415,19 @@ def test_tpe_sampler_proposes_points_on_the_surface_and_promotes_the_best(tmp_pa
     top = [r for r in out["rows"] if r["rung"] == 1]
     assert any(r["label"] == "paper" for r in top) and any(not r["label"] for r in top)
     assert out["best"] is not None and out["best"]["rung"] == 1
+
+
+def test_a_study_from_before_a_field_existed_reopens_when_the_field_keeps_its_default(tmp_path):
+    """A study stored without a field added since (model.kernels, say) reads it as its default, as a workdir does."""
+    c = grid_config.get_config().train
+    old = json.loads(json.dumps(runner.identity(c)))
+    del old["model"]["kernels"]
+    old["model"]["retired_field"] = 1  # removed since: read by nothing
+    assert runner.differences(old, runner.identity(c)) == []
+    c.model.kernels = "reference"
+    assert runner.differences(old, runner.identity(c)) == ["model.kernels auto -> reference"]
+    storage, ident = runner.storage_for(None, str(tmp_path)), runner.identity(grid_config.get_config().train)
+    study = runner.open_study(storage, "s", old, str(tmp_path))  # created by the older code
+    assert runner.open_study(storage, "s", ident, str(tmp_path)).study_name == study.study_name
+    with pytest.raises(UserError, match="model.kernels auto -> reference"):
+        runner.open_study(storage, "s", runner.identity(c), str(tmp_path))
