@@ -100,12 +100,16 @@ def state_packing(kernels: str) -> type[FlatPacking] | type[TreePacking]:
     return FlatPacking
 
 
-
 # ------------------------------------------------------------------------- optimizer
+
+SCHEDULES = ("exponential", "cosine", "constant")
+OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+
 
 def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
-    """Linear warmup, then staircase exponential decay (the paper), cosine or constant."""
+    """Linear warmup, then staircase exponential decay (the paper), cosine or constant (``prepare``
+    has checked the name)."""
     peak = o.learning_rate * batch_size / 256
     warmup = to_steps(0, o.warmup_epochs, steps_per_epoch, math.floor)
     if o.schedule == "exponential":
@@ -117,12 +121,12 @@ def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_
     if o.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                     [warmup])
-    raise UserError(f"optimizer.schedule must be exponential, cosine or constant, got {o.schedule!r}")
+    raise ValueError(f"unknown optimizer.schedule {o.schedule!r}")
 
 
 def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask: Any) -> optax.GradientTransformation:
-    """optax chain for the configured optimizer; L2 decay enters as a gradient term where ``mask``
-    (the state packing's ``weight_decay_mask``) says."""
+    """optax chain for the configured optimizer (``prepare`` has checked the name); L2 decay enters as
+    a gradient term where ``mask`` (the state packing's ``weight_decay_mask``) says."""
     parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
     if o.name == "rmsprop":  # TensorFlow's: eps inside the sqrt, accumulator starts at 1
         parts += [optax.add_decayed_weights(o.weight_decay, mask),
@@ -134,7 +138,7 @@ def make_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule, mask:
     elif o.name == "adamw":
         parts += [optax.adamw(schedule, weight_decay=o.weight_decay, mask=mask)]
     else:
-        raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {o.name!r}")
+        raise ValueError(f"unknown optimizer.name {o.name!r}")
     return optax.chain(*parts)
 
 
@@ -276,10 +280,10 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     if span < 0 or 0 < span < total:
         raise UserError(f"schedule_steps must be 0 (the run's length) or at least the run's {total} steps, "
                         f"got {span}")
-    sched = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch, schedule_steps(config, total))
-    del sched  # validated here, built again with the state
-    if config.optimizer.name not in ("rmsprop", "sgd", "adamw"):
-        raise UserError(f"optimizer.name must be rmsprop, sgd or adamw, got {config.optimizer.name!r}")
+    for field, allowed in (("schedule", SCHEDULES), ("name", OPTIMIZERS)):
+        if config.optimizer[field] not in allowed:
+            raise UserError(f"optimizer.{field} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                            f"got {config.optimizer[field]!r}")
     try:
         head_init_fn(config.model.get("head_init", "paper"))
     except ValueError as e:

@@ -219,3 +219,15 @@ def test_the_evaluation_step_can_be_swapped(tmp_path):
     assert "val_top1" not in swapped and "val_top1" in default
     assert swapped["val_error"] == pytest.approx(1 - default["val_top1"])
     assert swapped["ema_val_error"] == pytest.approx(1 - default["ema_val_top1"])
+
+
+@pytest.mark.parametrize("field, value", [("schedule", "linear"), ("name", "lamb")])
+def test_unknown_optimizer_or_schedule_is_one_line_before_anything_is_built(field, value):
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+    from effnet_jax.errors import UserError
+
+    c = digits.get_config()
+    c.optimizer[field] = value
+    with pytest.raises(UserError, match=rf"^optimizer.{field} must be .+ got '{value}'$"):
+        trainer.prepare(c)
