@@ -1,6 +1,6 @@
 """Scaling study: compound vs width-, depth- and resolution-only scaling at matched MACs.
 
-    python -m experiments.scaling_study                          # embedded digits, 2-core CPU, <= 15 min
+    python -m experiments.scaling_study                          # embedded digits, 2-core CPU, ~7 min
     python -m experiments.scaling_study --config.study.constants=runs/grid/best.json --workdir=runs/study
 
 From unscaled B0 (the shared 1x point), each family is scaled along its own axis
@@ -29,14 +29,13 @@ Outputs in --workdir: study.journal, study.csv (one row per trial), summary.json
 accuracy_vs_macs.png (one line per strategy, the shape of the paper's Figure 8) and
 flops_growth.json.
 
-Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 1.5 epochs
-(100 steps) each. Measured on a quiet 2-core CPU: 835 s in all. XLA compilation is a large
-share: a new model costs 20-70 s (depth 4x, 61 blocks, the most); the second seed of a
-model reuses the first's compiled program (nothing seed-dependent is compiled into the
-train step) through jax's persistent compilation cache (train.compile_cache_dir), so it
-costs only its training (18-36 s). Smaller runs: --config.study.seeds='(0,)',
---config.study.budgets='(1,2)', or --config.train.model.network=tiny. A rerun in the same
-workdir skips finished trials.
+Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 120 steps
+each. Measured on a quiet 2-core CPU: 440 s in all. XLA compilation is a large share: a new
+model costs 20-70 s (depth 4x, 61 blocks, the most); the second seed of a model reuses the
+first's compiled program (nothing seed-dependent is compiled into the train step) through
+jax's persistent compilation cache (train.compile_cache_dir), so it costs only its training.
+Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)', or
+--config.train.model.network=tiny. A rerun in the same workdir skips finished trials.
 """
 
 from __future__ import annotations
