@@ -98,6 +98,24 @@ def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(metrics.dumps(json.loads(config.to_json_best_effort())))
 
 
+def config_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A config (as JSON) by dotted field name, without the cosmetic fields."""
+    return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
+
+
+def stored_fields(old: dict[str, Any]) -> dict[str, Any]:
+    """A stored config's fields (``config_fields``), where it predates a field, that field's default."""
+    from effnet_jax.configs import default
+
+    return {**config_fields(_as_json(default.get_config())), **config_fields(old)}
+
+
+def describe_differences(a: dict[str, Any], b: dict[str, Any], keys: list[str], limit: int = 5) -> list[str]:
+    """'field a -> b' for ``keys`` (at most ``limit`` lines, then a count)."""
+    lines = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in keys]
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
 def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, steps_per_epoch: int,
                        limit: int = 5) -> list[str]:
     """'field old -> new' for each non-cosmetic field of a workdir's config.json that ``new`` changes.
@@ -107,13 +125,7 @@ def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, step
     Longer training (num_train_steps / num_epochs) is no difference when both configs have the
     same positive schedule_steps: the new run continues the old one exactly.
     """
-    from effnet_jax.configs import default
-
-    def fields(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in flatten(d).items() if k.split(".")[0] not in COSMETIC_FIELDS}
-
-    b = fields(_as_json(new))
-    a = {**fields(_as_json(default.get_config())), **fields(old)}
+    b, a = config_fields(_as_json(new)), stored_fields(old)
     if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
         b = {k: v for k, v in b.items() if k != "num_epochs"}
     diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
@@ -124,8 +136,7 @@ def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, step
     same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
     if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):
         diff = []  # a longer run continuing this one
-    lines = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in diff]
-    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+    return describe_differences(a, b, diff, limit)
 
 
 _UNSET = object()

@@ -105,15 +105,11 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> list[str]:
-    """'key old -> new' for each flattened field of ``new`` that ``old`` holds otherwise (at most ``limit``,
-    then a count). As ``rundir.config_differences``: a field missing from ``old`` (a study from before the
-    field existed) counts as its default, one missing from ``new`` (a field since removed) is read by nothing."""
-    from effnet_jax.configs import default
-
-    defaults = json.loads(json.dumps(identity(default.get_config())))
-    a, b = {**rundir.flatten(defaults), **rundir.flatten(dict(old))}, rundir.flatten(dict(new))
-    diff = [f"{k} {a.get(k, '(unset)')} -> {b[k]}" for k in sorted(b) if k not in a or a[k] != b[k]]
-    return diff[:limit] + ([f"and {len(diff) - limit} more"] if len(diff) > limit else [])
+    """'key old -> new' for each field of ``new`` that ``old`` holds otherwise, read as a workdir's config is
+    (``rundir.stored_fields``: a field ``old`` predates counts as its default, one ``new`` lacks is read by
+    nothing)."""
+    a, b = rundir.stored_fields(dict(old)), rundir.config_fields(dict(new))
+    return rundir.describe_differences(a, b, [k for k in sorted(b) if k not in a or a[k] != b[k]], limit)
 
 
 def open_study(storage: Any, name: str, ident: Mapping[str, Any], where: str, sampler: Any = None) -> Any:
@@ -128,10 +124,11 @@ def open_study(storage: Any, name: str, ident: Mapping[str, Any], where: str, sa
     if stored is None:
         study.set_user_attr("identity", ident)
         stored = optuna.load_study(study_name=name, storage=storage).user_attrs["identity"]  # a racing creator's
-    if stored != ident and differences(stored, ident):
+    diff = differences(stored, ident) if stored != ident else []
+    if diff:
         raise UserError(f"study {name!r} in {where} was started with a different trial config: "
-                        f"{'; '.join(differences(stored, ident))}. Use a new --workdir (or --study_name), "
-                        "or rerun with the original config")
+                        f"{'; '.join(diff)}. Use a new --workdir (or --study_name), or rerun with the original "
+                        "config")
     return study
 
 
