@@ -131,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise UserError("--constants=best.json is required")
     phis = report.parse_floats(fv.phi, "--phi")
     overridden = any(a.startswith("--config.") for a in argv[1:])
-    if fv.train:
-        cli.enable_compile_cache(fv.config.compile_cache_dir)
+    best = best or read_best(fv.constants)  # --constants=X was read above; --constants X only now
+    if fv.train:  # the trainer config --config.* edits, or the search's own (no --config flag without "=")
+        cli.enable_compile_cache((fv.config if constants else search_train_config(best[1])).compile_cache_dir)
     rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None, best)
     sys.stdout.flush()
     return rows

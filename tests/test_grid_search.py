@@ -366,6 +366,10 @@ def test_scale_up_trains_with_the_searchs_dataset_and_classes(tmp_path, cache_di
     result = json.loads((tmp_path / "scaled" / "phi1" / "result.json").read_text())
     assert result["num_classes"] == 7
     assert rows[0]["params"] == result["params"]  # the table counted the real head (7 classes)
+    # "--constants PATH" (no "="): the same models, already trained, so nothing trains again
+    again = scale_up.main(["prog", "--constants", str(tmp_path / "grid" / "best.json"), "--phi=1", "--train",
+                           f"--workdir={tmp_path / 'scaled'}"])
+    assert again[0]["status"] == "ok" and again[0]["wall_time_s"] == result["wall_time_s"]  # the stored result
 
 
 def test_bad_search_config_one_line_exit_2(tmp_path):
