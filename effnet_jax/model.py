@@ -170,3 +170,14 @@ def eval_view(model: EfficientNet) -> EfficientNet:
 def train_view(model: EfficientNet) -> EfficientNet:
     """The same weights with batch statistics and active dropout / drop path."""
     return nnx.view(model, deterministic=False, use_running_average=False)
+
+
+def seed_free(rest: nnx.State) -> nnx.State:
+    """The dropout streams' state with every key one fixed key and every counter zero.
+
+    The streams' keys become constants of the compiled step; the trainer reseeds every
+    dropout stream from its state, so the seed-derived keys are replaced by one fixed
+    key: trials that differ only in seed then share one compiled program.
+    """
+    return jax.tree.map(lambda v: jax.random.key(0) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+                        else jnp.zeros_like(v), rest)

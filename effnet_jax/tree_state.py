@@ -13,21 +13,9 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from effnet_jax.model import eval_view, train_view
-
-
-def seed_free(rest: nnx.State) -> nnx.State:
-    """The dropout streams' state with every key one fixed key and every counter zero.
-
-    The streams' keys become constants of the compiled step; the trainer reseeds every
-    dropout stream from its state, so the seed-derived keys are replaced by one fixed
-    key: trials that differ only in seed then share one compiled program.
-    """
-    return jax.tree.map(lambda v: jax.random.key(0) if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
-                        else jnp.zeros_like(v), rest)
+from effnet_jax.model import eval_view, seed_free, train_view
 
 
 def _key_name(path: tuple[Any, ...]) -> str:
