@@ -4,6 +4,7 @@ The core (model, scaling, cost, training step) imports without TensorFlow;
 only the tfds input path imports it, lazily.
 """
 
+from effnet_jax import signals  # noqa: F401  first: a command line records Ctrl-C / SIGTERM from here on
 from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec, StageSpec
 from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import UserError

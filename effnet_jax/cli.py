@@ -51,6 +51,30 @@ def _config_overrides(argv: list[str]) -> list[str]:
     return paths
 
 
+def _last_override_wins(argv: list[str]) -> list[str]:
+    """``argv`` with only the last of repeated ``--config.x`` overrides (absl would concatenate a tuple
+    field's values: ``(1.1,1.3)`` then ``(1.2,1.2)`` gave ``(1.1, 1.3, 1.2, 1.2)``)."""
+    spans: list[tuple[str | None, list[str]]] = []  # (overridden path or None, the tokens)
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            spans.append((None, argv[i:]))
+            break
+        name, eq, _ = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
+            path = name.split(".", 1)[1]
+            takes_next = not eq and name.startswith("config.") and i + 1 < len(argv) \
+                and not argv[i + 1].startswith("-")
+            spans.append((path, argv[i:i + 2] if takes_next else [arg]))
+            i += 2 if takes_next else 1
+            continue
+        spans.append((None, [arg]))
+        i += 1
+    last = {path: k for k, (path, _) in enumerate(spans) if path is not None}
+    return argv[:1] + [tok for k, (path, toks) in enumerate(spans) if path is None or last[path] == k for tok in toks]
+
+
 def _field_problem(config: Any, path: str) -> str | None:
     """Why ``path`` ('model.nosuch') is not a field of ``config``, with the nearest valid names; None if it is."""
     node, parents = config, []
@@ -165,7 +189,7 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(argv)
+    argv = _last_override_wins(list(argv))
     fv = flags.FlagValues()
     try:  # a default config is loaded (and overridden) here already
         config_flags.DEFINE_config_file("config", default_config, "config file (path[:arg])", flag_values=fv,

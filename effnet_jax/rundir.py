@@ -1,5 +1,5 @@
 """A run's directory: whether it can take a run, whether it belongs to this config, what --restart
-deletes, a full disk told apart from a bug, and Ctrl-C that waits for a checkpoint save.
+deletes, a full disk told apart from a bug, and a lock so that one run at a time trains in it.
 
 A workdir belongs to one config: its ``config.json`` is compared with the new config (minus
 cosmetic fields such as ``log_every_steps``) and any difference is refused, because resuming
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
-import signal
-import threading
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,8 +200,12 @@ def clear_workdir(workdir: str) -> None:
             os.remove(path)
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
 def storage_error(e: BaseException) -> OSError | None:
-    """The OSError of a full, read-only or forbidden disk behind ``e`` (orbax wraps them), or None."""
+    """The OSError of a full, read-only or forbidden disk behind ``e``, or None. Orbax wraps them, and
+    tensorstore reports them as a ValueError whose text carries the errno (``os_error_code='28'``)."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
@@ -207,53 +214,68 @@ def storage_error(e: BaseException) -> OSError | None:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
             return x
+        code = _errno_in_text(str(x))
+        if code is not None:
+            path = re.search(r'local file "([^"]+)"', str(x))
+            return OSError(code, os.strerror(code), path[1] if path else None)
         todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
     return None
 
 
-class InterruptGuard:
-    """Ctrl-C during training: KeyboardInterrupt at once, except while a checkpoint is being saved.
+def _errno_in_text(text: str) -> int | None:
+    m = _OS_ERROR_CODE.search(text)
+    code = int(m[1] or m[2]) if m else None
+    return code if code in STORAGE_ERRNOS else None
 
-    A save interrupted half-way is lost work and may leave orbax's background writer in an
-    unknown state, so SIGINT then waits for the save to return (a second Ctrl-C does not).
-    Only the main thread can install a signal handler; elsewhere this does nothing.
-    """
 
-    def __init__(self) -> None:
-        self.saving = self.pending = False
-        self.previous: Any = None
+def storage_message(err: OSError) -> str:
+    """One line for a full, read-only or forbidden disk: what could not be written and what to do."""
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    where = f"cannot write {err.filename}" if err.filename else "cannot write to disk"
+    return (f"{where}: {os.strerror(err.errno)} ({name}); free space or fix the permissions, then rerun the same "
+            "command to resume from the last checkpoint")
 
-    def __enter__(self) -> InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:  # a run started with SIGINT ignored keeps ignoring it
-                self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+class StorageLogFilter(logging.Filter):
+    """Drops log records that report a full / read-only disk (orbax's writer threads log each failure with
+    a traceback); the main thread reports it once, as one line."""
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.saving and not self.pending:
-            self.pending = True
-            return
-        if callable(self.previous) and self.previous is not signal.default_int_handler:
-            self.previous(signum, frame)
-            return
-        raise KeyboardInterrupt
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and storage_error(exc) is not None:
+            return False
+        return _errno_in_text(record.getMessage()) is None
 
-    @contextlib.contextmanager
-    def saving_checkpoint(self) -> Iterator[None]:
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Hold ``workdir``'s lock while a run trains in it: a second run is refused with one line naming
+    the holder. An flock, so the kernel releases it when the holder dies however it dies (a stale lock
+    file is never an obstacle). Remote workdirs (``gs://``) are not locked."""
+    if "://" in workdir:
+        yield
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise UserError(f"workdir {workdir} is in use by another run ({holder or 'unknown process'}); wait for it "
+                        "to finish, stop it, or use another --workdir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -14,8 +14,6 @@ when it is found before training); 130 Ctrl-C (one line saying how to resume).
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
 from typing import Any
 
@@ -46,16 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{trainer.summary_line(stored)} (already finished; nothing changed)", flush=True)
         return stored
     cli.enable_compile_cache(config.compile_cache_dir)
-    try:
-        result = trainer.train_and_evaluate(config, workdir, run=run, restart=fv.restart)
-    except Exception as e:  # re-raised unless the disk is full, read-only or forbidden
-        err = rundir.storage_error(e)
-        if err is None:
-            raise
-        name = errno.errorcode.get(err.errno, str(err.errno))
-        raise UserError(f"cannot write {err.filename or workdir}: {os.strerror(err.errno)} ({name}); free space "
-                        f"or fix the permissions of --workdir {workdir}, then rerun to resume from the last "
-                        "checkpoint") from None
+    result = trainer.train_and_evaluate(config, workdir, run=run, restart=fv.restart)
     if lead:
         print(trainer.summary_line(result), flush=True)
     if result["status"] == "diverged":

@@ -18,16 +18,19 @@ A workdir belongs to one config (``rundir.check_resume``: a changed config is re
 returned and no file changes.
 
 Mistakes in the config, data or workdir raise ``UserError`` before anything is written; Ctrl-C
-raises ``errors.Interrupted`` naming the step to resume from; a diverged run returns status
+or SIGTERM saves the state reached and raises ``errors.Interrupted`` naming the step to resume from; a
+diverged run returns status
 "diverged".
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import input_pipeline, metrics, rundir, scaling, sources
+from effnet_jax import input_pipeline, metrics, rundir, scaling, signals, sources
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.cost import count_macs, count_params
@@ -316,15 +319,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     Raises UserError for a bad config or a workdir of another config (``rundir.check_resume``)
     before anything is written; a finished workdir returns its stored result and changes nothing.
     ``restart``: delete the workdir's run files first (``rundir.clear_workdir``) and start over.
-    Ctrl-C raises ``errors.Interrupted`` (a KeyboardInterrupt) naming the step to resume from.
+    Ctrl-C or SIGTERM saves a checkpoint and raises ``errors.Interrupted`` naming the step to resume from.
     A diverged run (non-finite loss) returns ``status`` "diverged". ``make_eval_step(packing,
     num_classes)`` swaps the evaluation (``classification_eval_step`` says the contract).
     """
     workdir, run = os.fspath(workdir), run or prepare(config)
-    stored = _claim_workdir(config, workdir, run, restart)
-    if stored is not None:
-        return stored
+    with contextlib.ExitStack() as held:  # the workdir's lock, until the result is written
+        stored = _claim_workdir(config, workdir, run, restart, held)
+        return stored if stored is not None else _run(config, workdir, run, make_eval_step)
 
+
+def _run(config: ml_collections.ConfigDict, workdir: str, run: Run,
+         make_eval_step: Callable[[Any, int], EvalStep]) -> dict[str, Any]:
+    """Build the program, restore the workdir's checkpoint, train, and write result.json."""
     t_start, lead = time.time(), jax.process_index() == 0
     program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
                             steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
@@ -345,27 +352,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     return final
 
 
-def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, run: Run, restart: bool
-                   ) -> dict[str, Any] | None:
-    """Make ``workdir`` this run's (cleared with ``restart``) and write its config.json; or, when it
-    already holds this run finished, return the stored result and write nothing."""
+def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, run: Run, restart: bool,
+                   held: contextlib.ExitStack) -> dict[str, Any] | None:
+    """Make ``workdir`` this run's (its lock taken into ``held``, cleared with ``restart``) and write its
+    config.json; or, when it already holds this run finished, return the stored result and write nothing."""
     lead = jax.process_index() == 0
     if restart:
         rundir.check_workdir(workdir)
-        if lead and os.path.isdir(workdir):
+    elif (stored := rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)) is not None:
+        return stored
+    if "://" in workdir:
+        os.makedirs(workdir, exist_ok=True)
+    else:
+        rundir.make_workdir(workdir)
+    if lead:
+        held.enter_context(rundir.locked(workdir))
+    if restart:
+        if lead:
             rundir.clear_workdir(workdir)
         if jax.process_count() > 1:  # nobody reads the old checkpoints while process 0 deletes them
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("effnet_jax restart")
-    else:
-        stored = rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
-        if stored is not None:
-            return stored
-    if "://" in workdir:
-        os.makedirs(workdir, exist_ok=True)
-    else:
-        rundir.make_workdir(workdir)
+    elif (stored := rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)) is not None:
+        return stored  # finished by another run while this one waited for the lock
     if lead:
         rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     return None
@@ -401,7 +411,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
            ckpt: Any, writer: MetricsWriter, workdir: str) -> tuple[TrainState, dict[str, Any], _Timing]:
     """The loop: steps, logs, evaluations and checkpoints from ``start``, then the final evaluation.
 
-    Ctrl-C waits for a checkpoint save in flight, then raises ``Interrupted`` naming where to resume.
+    A stop signal (Ctrl-C, SIGTERM: ``effnet_jax.signals``) is seen between two steps: the state is
+    saved at the step reached and ``Interrupted`` says where the rerun resumes.
     """
     import orbax.checkpoint as ocp
 
@@ -409,11 +420,13 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
     eval_every = to_steps(config.eval_every_steps, 1, run.steps_per_epoch)
     status, last_loss, t_mark, done = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0, start
     bar = _progress(config, total, start, lead)
-    guard = rundir.InterruptGuard()
+    saved, stop = start, None
     try:
-        with guard:
+        with signals.deferred():
             batches = run.source.train_batches(start)
             for step in range(start, total):
+                if _stop_requested(step, config.log_every_steps):
+                    break
                 batch = _global_batch(next(batches), program.data_sharding)
                 t0 = time.time()
                 state, metrics_ = program.train_step(state, batch)
@@ -435,26 +448,50 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                 if done % eval_every == 0 or done == total:
                     writer.write(done, _evaluate(program, state, run.source))
                 if done % config.checkpoint_every_steps == 0 or done == total:
-                    with guard.saving_checkpoint():
-                        ckpt.save(done, args=ocp.args.StandardSave(state))
+                    ckpt.save(done, args=ocp.args.StandardSave(state))
+                    saved = done
                 bar.update(1)
             bar.close()
-            with guard.saving_checkpoint():
-                ckpt.wait_until_finished()
-            final = {"status": status, "steps": int(jax.device_get(state.step)), "train_loss": last_loss}
-            if status == "ok":
-                final.update(_evaluate(program, state, run.source))
-    except KeyboardInterrupt:
+            if status == "ok" and done < total:  # stopped by a signal: the state reached is where to resume
+                stop = signals.requested()
+                if saved != done:
+                    ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
+            ckpt.wait_until_finished()
+            if stop is None:
+                final = {"status": status, "steps": int(jax.device_get(state.step)), "train_loss": last_loss}
+                if status == "ok":
+                    final.update(_evaluate(program, state, run.source))
+    except KeyboardInterrupt as e:  # a second Ctrl-C (it does not wait for the loop)
+        stop = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        ckpt.wait_until_finished()  # a save in flight completes: it is where the rerun resumes
+    except Exception:  # a full disk, say: orbax's writer threads are stopped before the error goes up
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        raise
+    if stop is not None:
         bar.close()
-        ckpt.wait_until_finished()  # an in-flight save completes: it is where the rerun resumes
-        saved = ckpt.latest_step()
+        last = ckpt.latest_step()
         ckpt.close()
         writer.close()
-        how = (f"resume from the last checkpoint (step {saved})" if saved else
+        how = (f"resume from the last checkpoint (step {last})" if last else
                "start over (no checkpoint was saved yet)")
-        raise Interrupted(f"interrupted at step {done} of {total}; rerun the same command to {how}") from None
+        raise Interrupted(f"{signals.describe(stop)} at step {done} of {total}; rerun the same command to {how}",
+                          stop)
     ckpt.close()
     return state, final, timing
+
+
+def _stop_requested(step: int, every: int) -> bool:
+    """Whether a stop signal was received; with several processes, agreed by all of them every ``every``
+    steps (a checkpoint save is collective, so they must stop at the same step)."""
+    if jax.process_count() == 1:
+        return signals.requested() is not None
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    flag = np.int32(signals.requested() is not None)
+    return bool(np.max(multihost_utils.process_allgather(flag)))
 
 
 def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> dict[str, Any]:

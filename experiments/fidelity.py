@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, trainer
+from effnet_jax import cli, rundir, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 
@@ -125,8 +125,9 @@ def plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
 
 
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
-             study_name: str = "fidelity", log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
+             study_name: str = "fidelity", log: Callable[[str], Any] = print, write: bool = True) -> dict[str, Any]:
+    """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}. ``write``: the
+    output files (a local worker leaves them to the process that reports)."""
     check_config(config)
     base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
     prepared = trainer.prepare(base)  # validates the train config; writes nothing
@@ -137,6 +138,8 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
     rows = list(runner.run(study, plans(config, cands, base_steps), workdir, trainer.train_and_evaluate,
                            config.search.metric, log).values())
     out = {"rows": rows, **analyse(rows, config.search.metric), "base_steps": base_steps}
+    if not write:
+        return out
     report.write_csv(os.path.join(workdir, "fidelity.csv"), rows,
                      ("trial_id", "label", "alpha", "beta", "gamma", "seed", "budget", "budget_steps",
                       *runner.RESULT_FIELDS))
@@ -161,12 +164,19 @@ def format_agreement(out: dict[str, Any]) -> str:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
-                                          lambda fv: runner.define_flags(fv, "fidelity"))
+                                        lambda fv: runner.define_flags(fv, "fidelity"))
     cli.enable_compile_cache(config.train.compile_cache_dir)
     workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    print(f"workdir: {workdir}", flush=True)
+    check_config(config)
+    rundir.check_workdir(workdir)
+    if not fv.worker:
+        print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    out = fidelity(config, workdir, fv.storage, fv.study_name, log=lambda m: print(m, flush=True))
+    argv_list = list(sys.argv if argv is None else argv)
+    out = runner.serve(fv, argv_list, "experiments.fidelity", workdir, runner.identity(config.train),
+                       lambda log, write: fidelity(config, workdir, fv.storage, fv.study_name, log, write))
+    if fv.worker:
+        return out
     print(format_agreement(out))
     print(f"fidelity study took {time.time() - t0:.0f} s; results in {workdir}")
     return out

@@ -38,17 +38,14 @@ import dataclasses
 import datetime
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling, trainer
+from effnet_jax import cli, cost, rundir, scaling, trainer
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError, exit_on_user_error
@@ -538,38 +535,9 @@ def _define_flags(fv: Any) -> None:
     from absl import flags
 
     runner.define_flags(fv, "grid_search")
-    flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU with >= 2 cores, one "
-                         "per GPU / per devices_per_trial GPUs, 1 on TPU); XLA compiles on one core, so two workers "
-                         "halve a CPU search. On a GPU each worker gets its own devices: compiles side by side on one "
-                         "GPU autotuned slower kernels (docs/benchmarks.md)", flag_values=fv)
-    flags.DEFINE_integer("devices_per_trial", 1, "GPUs per worker (each trial runs data-parallel on them)",
-                         flag_values=fv)
-    flags.DEFINE_bool("worker", False, "internal: run trials only, no report (a local worker)", flag_values=fv)
     flags.DEFINE_string("then_scale", "", "comma-separated phi values to scale the winner to", flag_values=fv)
     flags.DEFINE_bool("then_train", False, "also train the --then_scale models with the trial config",
                       flag_values=fv)
-
-
-def _workers(fv: Any) -> tuple[int, list[dict[str, str]]]:
-    """How many local workers and the environment of each (its own GPUs on a GPU host)."""
-    import jax
-
-    backend = jax.default_backend()
-    if fv.devices_per_trial < 1:
-        raise UserError(f"--devices_per_trial must be >= 1, got {fv.devices_per_trial}")
-    if backend == "gpu":
-        per = fv.devices_per_trial
-        n = fv.local_workers or max(1, jax.local_device_count() // per)
-        if n * per > jax.local_device_count():
-            raise UserError(f"{n} workers x {per} GPUs need {n * per} GPUs; this host has {jax.local_device_count()}")
-        return n, [{"CUDA_VISIBLE_DEVICES": ",".join(str(i * per + k) for k in range(per))} for i in range(n)]
-    if backend == "tpu":
-        if fv.local_workers > 1:
-            raise UserError("on TPU only one process can hold the chips: --local_workers must be 1 "
-                            "(run one search per host against a shared --storage)")
-        return 1, [{}]
-    n = fv.local_workers or (2 if (os.cpu_count() or 1) >= 2 else 1)
-    return n, [{} for _ in range(n)]
 
 
 @exit_on_user_error
@@ -580,32 +548,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     check_search(config)  # a bad search config fails here, once, before any worker starts
-    if fv.worker:
-        return search(config, workdir, fv.storage, fv.study_name, lambda m: print(f"[{os.getpid()}] {m}", flush=True),
-                      write=False)
-    print(f"workdir: {workdir}", flush=True)
+    rundir.check_workdir(workdir)
+    _refuse_old_workdir(workdir, fv.storage)
+    if not fv.worker:
+        print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    prealloc = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
-    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process must not hold the GPUs its workers need
-    n, envs = _workers(fv)
-    if prealloc is None:
-        os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
-    else:
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = prealloc
-    if n > 1:  # n worker processes; this one waits for them, then reports (and trains what a dead one left)
-        children = [_spawn_worker(argv_list, workdir, env) for env in envs]
-        try:
-            while any(c.poll() is None for c in children):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            _stop_workers(children, config, workdir, fv, argv_list)
-        if any(c.returncode != 0 for c in children):
-            print(f"warning: {sum(c.returncode != 0 for c in children)} worker process(es) failed; this process "
-                  "finishes what they left", file=sys.stderr, flush=True)
-    try:
-        out = search(config, workdir, fv.storage, fv.study_name, lambda m: print(m, flush=True))
-    except KeyboardInterrupt:
-        _stop_workers([], config, workdir, fv, argv_list)
+    out = runner.serve(fv, argv_list, "experiments.grid_search", workdir, runner.identity(config.train),
+                       lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write))
+    if fv.worker:
+        return out
     _print_summary(out, config, workdir, time.time() - t0)
     best = out["best"]
     if phis and best is not None:
@@ -639,48 +590,6 @@ def _print_summary(out: dict[str, Any], config: ml_collections.ConfigDict, workd
 
 def _num(x: float | None) -> str:
     return "n/a (constant scores)" if x is None else f"{x:.2f}"
-
-
-def _stop_workers(children: Sequence[subprocess.Popen], config: ml_collections.ConfigDict, workdir: str, fv: Any,
-                  argv: Sequence[str]) -> None:
-    """Ctrl-C: stop every local worker, hand their trials back to the queue, say how to resume (exit 130).
-
-    Workers ignore SIGINT (a KeyboardInterrupt can land inside a library callback and be swallowed) and are
-    killed here instead; their running trials are failed as "interrupted" and queued again, so a rerun
-    resumes each from its last checkpoint.
-    """
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-    for child in children:
-        child.wait()
-    study = runner.open_study(runner.storage_for(fv.storage, workdir), fv.study_name, runner.identity(config.train),
-                              fv.storage or workdir)
-    runner.release_dead(study, reason="interrupted")
-    cmd = " ".join(["python -m experiments.grid_search", *argv[1:]])
-    print(f"error: interrupted; finished trials are kept and the interrupted ones resume from their last "
-          f"checkpoints: rerun `{cmd}`", file=sys.stderr, flush=True)
-    sys.exit(130)
-
-
-def _spawn_worker(argv: list[str], workdir: str, env: dict[str, str]) -> subprocess.Popen:
-    """Another worker process on this machine, killed with us (Linux) so no orphan trains on."""
-    args = [a for a in argv[1:] if not a.startswith(("--workdir", "--local_workers", "--then_", "--worker"))]
-    cmd = [sys.executable, "-m", "experiments.grid_search", *args, f"--workdir={workdir}", "--local_workers=1",
-           "--worker"]
-
-    def die_with_parent() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (see _stop_workers)
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-    with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env})
 
 
 if __name__ == "__main__":

@@ -23,27 +23,34 @@ same storage works the same queue:
   would repeat (diverged). FAIL: worker died, was interrupted, or raised; a later run of
   the experiment tries that key again.
 
-Trial attributes hold what a results row held before: ``attrs`` (candidate, seed, rung...)
-and ``result`` (the trainer's final metrics); ``report`` turns them into tables and files.
+Trial attributes hold a results row: ``attrs`` (candidate, seed, rung...) and ``result`` (the
+trainer's final metrics); ``report`` turns them into tables and files. Only Optuna's public API
+is used (``Study``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
-from effnet_jax import rundir
-from effnet_jax.errors import UserError
+from effnet_jax import rundir, signals
+from effnet_jax.errors import EXIT_USER_ERROR, Interrupted, UserError
 from effnet_jax.metrics import finite_or_none
 
 HEARTBEAT_S = 30.0
@@ -73,23 +80,63 @@ class TrialPlan:
 def storage_for(url: str | None, workdir: str) -> Any:
     """An Optuna storage: a journal file in ``workdir`` by default, else an RDB URL or a journal path."""
     import optuna
-    from optuna.storages.journal import JournalFileBackend
 
     if not url:
         os.makedirs(workdir, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(workdir, "study.journal")))
+        return _journal(os.path.join(workdir, "study.journal"))
     if "://" not in url:  # a path: a journal file, e.g. on a shared (NFS) disk
         os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
+        return _journal(url)
+    engine_url = url
     if url.startswith("postgresql://") and not _has_module("psycopg2") and _has_module("psycopg"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]  # SQLAlchemy's psycopg 3 dialect
+        engine_url = "postgresql+psycopg://" + url[len("postgresql://"):]  # SQLAlchemy's psycopg 3 dialect
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(engine_url, engine_kwargs={"pool_pre_ping": True})
     except ImportError as e:
-        raise UserError(f"--storage={url}: missing database driver ({e}); for PostgreSQL: "
+        raise UserError(f"--storage={redact(url)}: missing database driver ({e}); for PostgreSQL: "
                         "pip install -e '.[postgres]'") from None
     except Exception as e:  # sqlalchemy's OperationalError / ArgumentError: a bad URL or no server
-        raise UserError(f"--storage={url}: cannot open the storage: {_first_line(e)}") from None
+        raise UserError(f"--storage={redact(url)}: cannot open the storage: {redact(_first_line(e))}") from None
+
+
+def _journal(path: str) -> Any:
+    """Optuna's journal file storage, after cutting off a record torn by a crash mid-write.
+
+    Optuna's reader skips a torn last line, but its next write would be glued onto it and lost
+    with it, and every later run would fail: so the torn bytes go (under the journal's own lock,
+    while no other process writes). A file that is not a journal is one line saying what to do.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    if os.path.isfile(path) and os.path.getsize(path):
+        lock = JournalFileSymlinkLock(path)
+        lock.acquire()
+        try:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    data = f.read()
+                    keep = data.rfind(b"\n") + 1
+                    f.truncate(keep)
+                    print(f"{path} ended in a record torn by a crash ({len(data) - keep} bytes): removed it",
+                          flush=True)
+        finally:
+            lock.release()
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not a readable Optuna journal ({_first_line(e)}); move it aside and rerun to "
+                        "start the study afresh (trial directories with checkpoints resume)") from None
+
+
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it masked (postgresql://user:***@host/db)."""
+    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 def _has_module(name: str) -> bool:
@@ -112,7 +159,37 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) 
     return rundir.describe_differences(a, b, [k for k in sorted(b) if k not in a or a[k] != b[k]], limit)
 
 
-def open_study(storage: Any, name: str, ident: Mapping[str, Any], where: str, sampler: Any = None) -> Any:
+@dataclasses.dataclass
+class Study:
+    """An Optuna study and its storage, reached only through Optuna's public API: the storage's
+    ``set_trial_*`` calls address a trial by the id that ``get_trial_id_from_study_id_trial_number`` gives."""
+
+    study: Any  # optuna.Study
+    storage: Any  # optuna.storages.BaseStorage
+    study_id: int
+    _ids: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
+
+    def get_trials(self) -> list[Any]:
+        return self.study.get_trials()
+
+    def trial_id(self, t: Any) -> int:
+        if t.number not in self._ids:
+            self._ids[t.number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+        return self._ids[t.number]
+
+    def set_attr(self, t: Any, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(t), key, value)
+
+    def set_state(self, t: Any, state: Any) -> bool:
+        """Move ``t`` to ``state``; False if another process moved it first (the storage decides)."""
+        return self.storage.set_trial_state_values(self.trial_id(t), state)
+
+
+def open_study(storage: Any, name: str, ident: Mapping[str, Any], where: str, sampler: Any = None) -> Study:
     """Create or load the study ``name``; refuse one that was started with another identity."""
     import optuna
 
@@ -126,10 +203,10 @@ def open_study(storage: Any, name: str, ident: Mapping[str, Any], where: str, sa
         stored = optuna.load_study(study_name=name, storage=storage).user_attrs["identity"]  # a racing creator's
     diff = differences(stored, ident) if stored != ident else []
     if diff:
-        raise UserError(f"study {name!r} in {where} was started with a different trial config: "
+        raise UserError(f"study {name!r} in {redact(where)} was started with a different trial config: "
                         f"{'; '.join(diff)}. Use a new --workdir (or --study_name), or rerun with the original "
                         "config")
-    return study
+    return Study(study, storage, storage.get_study_id_from_name(name))
 
 
 # ------------------------------------------------------------------------ owners
@@ -161,15 +238,15 @@ def _owner_alive(owner: Mapping[str, Any] | None, heartbeat: float | None, now: 
 class _Heartbeat:
     """Records ``heartbeat`` on the running trial every HEARTBEAT_S from a daemon thread."""
 
-    def __init__(self, study: Any, trial_id: int):
+    def __init__(self, study: Study, t: Any):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(study, trial_id), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(study, t), daemon=True)
         self._thread.start()
 
-    def _beat(self, study: Any, trial_id: int) -> None:
+    def _beat(self, study: Study, t: Any) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                study._storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                study.set_attr(t, "heartbeat", time.time())
             except Exception:  # finished meanwhile, or the storage hiccuped: the next beat tries again
                 pass
 
@@ -190,18 +267,18 @@ def _state_name(t: Any) -> str:
 
 def enqueue_missing(study: Any, plans: Sequence[TrialPlan]) -> int:
     """Queue every plan that has no trial except failed ones; returns how many were queued."""
-    live = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False) if _state_name(t) != "FAIL"}
+    live = {t.user_attrs.get("key") for t in study.get_trials() if _state_name(t) != "FAIL"}
     queued = 0
     for p in plans:
         if p.key not in live:
-            study.enqueue_trial({}, user_attrs={"key": p.key, "attrs": finite_or_none(dict(p.attrs))})
+            study.study.enqueue_trial({}, user_attrs={"key": p.key, "attrs": finite_or_none(dict(p.attrs))})
             queued += 1
     return queued
 
 
 def release_dead(study: Any, reason: str = "worker died") -> None:
     """Fail and requeue the running trials whose worker is gone (after the caller stopped its workers)."""
-    _fail_stale(study, study.get_trials(deepcopy=False), lambda m: None, reason)
+    _fail_stale(study, study.get_trials(), lambda m: None, reason)
 
 
 def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None], reason: str = "worker died") -> None:
@@ -216,15 +293,20 @@ def _fail_stale(study: Any, trials: Sequence[Any], log: Callable[[str], None], r
         if _owner_alive(t.user_attrs.get("owner"), t.user_attrs.get("heartbeat"), now, started):
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", reason)
-            if not study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+            study.set_attr(t, "reason", reason)
+            if not study.set_state(t, optuna.trial.TrialState.FAIL):
                 continue
         except Exception:  # another process failed it first
             continue
-        keep = {k: v for k, v in t.user_attrs.items() if k in ("key", "attrs", "sampled")}
-        study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
+        _requeue(study, t)
         log(f"trial {t.user_attrs['key']} (#{t.number}) lost its worker; queued again, it resumes from its "
             "checkpoint")
+
+
+def _requeue(study: Study, t: Any) -> None:
+    """Queue ``t``'s plan again (after failing it): the new attempt resumes from its checkpoint."""
+    keep = {k: v for k, v in t.user_attrs.items() if k in ("key", "attrs", "sampled")}
+    study.study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
 
 
 def _claim(study: Any, trials: Sequence[Any], order: Mapping[str, int]) -> Any | None:
@@ -235,7 +317,7 @@ def _claim(study: Any, trials: Sequence[Any], order: Mapping[str, int]) -> Any |
                      key=lambda t: (order[t.user_attrs["key"]], t.number))
     for t in waiting:
         try:
-            if study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.RUNNING):
+            if study.set_state(t, optuna.trial.TrialState.RUNNING):
                 return t
         except Exception:  # finished by another process meanwhile (a duplicate failed)
             continue
@@ -246,7 +328,7 @@ def _is_duplicate(study: Any, t: Any) -> bool:
     """A lower-numbered trial of the same key that has not failed exists: it is the canonical one."""
     key = t.user_attrs["key"]
     return any(o.user_attrs.get("key") == key and o.number < t.number and _state_name(o) != "FAIL"
-               for o in study.get_trials(deepcopy=False))
+               for o in study.get_trials())
 
 
 def _done(trials: Sequence[Any], key: str) -> bool:
@@ -267,16 +349,16 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
     by_key = {p.key: p for p in plans}
     enqueue_missing(study, plans)
     while True:
-        trials = study.get_trials(deepcopy=False)
+        trials = study.get_trials()
         if all(_done(trials, k) for k in order):
             return {k: row_of(latest(trials, k)) for k in order}
         _fail_stale(study, trials, log)
-        t = _claim(study, study.get_trials(deepcopy=False), order)
+        t = _claim(study, study.get_trials(), order)
         if t is None:
             time.sleep(POLL_S)  # the rest is running elsewhere
             continue
         if _is_duplicate(study, t):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             continue
         plan = by_key[t.user_attrs["key"]]
         _run_one(study, t, plan, workdir, train_fn, metric, log)
@@ -287,19 +369,18 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
 
-    storage = study._storage
     try:
-        storage.set_trial_user_attr(t._trial_id, "owner", _owner())
-        storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
-        _record_params(storage, t, plan.attrs)
+        study.set_attr(t, "owner", _owner())
+        study.set_attr(t, "heartbeat", time.time())
+        _record_params(study, t, plan.attrs)
     except UpdateFinishedTrialError:  # another process judged it stale and queued it again: that copy runs
         return
     directory = os.path.join(workdir, "trials", plan.directory or plan.key)
     resumed = checkpoint_step(directory)
     if resumed:
-        storage.set_trial_user_attr(t._trial_id, "resumed_from_step", resumed)
+        study.set_attr(t, "resumed_from_step", resumed)
     log(f"trial {plan.key} (#{t.number})" + (f" from its step-{resumed} checkpoint" if resumed else "") + " ...")
-    beat = _Heartbeat(study, t._trial_id)
+    beat = _Heartbeat(study, t)
     start = time.time()
     try:
         result = train_fn(plan.config, directory)
@@ -307,11 +388,19 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
         beat.stop()
         _tell(study, t, {"status": "failed", "reason": "invalid config"}, optuna.trial.TrialState.FAIL)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # stopped by a signal: queued again for whichever worker runs next
         beat.stop()
+        study.set_attr(t, "reason", "interrupted")
         _tell(study, t, {"status": "interrupted", "reason": "interrupted"}, optuna.trial.TrialState.FAIL)
+        _requeue(study, t)
         raise
-    except Exception as e:  # a broken trial is a result, not the end of the experiment
+    except Exception as e:  # a broken trial is a result, not the end of the experiment; a full disk is
+        if rundir.storage_error(e) is not None:
+            beat.stop()
+            with contextlib.suppress(Exception):  # the study may live on the full disk too
+                _tell(study, t, {"status": "failed", "reason": "disk full or read-only"}, optuna.trial.TrialState.FAIL)
+                _requeue(study, t)
+            raise
         result = {"status": "failed", "reason": _first_line(e)[:300], "wall_time_s": time.time() - start}
     beat.stop()
     row = {k: result.get(k) for k in RESULT_FIELDS}
@@ -338,7 +427,7 @@ def run_sampled(study: Any, n_trials: int, propose: Callable[[Any], TrialPlan | 
     import optuna
 
     while True:
-        trials = study.get_trials(deepcopy=False)
+        trials = study.get_trials()
         _fail_stale(study, trials, log)
         live = [t for t in trials if t.user_attrs.get("sampled") and _state_name(t) != "FAIL"]
         pending = [t for t in live if _state_name(t) in ("WAITING", "RUNNING")]
@@ -348,22 +437,22 @@ def run_sampled(study: Any, n_trials: int, propose: Callable[[Any], TrialPlan | 
             if not any(_state_name(t) == "WAITING" for t in pending):
                 time.sleep(POLL_S)  # the last ones run elsewhere
                 continue
-        t = study.ask()  # a queued retry of a sampled trial first (its params fixed), else the sampler's point
-        study._storage.set_trial_user_attr(t._trial_id, "sampled", True)
+        t = study.study.ask()  # a queued retry of a sampled trial first (its params fixed), else the sampler's
+        study.set_attr(t, "sampled", True)
         plan = propose(t)
         if plan is None:
-            study.tell(t, state=optuna.trial.TrialState.PRUNED)
+            study.study.tell(t, state=optuna.trial.TrialState.PRUNED)
             continue
         done = [o for o in trials if o.user_attrs.get("key") == plan.key and _state_name(o) in ("COMPLETE", "PRUNED")]
-        study._storage.set_trial_user_attr(t._trial_id, "key", plan.key)
-        study._storage.set_trial_user_attr(t._trial_id, "attrs", finite_or_none(dict(plan.attrs)))
+        study.set_attr(t, "key", plan.key)
+        study.set_attr(t, "attrs", finite_or_none(dict(plan.attrs)))
         if done:  # the sampler proposed a point it has already seen (after rounding): its result stands
             _tell(study, t, done[-1].user_attrs.get("result") or {}, done[-1].state, done[-1].value)
             continue
         _run_one(study, t, plan, workdir, train_fn, metric, log)
 
 
-def _record_params(storage: Any, t: Any, attrs: Mapping[str, Any]) -> None:
+def _record_params(study: Study, t: Any, attrs: Mapping[str, Any]) -> None:
     """The plan's numbers as the trial's params, so optuna-dashboard can plot them (labels stay user attrs:
     a categorical param may not change its choices between trials)."""
     from optuna.distributions import FloatDistribution
@@ -373,12 +462,12 @@ def _record_params(storage: Any, t: Any, attrs: Mapping[str, Any]) -> None:
         if k in have:
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            storage.set_trial_param(t._trial_id, k, float(v), FloatDistribution(float(v), float(v)))
+            study.storage.set_trial_param(study.trial_id(t), k, float(v), FloatDistribution(float(v), float(v)))
 
 
 def _tell(study: Any, t: Any, row: Mapping[str, Any], state: Any, value: float | None = None) -> None:
-    study._storage.set_trial_user_attr(t._trial_id, "result", finite_or_none(dict(row)))
-    study.tell(t.number, value if state.name == "COMPLETE" else None, state=state, skip_if_finished=True)
+    study.set_attr(t, "result", finite_or_none(dict(row)))
+    study.study.tell(t.number, value if state.name == "COMPLETE" else None, state=state, skip_if_finished=True)
 
 
 def checkpoint_step(directory: str) -> int:
@@ -409,22 +498,153 @@ def row_of(t: Any) -> dict[str, Any]:
             **t.user_attrs.get("attrs", {}), **{k: result.get(k) for k in RESULT_FIELDS}}
 
 
-def rows(study: Any) -> list[dict[str, Any]]:
-    """One row per key in the study (its latest finished attempt), in the order the keys first appeared."""
-    trials = study.get_trials(deepcopy=False)
-    keys = list(dict.fromkeys(t.user_attrs["key"] for t in trials if "key" in t.user_attrs))
-    return [row_of(latest(trials, k)) for k in keys if _done(trials, k)]
-
-
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+# ----------------------------------------------------------------- local workers
+
+STOP_WAIT_S = 20.0  # how long stopped workers get to save their checkpoints before they are killed
+
+
 def define_flags(fv: Any, study_name: str) -> None:
-    """--storage and --study_name, the same for every experiment's CLI."""
+    """--storage, --study_name and the local worker flags, the same for every experiment's CLI."""
     from absl import flags
 
     flags.DEFINE_string("storage", None, "Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal "
                         "file path shared by every machine; default: WORKDIR/study.journal", flag_values=fv)
     flags.DEFINE_string("study_name", study_name, "study name in the storage", flag_values=fv)
+    flags.DEFINE_integer("local_workers", 0, "worker processes on this machine (0: 2 on a CPU with >= 2 cores, one "
+                         "per GPU / per devices_per_trial GPUs, 1 on TPU); XLA compiles on one core, so two workers "
+                         "halve a CPU run. On a GPU each worker gets its own devices", flag_values=fv)
+    flags.DEFINE_integer("devices_per_trial", 1, "GPUs per worker (each trial runs data-parallel on them)",
+                         flag_values=fv)
+    flags.DEFINE_bool("worker", False, "internal: run trials only, no report (a local worker)", flag_values=fv)
+
+
+def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) -> list[dict[str, str]]:
+    """One environment per local worker (its own GPUs on a GPU host); UserError for a count that cannot be."""
+    if fv.local_workers < 0:
+        raise UserError(f"--local_workers must be >= 0 (0: one per core or device), got {fv.local_workers}")
+    if fv.devices_per_trial < 1:
+        raise UserError(f"--devices_per_trial must be >= 1, got {fv.devices_per_trial}")
+    if backend == "gpu":
+        per = fv.devices_per_trial
+        n = fv.local_workers or max(1, local_devices // per)
+        if n * per > local_devices:
+            raise UserError(f"{n} workers x {per} GPUs need {n * per} GPUs; this host has {local_devices}")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(str(i * per + k) for k in range(per))} for i in range(n)]
+    if backend == "tpu":
+        if fv.local_workers > 1:
+            raise UserError("on TPU only one process can hold the chips: --local_workers must be 1 "
+                            "(run one process per host against a shared --storage)")
+        return [{}]
+    n = fv.local_workers or min(2, cpus)
+    if n > cpus:
+        raise UserError(f"--local_workers={n} is more than this machine's {cpus} cores (each worker needs one to "
+                        f"compile); use at most {cpus}, or share a --storage with other machines")
+    return [{} for _ in range(n)]
+
+
+def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mapping[str, Any],
+          job: Callable[[Callable[[str], None], bool], Any]) -> Any:
+    """Run an experiment the way its flags ask: ``job(log, write)`` in ``--local_workers`` processes on one
+    storage, then here (which finishes what is left and, with ``write``, writes the report).
+
+    The storage is opened and checked once, here, before any worker starts. Ctrl-C or SIGTERM stops the
+    workers (each saves its trial's checkpoint; one that does not within STOP_WAIT_S is killed), queues
+    their trials again and raises ``Interrupted`` with the command that resumes.
+    """
+    if fv.worker:
+        log = _prefixed_log
+        try:
+            return job(log, False)
+        except KeyboardInterrupt as e:  # the parent says how to resume: a worker's stderr stays quiet
+            log(f"stopped: {e}")
+            _exit_now(128 + getattr(e, "signum", signal.SIGINT))
+        except Exception as e:  # a mistake or a full disk: the parent meets it too, and says it once
+            err = rundir.storage_error(e)
+            if not isinstance(e, UserError) and err is None:
+                raise
+            log(f"stopped: {e if err is None else rundir.storage_message(err)}")
+            _exit_now(EXIT_USER_ERROR)
+    import jax
+
+    prealloc = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process must not hold the GPUs its workers need
+    try:
+        envs = worker_environments(fv, jax.default_backend(), jax.local_device_count(), os.cpu_count() or 1)
+    finally:
+        if prealloc is None:
+            os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+        else:
+            os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = prealloc
+    where = fv.storage or workdir
+    open_study(storage_for(fv.storage, workdir), fv.study_name, ident, where)  # one error line, before workers
+    children: list[subprocess.Popen] = []
+    try:
+        if len(envs) > 1:
+            children = [_spawn_worker(module, argv, workdir, env) for env in envs]
+            with signals.deferred():
+                while any(c.poll() is None for c in children) and signals.requested() is None:
+                    time.sleep(0.2)
+            signals.check()
+            failed = sum(c.returncode not in (0, EXIT_USER_ERROR) for c in children)
+            if failed:
+                print(f"warning: {failed} worker process(es) failed; this process finishes what they left",
+                      file=sys.stderr, flush=True)
+        return job(lambda m: print(m, flush=True), True)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        _stop(children)
+        release_dead(open_study(storage_for(fv.storage, workdir), fv.study_name, ident, where), "interrupted")
+        cmd = redact(" ".join(["python -m", module, *argv[1:]]))
+        raise Interrupted(f"{signals.describe(signum)}; finished trials are kept and the interrupted ones resume "
+                          f"from their last checkpoints: rerun `{cmd}`", signum) from None
+
+
+def _exit_now(code: int) -> None:
+    """End a worker whose trial is already recorded, without the interpreter's shutdown (where orbax's
+    writer threads, stopped mid-save, print tracebacks about a closed event loop)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _prefixed_log(message: str) -> None:
+    print(f"[{os.getpid()}] {message}", flush=True)
+
+
+def _stop(children: Sequence[subprocess.Popen]) -> None:
+    """SIGTERM every live worker (each checkpoints its trial and queues it again), SIGKILL the ones still
+    running after STOP_WAIT_S (their trials resume from their last periodic checkpoint)."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.time() + STOP_WAIT_S
+    for child in children:
+        try:
+            child.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _spawn_worker(module: str, argv: Sequence[str], workdir: str, env: dict[str, str]) -> subprocess.Popen:
+    """Another worker process on this machine, killed with us (Linux) so that no orphan trains on."""
+    args = [a for a in argv[1:] if not a.startswith(("--workdir", "--local_workers", "--then_", "--worker"))]
+    cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}", "--local_workers=1", "--worker"]
+
+    def die_with_parent() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches us too: the parent stops us
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env})

@@ -51,7 +51,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling, trainer
+from effnet_jax import cli, cost, rundir, scaling, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import grid_search, report, runner, stats
 from experiments.grid_search import Candidate
@@ -328,8 +328,9 @@ def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seed
 
 
 def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print,
-          storage: str | None = None, study_name: str = "scaling_study") -> dict[str, Any]:
-    """Run (or join, or resume) the study; returns {"points", "rows", "summary", "growth"}."""
+          storage: str | None = None, study_name: str = "scaling_study", write: bool = True) -> dict[str, Any]:
+    """Run (or join, or resume) the study; returns {"points", "rows", "summary", "growth"}. ``write``: the
+    output files (a local worker leaves them to the process that reports)."""
     constants = check_config(config)
     seeds = [int(x) for x in config.study.seeds]
     base_cfg = grid_search.trial_config(config.train, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0])
@@ -348,20 +349,27 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, trainer.train_and_evaluate,
                            config.study.metric, log).values())
     summary = summarize(rows, points, config.study.metric)
-    write_outputs(workdir, config, rows, summary, growth)
+    if write:
+        write_outputs(workdir, config, rows, summary, growth)
     return {"points": points, "rows": rows, "summary": summary, "growth": growth}
 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
-                                          lambda fv: runner.define_flags(fv, "scaling_study"))
+                                        lambda fv: runner.define_flags(fv, "scaling_study"))
     cli.enable_compile_cache(config.train.compile_cache_dir)
     workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    print(f"workdir: {workdir}", flush=True)
+    check_config(config)
+    rundir.check_workdir(workdir)
+    if not fv.worker:
+        print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    out = study(config, workdir, log=lambda msg: print(msg, flush=True), storage=fv.storage,
-                study_name=fv.study_name)
+    argv_list = list(sys.argv if argv is None else argv)
+    out = runner.serve(fv, argv_list, "experiments.scaling_study", workdir, runner.identity(config.train),
+                       lambda log, write: study(config, workdir, log, fv.storage, fv.study_name, write))
+    if fv.worker:
+        return out
     print(format_table(out["summary"], config.study.metric))
     print(format_growth(out["growth"]))
     for v in verdicts(out["summary"]):
