@@ -13,14 +13,18 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
-import signal
+import re
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from effnet_jax import signals
+from effnet_jax.signals import Interrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -30,12 +34,55 @@ class UserError(ValueError):
     """A mistake in the user's input (flag, config, file). Printed as one line."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGINT by default), with a one-line message saying where it stopped and how to resume."""
+# An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
-    def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
+def storage_error(e: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden disk behind ``e``, or None. Orbax wraps them, and
+    tensorstore reports them as a ValueError whose text carries the errno (``os_error_code='28'``)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
+            return x
+        code = _errno_in_text(str(x))
+        if code is not None:
+            path = re.search(r'local file "([^"]+)"', str(x))
+            return OSError(code, os.strerror(code), path[1] if path else None)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None
+
+
+def _errno_in_text(text: str) -> int | None:
+    m = _OS_ERROR_CODE.search(text)
+    code = int(m[1] or m[2]) if m else None
+    return code if code in STORAGE_ERRNOS else None
+
+
+def storage_message(err: OSError) -> str:
+    """One line for a full, read-only or forbidden disk: what could not be written and what to do."""
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    where = f"cannot write {err.filename}" if err.filename else "cannot write to disk"
+    return (f"{where}: {os.strerror(err.errno)} ({name}); free space or fix the permissions, then rerun the same "
+            "command to resume from the last checkpoint")
+
+
+class StorageLogFilter(logging.Filter):
+    """Drops log records that report a full / read-only disk (orbax's writer threads log each failure with
+    a traceback); the main thread reports it once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and storage_error(exc) is not None:
+            return False
+        return _errno_in_text(record.getMessage()) is None
 
 
 def _backend_failed(e: BaseException) -> bool:
@@ -57,9 +104,7 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from effnet_jax import rundir, signals
-
-        logging.getLogger("absl").addFilter(rundir.StorageLogFilter())
+        logging.getLogger("absl").addFilter(StorageLogFilter())
         try:
             signals.started()
             return main(*args, **kwargs)
@@ -67,8 +112,6 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
         except Exception as e:  # a full or read-only disk, or a JAX backend that is not here; else a bug
-            from effnet_jax.rundir import storage_error, storage_message
-
             err = storage_error(e)
             if err is not None:
                 print(f"error: {storage_message(err)}", file=sys.stderr, flush=True)

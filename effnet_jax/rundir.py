@@ -1,5 +1,5 @@
 """A run's directory: whether it can take a run, whether it belongs to this config, what --restart
-deletes, a full disk told apart from a bug, and a lock so that one run at a time trains in it.
+deletes, and a lock so that one run at a time trains in it.
 
 A workdir belongs to one config: its ``config.json`` is compared with the new config (minus
 cosmetic fields such as ``log_every_steps``) and any difference is refused, because resuming
@@ -14,9 +14,7 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -37,8 +35,6 @@ COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "chec
 # What --restart deletes (and nothing else the user may keep in the workdir).
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "config.json", "weights.safetensors",
              "ema_weights.safetensors")
-# An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def check_workdir(workdir: str) -> None:
@@ -198,53 +194,6 @@ def clear_workdir(workdir: str) -> None:
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
-
-
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
-
-
-def storage_error(e: BaseException) -> OSError | None:
-    """The OSError of a full, read-only or forbidden disk behind ``e``, or None. Orbax wraps them, and
-    tensorstore reports them as a ValueError whose text carries the errno (``os_error_code='28'``)."""
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in STORAGE_ERRNOS:
-            return x
-        code = _errno_in_text(str(x))
-        if code is not None:
-            path = re.search(r'local file "([^"]+)"', str(x))
-            return OSError(code, os.strerror(code), path[1] if path else None)
-        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
-    return None
-
-
-def _errno_in_text(text: str) -> int | None:
-    m = _OS_ERROR_CODE.search(text)
-    code = int(m[1] or m[2]) if m else None
-    return code if code in STORAGE_ERRNOS else None
-
-
-def storage_message(err: OSError) -> str:
-    """One line for a full, read-only or forbidden disk: what could not be written and what to do."""
-    name = errno.errorcode.get(err.errno, str(err.errno))
-    where = f"cannot write {err.filename}" if err.filename else "cannot write to disk"
-    return (f"{where}: {os.strerror(err.errno)} ({name}); free space or fix the permissions, then rerun the same "
-            "command to resume from the last checkpoint")
-
-
-class StorageLogFilter(logging.Filter):
-    """Drops log records that report a full / read-only disk (orbax's writer threads log each failure with
-    a traceback); the main thread reports it once, as one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and storage_error(exc) is not None:
-            return False
-        return _errno_in_text(record.getMessage()) is None
 
 
 LOCK_FILE = ".lock"

@@ -29,9 +29,16 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from effnet_jax.errors import Interrupted
-
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT by default), with a one-line message saying where it stopped and how to resume.
+    A KeyboardInterrupt, so that in-process callers that catch KeyboardInterrupt still do."""
+
+    def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 _received: list[int] = []
 _depth = 0  # nesting of deferred() regions
 _previous: dict[int, Any] = {}  # handlers to restore, while ours are installed

@@ -49,7 +49,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import rundir, signals
+from effnet_jax import errors, rundir, signals
 from effnet_jax.errors import EXIT_USER_ERROR, Interrupted, UserError
 from effnet_jax.metrics import finite_or_none
 
@@ -309,12 +309,24 @@ def _requeue(study: Study, t: Any) -> None:
     study.study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
 
 
-def _claim(study: Any, trials: Sequence[Any], order: Mapping[str, int]) -> Any | None:
-    """Move one WAITING trial of ours to RUNNING (the storage grants it to one process); plan order first."""
+def _claim(study: Any, trials: Sequence[Any], plans: Sequence[TrialPlan]) -> Any | None:
+    """Move one WAITING trial of ours to RUNNING (the storage grants it to one process); plan order first.
+
+    A plan whose directory an earlier plan shares (a longer run continuing a shorter one) waits until
+    that one is done: one run at a time in a directory, the shorter first.
+    """
     import optuna
 
-    waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order),
-                     key=lambda t: (order[t.user_attrs["key"]], t.number))
+    order = {p.key: i for i, p in enumerate(plans)}
+    blocked, seen = set(), set()
+    for p in plans:
+        directory = p.directory or p.key
+        if directory in seen:
+            blocked.add(p.key)
+        if not _done(trials, p.key):
+            seen.add(directory)
+    waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order
+                      and t.user_attrs["key"] not in blocked), key=lambda t: (order[t.user_attrs["key"]], t.number))
     for t in waiting:
         try:
             if study.set_state(t, optuna.trial.TrialState.RUNNING):
@@ -353,7 +365,7 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
         if all(_done(trials, k) for k in order):
             return {k: row_of(latest(trials, k)) for k in order}
         _fail_stale(study, trials, log)
-        t = _claim(study, study.get_trials(), order)
+        t = _claim(study, study.get_trials(), plans)
         if t is None:
             time.sleep(POLL_S)  # the rest is running elsewhere
             continue
@@ -395,7 +407,7 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
         _requeue(study, t)
         raise
     except Exception as e:  # a broken trial is a result, not the end of the experiment; a full disk is
-        if rundir.storage_error(e) is not None:
+        if errors.storage_error(e) is not None:
             beat.stop()
             with contextlib.suppress(Exception):  # the study may live on the full disk too
                 _tell(study, t, {"status": "failed", "reason": "disk full or read-only"}, optuna.trial.TrialState.FAIL)
@@ -564,10 +576,10 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
             log(f"stopped: {e}")
             _exit_now(128 + getattr(e, "signum", signal.SIGINT))
         except Exception as e:  # a mistake or a full disk: the parent meets it too, and says it once
-            err = rundir.storage_error(e)
+            err = errors.storage_error(e)
             if not isinstance(e, UserError) and err is None:
                 raise
-            log(f"stopped: {e if err is None else rundir.storage_message(err)}")
+            log(f"stopped: {e if err is None else errors.storage_message(err)}")
             _exit_now(EXIT_USER_ERROR)
     import jax
 
@@ -647,4 +659,13 @@ def _spawn_worker(module: str, argv: Sequence[str], workdir: str, env: dict[str,
 
     with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
         warnings.simplefilter("ignore", RuntimeWarning)
-        return subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env})
+        child = subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env}, stderr=subprocess.PIPE,
+                                 text=True, errors="replace")
+    threading.Thread(target=_relay, args=(child,), daemon=True).start()
+    return child
+
+
+def _relay(child: subprocess.Popen) -> None:
+    """A worker's stderr, line by line, onto our stdout: stderr is the parent's, for its one error line."""
+    for line in child.stderr:
+        print(f"[{child.pid}] {line.rstrip()}", flush=True)

@@ -41,6 +41,11 @@ def wait_for_checkpoint(directory, proc, timeout=400):
     return False
 
 
+def errors(stderr):
+    """stderr's lines other than warnings (the tiny grid warns that its MACs are not 2x)."""
+    return [ln for ln in stderr.splitlines() if not ln.startswith("warning: ")]
+
+
 def result(workdir):
     with open(os.path.join(workdir, "result.json")) as f:
         return json.load(f)
@@ -123,10 +128,10 @@ def test_a_journal_torn_by_a_crash_is_repaired_and_the_rerun_completes(tmp_path)
     data = journal.read_bytes()
     journal.write_bytes(data[:-9])  # a crash in the middle of the last write
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr == "", again.stderr[-3000:]
+    assert again.returncode == 0 and not errors(again.stderr), again.stderr[-3000:]
     assert "torn by a crash" in again.stdout
     third = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)  # nothing left broken
-    assert third.returncode == 0 and third.stderr == "", third.stderr[-3000:]
+    assert third.returncode == 0 and not errors(third.stderr), third.stderr[-3000:]
     assert journal.read_bytes().endswith(b"\n")
     complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
 

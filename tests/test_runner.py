@@ -160,3 +160,42 @@ def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
     interrupted = [t for t in trials if t.user_attrs.get("reason") == "interrupted"]
     assert interrupted and all(t.state.name == "FAIL" for t in interrupted)
     assert len([t for t in trials if t.state.name == "WAITING"]) == len(interrupted)  # queued again
+
+
+def test_no_private_optuna_name_anywhere():
+    """Only Optuna's public API: no ``study._storage`` / ``trial._trial_id`` / ``optuna._x`` in any file here."""
+    import re
+
+    private = re.compile(r"\b(?:study|trial|t|storage)\._(?!_)[a-z]\w*|\boptuna\._\w+|from optuna\._")
+    found = []
+    for top in ("effnet_jax", "experiments", "scripts", "tests", "notebooks"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if f.endswith(".py") and f != "test_runner.py":
+                    text = open(os.path.join(dirpath, f)).read()
+                    found += [f"{f}: {m}" for m in private.findall(text)]
+    assert not found, found
+    assert private.search("x = study._storage") and private.search("s.set(t._trial_id)")  # the pattern can fail
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("experiments.fidelity",
+     ["--config.search.alpha=(1.2,1.25)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
+      "--config.search.tolerance=0.1", "--config.search.include_baseline=False", "--config.search.include_paper=False",
+      "--config.fidelity.budgets=(1,2)"], 4),
+    ("experiments.scaling_study",
+     ["--config.study.budgets=(1,2)", "--config.study.seeds=(0,)", "--config.study.families=('compound','width')"], 3),
+])
+def test_two_local_workers_run_the_fidelity_and_scaling_studies_each_trial_once(tmp_path, module, args, expected):
+    wd = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", module, f"--workdir={wd}", "--local_workers=2",
+                           "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
+                           f"--config.train.compile_cache_dir={CACHE}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    assert len(set(re.findall(r"^\[(\d+)\] trial ", proc.stdout, re.M))) == 2, proc.stdout
+    name = module.split(".")[1]
+    done = complete_once(trials_by_key(None, wd, name), expected=expected)
+    assert len({t.user_attrs["owner"]["pid"] for t in done.values()}) == 2
