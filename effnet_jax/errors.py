@@ -125,6 +125,6 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as e:
             print(f"error: {one_line(e) or 'interrupted'}", file=sys.stderr, flush=True)
-            sys.exit(128 + e.signum if isinstance(e, Interrupted) else EXIT_INTERRUPTED)
+            sys.exit(signals.exit_code(e.signum) if isinstance(e, Interrupted) else EXIT_INTERRUPTED)
 
     return wrapper

@@ -39,6 +39,8 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "interrupted", signum: int = signal.SIGINT):
         super().__init__(message)
         self.signum = signum
+
+
 _received: list[int] = []
 _depth = 0  # nesting of deferred() regions
 _previous: dict[int, Any] = {}  # handlers to restore, while ours are installed
@@ -63,16 +65,16 @@ def reset() -> None:
     _received.clear()
 
 
-def check(what: str = "interrupted") -> None:
+def check() -> None:
     """Raise ``Interrupted`` if a stop signal was received (a place where stopping loses nothing)."""
     signum = requested()
     if signum is not None:
-        raise Interrupted(describe(signum, what), signum)
+        raise Interrupted(describe(signum), signum)
 
 
-def describe(signum: int, what: str = "interrupted") -> str:
+def describe(signum: int) -> str:
     """'interrupted' for Ctrl-C, 'terminated (SIGTERM)' for a scheduler's stop."""
-    return what if signum == signal.SIGINT else f"terminated ({name(signum)})"
+    return "interrupted" if signum == signal.SIGINT else f"terminated ({name(signum)})"
 
 
 def _handle(signum: int, frame: Any) -> None:

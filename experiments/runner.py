@@ -174,7 +174,7 @@ class Study:
         return self.study.study_name
 
     def get_trials(self) -> list[Any]:
-        return self.study.get_trials()
+        return self.study.get_trials(deepcopy=False)
 
     def trial_id(self, t: Any) -> int:
         if t.number not in self._ids:
@@ -574,7 +574,7 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
             return job(log, False)
         except KeyboardInterrupt as e:  # the parent says how to resume: a worker's stderr stays quiet
             log(f"stopped: {e}")
-            _exit_now(128 + getattr(e, "signum", signal.SIGINT))
+            _exit_now(signals.exit_code(getattr(e, "signum", signal.SIGINT)))
         except Exception as e:  # a mistake or a full disk: the parent meets it too, and says it once
             err = errors.storage_error(e)
             if not isinstance(e, UserError) and err is None:
@@ -593,7 +593,8 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
         else:
             os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = prealloc
     where = fv.storage or workdir
-    open_study(storage_for(fv.storage, workdir), fv.study_name, ident, where)  # one error line, before workers
+    if fv.storage or os.path.exists(os.path.join(workdir, "study.journal")):  # one error line, before workers
+        open_study(storage_for(fv.storage, workdir), fv.study_name, ident, where)  # (a new journal cannot fail)
     children: list[subprocess.Popen] = []
     try:
         if len(envs) > 1:

@@ -1,0 +1,125 @@
+"""Measured cost on the device at hand: a network's train-step or inference time relative to another's.
+
+FLOPs and MACs do not predict the time of memory-bound depthwise convolutions and squeeze-excite,
+so a search that must respect a budget on *this* hardware measures it: every network is built as
+the trainer builds it (``trainer.build_program``, one fixed synthetic batch), compiled once, then
+timed in rounds that visit every network in turn (interleaved: noise from other work on the machine
+hits all of them alike), and each network's time is the median over rounds. The spread is the
+relative interquartile range of its per-round ratio to the reference, which is what a tolerance
+on the ratio has to cover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+KINDS = ("train", "infer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """One network's measured cost against the reference: the median ratio and its spread."""
+
+    ratio: float  # median over rounds of (this network's step time / the reference's, same round)
+    spread: float  # interquartile range of those ratios, relative to the median
+    seconds: float  # median seconds per step
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def device_key() -> str:
+    """What measured times belong to: the backend, device kind and count, and on a CPU its model and cores."""
+    d = jax.devices()[0]
+    key = f"{jax.default_backend()}:{d.device_kind}x{jax.device_count()}"
+    if jax.default_backend() == "cpu":
+        key += f":{cpu_model()}:{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+    return key
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str) -> Callable[[int], None]:
+    """``run(n)``: n train steps (the trainer's own jitted, state-donating step) or n inference steps (its
+    evaluation step) of ``config``'s network on one synthetic batch, waiting for the device."""
+    from effnet_jax import scaling, trainer
+
+    if kind not in KINDS:
+        raise ValueError(f"latency kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    spec = scaling.model_spec(config.model)
+    program = trainer.build_program(config, spec, num_classes, layers=trainer.model_layers(config),
+                                    dtype=scaling.compute_dtype(config.model.dtype), steps_per_epoch=1000,
+                                    total_steps=max(1, int(config.get("schedule_steps", 0)) or 1000))
+    rng = np.random.default_rng(0)
+    n = config.batch_size
+    batch = {"image": jnp.asarray(rng.normal(size=(n, spec.resolution, spec.resolution, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, num_classes, n), jnp.int32), "mask": jnp.ones(n, jnp.float32)}
+    batch = jax.device_put(batch, program.data_sharding)
+    state = [program.state]
+
+    def run(steps: int) -> None:
+        out: Any = None
+        for _ in range(steps):
+            if kind == "train":
+                state[0], out = program.train_step(state[0], {"image": batch["image"], "label": batch["label"]})
+            else:
+                out = program.eval_step(state[0].weights, batch)
+        jax.block_until_ready(out)
+
+    run(1)  # compile (or load from the persistent cache) and warm up
+    return run
+
+
+def interleaved(runs: Mapping[str, Callable[[int], None]], reference: str, rounds: int = 5, steps: int = 2
+                ) -> dict[str, Cost]:
+    """Time every run ``rounds`` times, visiting all of them in each round; costs relative to ``reference``."""
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run(steps)
+            per_round[name].append((time.perf_counter() - t0) / steps)
+    out = {}
+    for name, times in per_round.items():
+        ratios = sorted(t / r for t, r in zip(times, per_round[reference]))
+        median = statistics.median(ratios)
+        q1, q3 = np.percentile(ratios, [25, 75])
+        out[name] = Cost(ratio=float(median), spread=float((q3 - q1) / median), seconds=statistics.median(times))
+    return out
+
+
+def measure(configs: Mapping[str, ml_collections.ConfigDict], num_classes: int, reference: str,
+            kinds: tuple[str, ...] = KINDS, rounds: int = 5, steps: int = 2,
+            log: Callable[[str], Any] = lambda m: None) -> dict[str, dict[str, dict[str, float]]]:
+    """{name: {kind: Cost as a dict}} for every trainer config in ``configs``, against ``configs[reference]``."""
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in configs}
+    for kind in kinds:
+        runs = {}
+        for name, config in configs.items():
+            t0 = time.perf_counter()
+            runs[name] = step_runner(config, num_classes, kind)
+            log(f"latency: built {kind} step of {name} in {time.perf_counter() - t0:.1f} s")
+        for name, cost in interleaved(runs, reference, rounds, steps).items():
+            out[name][kind] = cost.as_dict()
+        del runs
+    return out
