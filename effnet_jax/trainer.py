@@ -42,10 +42,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import input_pipeline, metrics, rundir, scaling, sources
+from effnet_jax import cost, input_pipeline, metrics, rundir, scaling, sources
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
-from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError
 from effnet_jax.layers import KERNELS, Layers, head_init_fn
 from effnet_jax.metrics import MetricsWriter
@@ -461,9 +460,8 @@ def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> 
     """What was trained, for result.json: the network's size and cost, the data, the hardware."""
     spec, source, arch = run.spec, run.source, program.arch
     return {
-        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
-        "resolution": spec.resolution, "blocks": len(arch.blocks), "params": count_params(arch, source.num_classes),
-        "macs": count_macs(arch, spec.resolution, source.num_classes), "dataset": source.name,
+        "model": spec.name, "network": config.model.network, **cost.figures(spec, arch, source.num_classes),
+        "dataset": source.name,
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": run.total_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
         "kernels": run.layers.kernels,

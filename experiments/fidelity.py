@@ -29,12 +29,16 @@ import ml_collections
 
 from effnet_jax import cli, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
-from experiments import grid_search, report, runner, stats
+from experiments import report, runner, stats, trials
+from experiments.constraints import candidates
+from experiments.strategies import check_search
+from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validate the fidelity section, then the search section it shares with the grid search."""
     f = config.fidelity
     budgets = list(f.budgets)
     if len(budgets) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets) \
@@ -43,27 +47,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         f"got {tuple(budgets)}")
     if f.mode not in ("continued", "independent"):
         raise UserError(f"fidelity.mode must be continued or independent, got {f.mode!r}")
-    seeds = list(f.seeds)
-    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
-        raise UserError(f"fidelity.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
-    config.search.strategy = "exhaustive"  # one rung per budget here; the grid search's own check does the rest
-    grid_search.check_search(config)
+    trials.check_seeds(f.seeds, "fidelity.seeds")
+    config.search.strategy = "exhaustive"  # one rung per budget here; the search's own check does the rest
+    check_search(config)
 
 
-def plans(config: ml_collections.ConfigDict, cands: Sequence[grid_search.Candidate], base_steps: int
+def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_steps: int
           ) -> list[runner.TrialPlan]:
+    """Every (budget, candidate, seed), short budgets first; in ``continued`` mode one directory per
+    (candidate, seed), so that each budget continues the checkpoint of the one before."""
     f = config.fidelity
     steps = [base_steps * b for b in f.budgets]
     out = []
-    for b, n in zip(f.budgets, steps):  # short budgets first: in continued mode each continues the one before
+    continued = f.mode == "continued"
+    for b, n in zip(f.budgets, steps):
         for c in cands:
             for seed in f.seeds:
-                continued = f.mode == "continued"
-                cfg = grid_search.trial_config(config.train, c, seed, config.search.phi, n,
-                                               steps[-1] if continued else 0)
+                cfg = trials.trial_config(config.train, c, config.search.phi, seed=seed, steps=n,
+                                          schedule_steps=steps[-1] if continued else 0)
                 key = f"{c.key}-s{seed}-n{n}" + ("" if continued else "-own")
-                attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
-                         "phi": cfg.model.phi, "seed": seed, "budget": b, "budget_steps": n}
+                attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "budget": b,
+                         "budget_steps": n}
                 out.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}" if continued else key,
                                             keep_checkpoint=continued and n != steps[-1]))
     return out
@@ -74,7 +78,7 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     scores: dict[int, dict[str, list[float]]] = {}
     for r in rows:
         if r["status"] == "ok" and r.get(metric) is not None:
-            name = grid_search._name(r)
+            name = trials.candidate_name(r)
             scores.setdefault(r["budget"], {}).setdefault(name, []).append(r[metric])
     means = {b: {k: sum(v) / len(v) for k, v in by.items()} for b, by in sorted(scores.items())}
     if not means:
@@ -128,10 +132,10 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
              study_name: str = "fidelity", log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
     check_config(config)
-    base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
+    base = trials.trial_config(config.train, BASELINE, seed=0, schedule_steps=0)
     prepared = trainer.prepare(base)  # validates the train config; writes nothing
-    cands = grid_search.candidates(config.search, config.train, prepared.source.num_classes)
-    base_steps = grid_search.rung_steps(config, prepared.steps_per_epoch)[0]
+    cands = candidates(config.search, config.train, prepared.source.num_classes)
+    base_steps = trials.budget_steps(config.train, prepared.steps_per_epoch)
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir)
     rows = list(runner.run(study, plans(config, cands, base_steps), workdir, trainer.train_and_evaluate,
