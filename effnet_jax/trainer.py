@@ -220,9 +220,9 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
                          head_init=config.model.get("head_init", "paper"))
     if config.model.init_from:
-        from effnet_jax import pretrained
+        from effnet_jax import weight_files
 
-        pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
+        weight_files.load_weights_into(model, os.path.expanduser(config.model.init_from))
     packing, params, stats = state_packing(layers.kernels).create(model)
     schedule = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch,
                                       schedule_steps(config, total_steps))
@@ -479,15 +479,15 @@ def _logged_loss(workdir: str, step: int) -> float:
 
 def _save_weights(packing: FlatPacking | TreePacking, state: TrainState, spec: scaling.ScalingSpec,
                   workdir: str) -> list[str]:
-    """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
-    from effnet_jax import pretrained
+    """The final (and EMA) weights as ``weight_files.save_weights`` files; returns their paths."""
+    from effnet_jax import weight_files
 
     paths = []
     for name, weights in (("weights", state.weights), ("ema_weights", state.ema)):
         if weights is not None:
             w = jax.device_get(weights)
             path = os.path.join(workdir, f"{name}.safetensors")
-            pretrained.save_weights(packing.merge(w.params, w.stats), path, spec)
+            weight_files.save_weights(packing.merge(w.params, w.stats), path, spec)
             paths.append(path)
     return paths
 
