@@ -92,42 +92,6 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     return {"means": means, "agreement": agreement}
 
 
-def plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
-    from experiments.plots import _pyplot
-
-    means = analysis["means"]
-    if not means:
-        return None
-    plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    budgets = sorted(means)
-    for name in sorted({k for m in means.values() for k in m}):
-        pts = [(b, means[b][name]) for b in budgets if name in means[b]]
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name, linewidth=2 if "paper" in name else 1)
-    ax1.set_xscale("log")
-    ax1.set_xlabel("budget (x the trial budget)")
-    ax1.set_ylabel(metric)
-    ax1.set_title("score of each candidate against the budget")
-    ax1.legend(fontsize=6)
-    agree = analysis["agreement"]
-    if agree:
-        for k, marker, label in (("kendall_tau", "-o", "Kendall tau"), ("spearman_rho", "-s", "Spearman rho")):
-            pts = [(a["budget"], a[k]) for a in agree if a[k] is not None]
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
-        ax2.set_xscale("log")
-        ax2.axhline(0, color="gray", linewidth=0.8)
-    ax2.set_ylim(-1.05, 1.05)
-    ax2.set_xlabel("budget (x the trial budget)")
-    ax2.set_ylabel(f"rank agreement with budget {max(means)}x")
-    ax2.set_title("proxy fidelity")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, "fidelity.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
              study_name: str = "fidelity", log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}."""
@@ -148,7 +112,9 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
         "metric": config.search.metric, "mode": config.fidelity.mode, "base_steps": base_steps,
         "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
         "config": config.to_dict(), "created": report.now()})
-    plot(out, config.search.metric, workdir)
+    from experiments import plots
+
+    plots.fidelity_plot(out, config.search.metric, workdir)
     return out
 
 
