@@ -10,7 +10,14 @@ and offset), as timm counts them; BatchNorm running statistics are not parameter
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from effnet_jax.arch import Architecture
+
+if TYPE_CHECKING:
+    from effnet_jax.scaling import ScalingSpec
+
+FIGURES = ("width", "depth", "resolution", "blocks", "params", "macs")  # what figures() reports, in order
 
 
 def _out(size: int, stride: int) -> int:
@@ -51,3 +58,14 @@ def count_macs(arch: Architecture, resolution: int, num_classes: int = 1000) -> 
     macs += size * size * last * arch.head_channels
     macs += arch.head_channels * num_classes
     return macs
+
+
+def figures(spec: ScalingSpec, arch: Architecture, num_classes: int) -> dict[str, Any]:
+    """A network's size and cost: the spec's width and depth multipliers and input resolution, the
+    rounded architecture's block count, its parameters and MACs (``FIGURES``, in that order).
+
+    The one place these are put together, so a search table, a scaling study, ``size_table`` and a
+    trainer's result.json report a network the same way.
+    """
+    return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
+            "params": count_params(arch, num_classes), "macs": count_macs(arch, spec.resolution, num_classes)}

@@ -43,7 +43,7 @@ class BatchNorm(nnx.BatchNorm):
     Flax writes the running statistics with ``self.mean[...] = ...``, whose
     full-replace check reads ``.sharding`` of a tracer; jax answers that with an
     error message that walks the whole jaxpr traced so far. Over 49 BatchNorms
-    that made tracing a B0 train step quadratic (about half of its ~10 s trace).
+    that made tracing a B0 train step quadratic (docs/benchmarks.md).
     ``set_value`` without an index skips the check.
     """
 

@@ -25,9 +25,9 @@ BN_EPSILON = 1e-3
 def _fan_out_init(scale: float, distribution: str, fan_out: Callable[[tuple[int, ...]], int]) -> nnx.Initializer:
     """Variance scaling over fan-out, sampled with numpy on the host.
 
-    Sampling with jax.random would compile one XLA program per parameter shape:
-    about 20 s on a 2-core CPU for each new architecture, which a grid search pays
-    per trial. numpy, seeded from the jax key, costs milliseconds. Under tracing
+    Sampling with jax.random would compile one XLA program per parameter shape, for
+    each new architecture, which a grid search pays per trial (docs/benchmarks.md);
+    numpy, seeded from the jax key, does not compile. Under tracing
     (``nnx.eval_shape``) it falls back to jax.random, which gives the same shapes.
     """
 

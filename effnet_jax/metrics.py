@@ -86,6 +86,19 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
 
 
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to a temporary name and rename it: a reader, or a kill mid-write, never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented strict JSON (NaN / inf as null), written atomically."""
+    atomic_write(path, dumps(obj, indent=2, default=str) + "\n")
+
+
 def append_jsonl(path: str, row: dict[str, Any]) -> None:
     """Append one row with a single write + fsync: a kill leaves at most a torn last line."""
     data = (dumps(row) + "\n").encode()

@@ -63,8 +63,8 @@ def _window(xp: jax.Array, i: int, j: int, stride: int, oh: int, ow: int) -> jax
 def _correlate(xp: jax.Array, weights: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
     """'VALID' depthwise correlation of padded ``xp`` with (k, k, C) weights: one fused loop.
 
-    Written in lax primitives: jnp's indexing and broadcasting operators cost ~0.3 ms of
-    tracing each, and a B0 train step has ~1,500 of them here (0.5 s of its trace).
+    Written in lax primitives: jnp's indexing and broadcasting operators are slow to trace,
+    and a B0 train step has many of them here (docs/benchmarks.md).
     """
     k, c = weights.shape[0], weights.shape[-1]
     taps = weights.astype(xp.dtype).reshape(k * k, c)
@@ -128,7 +128,7 @@ def _shift_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Arra
     """dw[i, j, c] = sum over n, y, x of xp[n, i + y*s, j + x*s, c] * g[n, y, x, c].
 
     All k*k taps in one variadic reduction: one streaming pass over x and g, one
-    kernel. (One reduction per tap was k*k kernels, 2.3x slower at 5x5; stacking
+    kernel. (One reduction per tap was k*k kernels, slower at 5x5; stacking
     the taps into a single array made XLA materialise k*k shifted copies of x.)
     """
     k = kernel.shape[0]
@@ -204,10 +204,9 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     0; y in x's dtype). The point is the backward: differentiated automatically, the
     normalisation's gradient took several reductions and elementwise passes over the
     activation; written out, dx = scale/std * (g - mean(g) - xhat * mean(g * xhat)) is two
-    per-channel sums and one elementwise pass (BatchNorm + SiLU gradient 1.4-3x faster on
-    XLA:CPU, measured: docs/benchmarks.md). The two sums stay two reductions: XLA:CPU runs
-    each as a fast library reduction, and one two-output ``lax.reduce`` measured 1.7-2x
-    slower. Gradients through the returned statistics are kept, so the function is exact
+    per-channel sums and one elementwise pass (faster on XLA:CPU: docs/benchmarks.md). The
+    two sums stay two reductions: XLA:CPU runs each as a fast library reduction, and one
+    two-output ``lax.reduce`` was slower. Gradients through the returned statistics are kept, so the function is exact
     to differentiate whichever outputs are used.
     """
     return _bn_forward(x, scale, bias, epsilon)[0]

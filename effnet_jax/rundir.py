@@ -27,6 +27,7 @@ import ml_collections
 from effnet_jax import metrics
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError, one_line
+from effnet_jax.metrics import write_json as write_json  # a run's JSON files: the one atomic, strict writer
 
 # Config fields that change how a run reports or saves itself, not what it computes: a workdir
 # may be resumed with other values (as experiments.runner's trial identity).
@@ -225,11 +226,3 @@ def locked(workdir: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write atomically (a reader never sees half a file) and strictly: NaN / inf as null."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(metrics.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from effnet_jax.cost import count_macs, count_params
+from effnet_jax.cost import figures
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.scaling import (
     OFFICIAL,
@@ -33,16 +33,7 @@ def describe(spec: str | ScalingSpec, num_classes: int = 1000) -> dict[str, Any]
     """Scaling coefficients, rounded depth/width and cost of one model."""
     spec = resolve(spec)
     arch = build_architecture(spec)
-    return {
-        "name": spec.name,
-        "width": spec.width,
-        "depth": spec.depth,
-        "resolution": spec.resolution,
-        "blocks": len(arch.blocks),
-        "head_channels": arch.head_channels,
-        "params": count_params(arch, num_classes),
-        "macs": count_macs(arch, spec.resolution, num_classes),
-    }
+    return {"name": spec.name, **figures(spec, arch, num_classes), "head_channels": arch.head_channels}
 
 
 def formula_rows(constants: dict[str, float], phis: Sequence[float], base_resolution: int,

@@ -1,8 +1,8 @@
 """Which source a config's ``data`` section names: the one place that dispatches on ``data.name``.
 
-Sources build on ``input_pipeline`` (the protocol, array sources, digits); ``idx_source`` and
-``tfds_source`` are imported here only when a config names them (TensorFlow only for tfds and
-image folders), so no source module imports this one back.
+Sources build on ``input_pipeline`` (the protocol, array sources, digits); ``idx_source`` (numpy
+only) says which names are its own, and ``tfds_source`` is imported only when a config names
+a tfds dataset or an image folder (TensorFlow only then). No source module imports this one back.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def create_source(data: Any, resolution: int, global_batch: int, seed: int,
         raise UserError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     if data.name in input_pipeline.EMBEDDED:
         return input_pipeline.digits_source(data, resolution, global_batch, seed, process_index, process_count)
-    if data.name == "fashion_mnist" or data.name.startswith("idx:"):  # MNIST-format files, numpy only
-        from effnet_jax import idx_source
+    from effnet_jax import idx_source  # MNIST-format files, numpy only
 
+    if idx_source.is_idx_name(data.name):
         return idx_source.idx_source(data, resolution, global_batch, seed, process_index, process_count)
     try:
         from effnet_jax import tfds_source  # imports TensorFlow: only on this path

@@ -1,7 +1,9 @@
 """TFDS datasets and image folders as a :class:`effnet_jax.input_pipeline.Source`.
 
-The only module that imports TensorFlow; ``sources.create_source`` imports it
-lazily, so training on the embedded digits never pays for (or needs) TensorFlow.
+With ``tf_preprocess`` (the crops, resizing and RandAugment it applies), the only module that
+imports TensorFlow; ``sources.create_source`` imports it lazily, so training on the embedded
+digits never pays for (or needs) TensorFlow. This module opens and checks datasets and turns
+them into batches.
 
 * ``data.name``: any TFDS image-classification dataset (``cifar10``, ``imagenette``,
   ``imagenet2012`` ...; a version as ``name:1.2.3``), read from ``data.data_dir``
@@ -20,17 +22,14 @@ lazily, so training on the embedded digits never pays for (or needs) TensorFlow.
   (seed, process, e, i), so the stream is a pure function of the seed. Resuming at step
   s starts at epoch s * local_batch // n and skips the remainder of that epoch: at most
   one epoch of *encoded* records is read again (images are decoded after the skip).
-* Preprocessing (the official EfficientNet recipe): train = inception crop (area
-  0.08-1, aspect 3/4-4/3, centre crop when no box is found) + horizontal flip (+
-  optional RandAugment) + bicubic resize; eval = centre crop of resolution /
-  (resolution + 32) of the shorter side + bicubic resize; both then normalised with
-  ``data.mean_rgb`` / ``data.std_rgb`` (0..1 scale, ImageNet's by default). Grey images
-  are repeated to RGB, alpha is dropped.
+* Preprocessing: the official EfficientNet recipe (``tf_preprocess``) plus a horizontal
+  flip in training, then normalised with ``data.mean_rgb`` / ``data.std_rgb`` (0..1 scale,
+  ImageNet's by default). Grey images are repeated to RGB, alpha is dropped.
 * Image folders are checked before training, so that a mistake fails in seconds with the
   file's name instead of as a TensorFlow error deep into a run: fewer than two classes is
   refused; every image of the splits in use is opened with PIL (PNG: chunk structure and
-  checksums; JPEG: a 1/8-scale decode, which reads the whole stream; measured on 2 cores,
-  3000 small PNGs take 0.2 s and 3000 500x375 JPEGs 5 s). An unreadable image is *refused*,
+  checksums; JPEG: a 1/8-scale decode, which reads the whole stream; seconds for thousands of
+  images, docs/benchmarks.md). An unreadable image is *refused*,
   naming it, rather than skipped: a silently smaller dataset would make runs incomparable.
   A training class with fewer than ``MIN_CLASS_IMAGES`` images gets a one-line ``warning:``.
 * TensorFlow's own logging (C++ banners, oneDNN notice, Python warnings) is silenced before
@@ -60,6 +59,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+from effnet_jax import tf_preprocess  # noqa: E402
 from effnet_jax.errors import UserError  # noqa: E402
 from effnet_jax.input_pipeline import Batch  # noqa: E402
 
@@ -86,7 +86,6 @@ FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what tfds.folder_dataset.
 MIN_CLASS_IMAGES = 5  # fewer training images in a class: warn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_PADDING = 32
 AUTOTUNE = tf.data.AUTOTUNE
 # Our pipeline functions use tf.cond / tf.where, never Python control flow on tensors: skipping
 # autograph's source-to-source conversion makes building a pipeline several times faster.
@@ -179,14 +178,14 @@ class TfdsSource:
         if not self.augment:
             return {"image": self._normalize(self._eval_image(image)), "label": label}
         crop_key, flip_key, ra_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-        image = _resize(_inception_crop(image, crop_key, self.resolution), self.resolution)
+        image = tf_preprocess.resize(tf_preprocess.inception_crop(image, crop_key, self.resolution), self.resolution)
         image = tf.image.stateless_random_flip_left_right(image, flip_key)
         if self.randaugment_layers > 0:
-            image = randaugment(image, ra_key, self.randaugment_layers, self.randaugment_magnitude)
+            image = tf_preprocess.randaugment(image, ra_key, self.randaugment_layers, self.randaugment_magnitude)
         return {"image": self._normalize(image), "label": label}
 
     def _eval_image(self, image: tf.Tensor) -> tf.Tensor:
-        return _resize(_center_crop(image, self.resolution), self.resolution)
+        return tf_preprocess.resize(tf_preprocess.center_crop(image, self.resolution), self.resolution)
 
     def _normalize(self, image: tf.Tensor) -> tf.Tensor:
         mean = tf.constant(self.mean_rgb, tf.float32) * 255.0
@@ -265,7 +264,7 @@ def _open_tfds(data: Any, process_index: int, process_count: int) -> tuple:
 
     image_feature = builder.info.features[image_key]
     return (name, builder.info.features[label_key].num_classes, part(train_split), part(eval_split),
-            lambda encoded: _to_rgb(image_feature.decode_example(encoded)))
+            lambda encoded: tf_preprocess.to_rgb(image_feature.decode_example(encoded)))
 
 
 def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
@@ -312,7 +311,7 @@ def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
         return _Split(records, len(range(process_index, n, process_count)), n)
 
     return (data.name, num_classes, part(train_split), part(eval_split),
-            lambda encoded: _to_rgb(tf.io.decode_image(encoded, channels=3, expand_animations=False)))
+            lambda encoded: tf_preprocess.to_rgb(tf.io.decode_image(encoded, channels=3, expand_animations=False)))
 
 
 def list_folder(root: str) -> dict[str, dict[str, list[str]]]:
@@ -412,160 +411,3 @@ def _keys(info: Any) -> tuple[str, str]:
             and label_key in features and isinstance(features[label_key], tfds.features.ClassLabel)):
         raise UserError(f"{info.name} is not an image classification dataset (features: {', '.join(features)})")
     return image_key, label_key
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def _to_rgb(image: tf.Tensor) -> tf.Tensor:
-    """uint8 (H, W, C) with C in 1..4 -> (H, W, 3): grey repeated, alpha dropped."""
-    image = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
-    """Bicubic resize to a float32 (resolution, resolution, 3) image in [0, 255]."""
-    out = tf.image.resize(tf.cast(image, tf.float32), [resolution, resolution], method="bicubic")
-    out = tf.clip_by_value(out, 0.0, 255.0)
-    out.set_shape([resolution, resolution, 3])
-    return out
-
-
-def _center_crop(image: tf.Tensor, resolution: int) -> tf.Tensor:
-    """The official eval crop: resolution / (resolution + 32) of the shorter side, centred."""
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-    size = tf.cast(resolution / (resolution + CROP_PADDING) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-    size = tf.maximum(size, 1)
-    return tf.image.crop_to_bounding_box(image, (h - size + 1) // 2, (w - size + 1) // 2, size, size)
-
-
-def _inception_crop(image: tf.Tensor, key: tf.Tensor, resolution: int) -> tf.Tensor:
-    """Random area 8-100 %, aspect 3/4-4/3; the centre crop when no box fits in 10 tries (as the official code)."""
-    shape = tf.shape(image)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key, min_object_covered=0.1,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
-    failed = tf.reduce_all(tf.equal(size[:2], shape[:2]))
-    return tf.cond(failed, lambda: _center_crop(image, resolution), lambda: tf.slice(image, begin, size))
-
-
-# --------------------------------------------------------------------------- RandAugment
-# A compact RandAugment (Cubuk et al. 2019) on float images in [0, 255]: each of `layers`
-# rounds applies one op drawn uniformly from 14, at `magnitude` (0..10, 10 = strongest),
-# geometric ops with a random sign, empty pixels filled with grey 128 as the official code.
-
-
-def _blend(a: tf.Tensor, b: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    return tf.clip_by_value(a + factor * (b - a), 0.0, 255.0)
-
-
-def _grey(image: tf.Tensor) -> tf.Tensor:
-    return tf.image.rgb_to_grayscale(image) * tf.ones([1, 1, 3])
-
-
-def _affine(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
-    """Warp with a 3x3 output->input matrix in pixel coordinates (bilinear, grey fill)."""
-    flat = tf.reshape(matrix, [9])[:8] / matrix[2, 2]
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=flat[None], output_shape=tf.shape(image)[:2], fill_value=128.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")
-    return out[0]
-
-
-def _about_center(image: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
-    """Conjugate a linear map so it acts about the image centre."""
-    shape = tf.cast(tf.shape(image), tf.float32)
-    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
-    to = tf.convert_to_tensor([[1.0, 0.0, cx], [0.0, 1.0, cy], [0.0, 0.0, 1.0]])
-    back = tf.convert_to_tensor([[1.0, 0.0, -cx], [0.0, 1.0, -cy], [0.0, 0.0, 1.0]])
-    return _affine(image, to @ m @ back)
-
-
-def _equalize(image: tf.Tensor) -> tf.Tensor:
-    """PIL's ImageOps.equalize, per channel."""
-
-    def channel(c: tf.Tensor) -> tf.Tensor:
-        c = tf.cast(c, tf.int32)
-        hist = tf.math.bincount(c, minlength=256, maxlength=256)
-        last = tf.gather(hist, tf.reduce_max(tf.where(hist > 0)))
-        step = (tf.reduce_sum(hist) - last) // 255
-        lut = (tf.cumsum(hist) + step // 2) // tf.maximum(step, 1)
-        lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-        return tf.cast(tf.where(step == 0, c, tf.gather(lut, c)), tf.float32)
-
-    return tf.stack([channel(image[..., i]) for i in range(3)], -1)
-
-
-def _autocontrast(image: tf.Tensor) -> tf.Tensor:
-    lo = tf.reduce_min(image, [0, 1], keepdims=True)
-    hi = tf.reduce_max(image, [0, 1], keepdims=True)
-    scaled = (image - lo) * 255.0 / tf.maximum(hi - lo, 1e-3)
-    return tf.where(hi > lo, scaled, image)
-
-
-def _sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "SAME")[0]
-    return _blend(smooth, image, factor)
-
-
-RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color", "posterize",
-                   "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
-
-
-def randaugment(image: tf.Tensor, key: tf.Tensor, layers: int, magnitude: float) -> tf.Tensor:
-    """Apply ``layers`` ops drawn from RANDAUGMENT_OPS, deterministic in ``key``."""
-    level = tf.constant(min(max(float(magnitude), 0.0), 10.0) / 10.0)
-    for k in tf.unstack(tf.random.experimental.stateless_split(key, layers)):
-        out = _randaugment_layer(image, tf.cast(k, tf.int64), level)
-        out.set_shape(image.shape)
-        image = out
-    return image
-
-
-@tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32), tf.TensorSpec([2], tf.int64),
-                              tf.TensorSpec([], tf.float32)], autograph=False)
-def _randaugment_layer(image: tf.Tensor, key: tf.Tensor, level: tf.Tensor) -> tf.Tensor:
-    """One layer; a tf.function so its 14 branches are traced once per process, not per pipeline."""
-    op_key, sign_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    op = tf.random.stateless_uniform([], op_key, 0, len(RANDAUGMENT_OPS), tf.int32)
-    sign = tf.where(tf.random.stateless_uniform([], sign_key) < 0.5, -1.0, 1.0)
-    return randaugment_op(image, op, level, sign)
-
-
-def randaugment_op(image: tf.Tensor, op: tf.Tensor | int, level: tf.Tensor | float,
-                   sign: tf.Tensor | float = 1.0) -> tf.Tensor:
-    """RANDAUGMENT_OPS[op] at ``level`` in [0, 1]; ``sign`` (+-1) flips the geometric / enhance direction."""
-    level = tf.convert_to_tensor(level, tf.float32)
-    factor = 1.0 + sign * 0.9 * level  # enhance ops: 0.1 .. 1.9
-    angle = sign * level * 30.0 * math.pi / 180.0
-    shear, shift = sign * 0.3 * level, sign * 0.45 * level * tf.cast(tf.shape(image)[0], tf.float32)
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    bits = tf.pow(2.0, tf.round(4.0 * level))  # posterize keeps 8 - round(4 * level) bits
-
-    def matrix(rows: list) -> tf.Tensor:
-        return tf.convert_to_tensor(rows[:2] + [[0.0, 0.0, 1.0]])
-
-    branches = [
-        lambda: image,
-        lambda: _autocontrast(image),
-        lambda: _equalize(image),
-        lambda: _about_center(image, matrix([[cos, -sin, 0.0], [sin, cos, 0.0]])),
-        lambda: tf.where(image < 256.0 * (1.0 - level), image, 255.0 - image),
-        lambda: _blend(_grey(image), image, factor),
-        lambda: tf.floor(image / bits) * bits,
-        lambda: _blend(tf.reduce_mean(_grey(image)) * tf.ones_like(image), image, factor),
-        lambda: _blend(tf.zeros_like(image), image, factor),
-        lambda: _sharpness(image, factor),
-        lambda: _affine(image, matrix([[1.0, shear, 0.0], [0.0, 1.0, 0.0]])),
-        lambda: _affine(image, matrix([[1.0, 0.0, 0.0], [shear, 1.0, 0.0]])),
-        lambda: _affine(image, matrix([[1.0, 0.0, shift], [0.0, 1.0, 0.0]])),
-        lambda: _affine(image, matrix([[1.0, 0.0, 0.0], [0.0, 1.0, shift]])),
-    ]
-    out = tf.switch_case(tf.convert_to_tensor(op, tf.int32), branches)
-    out.set_shape(image.shape)
-    return out

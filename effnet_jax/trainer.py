@@ -45,10 +45,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import input_pipeline, metrics, rundir, scaling, signals, sources
+from effnet_jax import cost, input_pipeline, metrics, rundir, scaling, signals, sources
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
-from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import Interrupted, UserError
 from effnet_jax.layers import KERNELS, Layers, head_init_fn
 from effnet_jax.metrics import MetricsWriter
@@ -224,9 +223,9 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
                          head_init=config.model.get("head_init", "paper"))
     if config.model.init_from:
-        from effnet_jax import pretrained
+        from effnet_jax import weight_files
 
-        pretrained.load_weights_into(model, os.path.expanduser(config.model.init_from))
+        weight_files.load_weights_into(model, os.path.expanduser(config.model.init_from))
     packing, params, stats = state_packing(layers.kernels).create(model)
     schedule = learning_rate_schedule(config.optimizer, config.batch_size, steps_per_epoch,
                                       schedule_steps(config, total_steps))
@@ -498,9 +497,8 @@ def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> 
     """What was trained, for result.json: the network's size and cost, the data, the hardware."""
     spec, source, arch = run.spec, run.source, program.arch
     return {
-        "model": spec.name, "network": config.model.network, "width": spec.width, "depth": spec.depth,
-        "resolution": spec.resolution, "blocks": len(arch.blocks), "params": count_params(arch, source.num_classes),
-        "macs": count_macs(arch, spec.resolution, source.num_classes), "dataset": source.name,
+        "model": spec.name, "network": config.model.network, **cost.figures(spec, arch, source.num_classes),
+        "dataset": source.name,
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": run.total_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
         "kernels": run.layers.kernels,
@@ -518,15 +516,15 @@ def _logged_loss(workdir: str, step: int) -> float:
 
 def _save_weights(packing: FlatPacking | TreePacking, state: TrainState, spec: scaling.ScalingSpec,
                   workdir: str) -> list[str]:
-    """The final (and EMA) weights as ``pretrained.save_weights`` files; returns their paths."""
-    from effnet_jax import pretrained
+    """The final (and EMA) weights as ``weight_files.save_weights`` files; returns their paths."""
+    from effnet_jax import weight_files
 
     paths = []
     for name, weights in (("weights", state.weights), ("ema_weights", state.ema)):
         if weights is not None:
             w = jax.device_get(weights)
             path = os.path.join(workdir, f"{name}.safetensors")
-            pretrained.save_weights(packing.merge(w.params, w.stats), path, spec)
+            weight_files.save_weights(packing.merge(w.params, w.stats), path, spec)
             paths.append(path)
     return paths
 

@@ -18,23 +18,25 @@ with short trials. Trials go through the one runner (``experiments.runner``), re
 
 from __future__ import annotations
 
-import datetime
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, rundir, trainer
+from effnet_jax import trainer
 from effnet_jax.errors import UserError, exit_on_user_error
-from experiments import grid_search, report, runner, stats
+from experiments import report, runner, stats, trials
+from experiments.constraints import candidates
+from experiments.strategies import check_search
+from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+    """Validate the fidelity section, then the search section it shares with the grid search."""
     f = config.fidelity
     budgets = list(f.budgets)
     if len(budgets) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets) \
@@ -43,27 +45,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         f"got {tuple(budgets)}")
     if f.mode not in ("continued", "independent"):
         raise UserError(f"fidelity.mode must be continued or independent, got {f.mode!r}")
-    seeds = list(f.seeds)
-    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
-        raise UserError(f"fidelity.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
-    config.search.strategy = "exhaustive"  # one rung per budget here; the grid search's own check does the rest
-    grid_search.check_search(config)
+    trials.check_seeds(f.seeds, "fidelity.seeds")
+    config.search.strategy = "exhaustive"  # one rung per budget here; the search's own check does the rest
+    check_search(config)
 
 
-def plans(config: ml_collections.ConfigDict, cands: Sequence[grid_search.Candidate], base_steps: int
+def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_steps: int
           ) -> list[runner.TrialPlan]:
+    """Every (budget, candidate, seed), short budgets first; in ``continued`` mode one directory per
+    (candidate, seed), so that each budget continues the checkpoint of the one before."""
     f = config.fidelity
     steps = [base_steps * b for b in f.budgets]
     out = []
-    for b, n in zip(f.budgets, steps):  # short budgets first: in continued mode each continues the one before
+    continued = f.mode == "continued"
+    for b, n in zip(f.budgets, steps):
         for c in cands:
             for seed in f.seeds:
-                continued = f.mode == "continued"
-                cfg = grid_search.trial_config(config.train, c, seed, config.search.phi, n,
-                                               steps[-1] if continued else 0)
+                cfg = trials.trial_config(config.train, c, config.search.phi, seed=seed, steps=n,
+                                          schedule_steps=steps[-1] if continued else 0)
                 key = f"{c.key}-s{seed}-n{n}" + ("" if continued else "-own")
-                attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
-                         "phi": cfg.model.phi, "seed": seed, "budget": b, "budget_steps": n}
+                attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "budget": b,
+                         "budget_steps": n}
                 out.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}" if continued else key,
                                             keep_checkpoint=continued and n != steps[-1]))
     return out
@@ -74,7 +76,7 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     scores: dict[int, dict[str, list[float]]] = {}
     for r in rows:
         if r["status"] == "ok" and r.get(metric) is not None:
-            name = grid_search._name(r)
+            name = trials.candidate_name(r)
             scores.setdefault(r["budget"], {}).setdefault(name, []).append(r[metric])
     means = {b: {k: sum(v) / len(v) for k, v in by.items()} for b, by in sorted(scores.items())}
     if not means:
@@ -88,51 +90,15 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
     return {"means": means, "agreement": agreement}
 
 
-def plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
-    from experiments.plots import _pyplot
-
-    means = analysis["means"]
-    if not means:
-        return None
-    plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    budgets = sorted(means)
-    for name in sorted({k for m in means.values() for k in m}):
-        pts = [(b, means[b][name]) for b in budgets if name in means[b]]
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name, linewidth=2 if "paper" in name else 1)
-    ax1.set_xscale("log")
-    ax1.set_xlabel("budget (x the trial budget)")
-    ax1.set_ylabel(metric)
-    ax1.set_title("score of each candidate against the budget")
-    ax1.legend(fontsize=6)
-    agree = analysis["agreement"]
-    if agree:
-        for k, marker, label in (("kendall_tau", "-o", "Kendall tau"), ("spearman_rho", "-s", "Spearman rho")):
-            pts = [(a["budget"], a[k]) for a in agree if a[k] is not None]
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
-        ax2.set_xscale("log")
-        ax2.axhline(0, color="gray", linewidth=0.8)
-    ax2.set_ylim(-1.05, 1.05)
-    ax2.set_xlabel("budget (x the trial budget)")
-    ax2.set_ylabel(f"rank agreement with budget {max(means)}x")
-    ax2.set_title("proxy fidelity")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, "fidelity.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
              study_name: str = "fidelity", log: Callable[[str], Any] = print, write: bool = True) -> dict[str, Any]:
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}. ``write``: the
     output files (a local worker leaves them to the process that reports)."""
     check_config(config)
-    base = grid_search.trial_config(config.train, grid_search.Candidate(1, 1, 1, "baseline"), 0)
+    base = trials.trial_config(config.train, BASELINE, seed=0, schedule_steps=0)
     prepared = trainer.prepare(base)  # validates the train config; writes nothing
-    cands = grid_search.candidates(config.search, config.train, prepared.source.num_classes)
-    base_steps = grid_search.rung_steps(config, prepared.steps_per_epoch)[0]
+    cands = candidates(config.search, config.train, prepared.source.num_classes)
+    base_steps = trials.budget_steps(config.train, prepared.steps_per_epoch)
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir)
     rows = list(runner.run(study, plans(config, cands, base_steps), workdir, trainer.train_and_evaluate,
@@ -147,7 +113,9 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
         "metric": config.search.metric, "mode": config.fidelity.mode, "base_steps": base_steps,
         "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
         "config": config.to_dict(), "created": report.now()})
-    plot(out, config.search.metric, workdir)
+    from experiments import plots
+
+    plots.fidelity_plot(out, config.search.metric, workdir)
     return out
 
 
@@ -163,22 +131,13 @@ def format_agreement(out: dict[str, Any]) -> str:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
-                                        lambda fv: runner.define_flags(fv, "fidelity"))
-    cli.enable_compile_cache(config.train.compile_cache_dir)
-    workdir = fv.workdir or os.path.join("runs", "fidelity-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_config(config)
-    rundir.check_workdir(workdir)
-    if not fv.worker:
-        print(f"workdir: {workdir}", flush=True)
-    t0 = time.time()
-    argv_list = list(sys.argv if argv is None else argv)
-    out = runner.serve(fv, argv_list, "experiments.fidelity", workdir, runner.identity(config.train),
-                       lambda log, write: fidelity(config, workdir, fv.storage, fv.study_name, log, write))
+    run = runner.begin(argv, "experiments.fidelity", DEFAULT_CONFIG, check_config)
+    fv, t0 = run.flags, time.time()
+    out = run.serve(lambda log, write: fidelity(run.config, run.workdir, fv.storage, fv.study_name, log, write))
     if fv.worker:
         return out
     print(format_agreement(out))
-    print(f"fidelity study took {time.time() - t0:.0f} s; results in {workdir}")
+    print(f"fidelity study took {time.time() - t0:.0f} s; results in {run.workdir}")
     return out
 
 

@@ -31,12 +31,9 @@ Outputs in --workdir: study.journal (the study), results.csv (one row per trial)
 accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study file.
 """
 
+
 from __future__ import annotations
 
-import copy
-import dataclasses
-import datetime
-import math
 import os
 import sys
 import time
@@ -45,200 +42,27 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, rundir, scaling, trainer
-from effnet_jax.arch import Architecture
-from effnet_jax.configs import to_steps
+from effnet_jax import cost, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.scaling import PAPER_CONSTANTS
-from experiments import report, runner, stats
+from experiments import report, runner, stats, trials
+from experiments.constraints import candidates, constraint_for
+from experiments.strategies import check_search, proposer_for, schedule_for
+from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
-METRICS = ("val_top1", "ema_val_top1", "val_top5", "ema_val_top5")
 CSV_FIELDS = ("trial_id", "trial_number", "state", "label", "alpha", "beta", "gamma", "product", "phi", "seed",
               "rung", *runner.RESULT_FIELDS)
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    alpha: float
-    beta: float
-    gamma: float
-    label: str = ""  # "paper", "baseline" or ""
-
-    @property
-    def product(self) -> float:
-        return self.alpha * self.beta**2 * self.gamma**2
-
-    @property
-    def key(self) -> str:
-        return f"a{self.alpha:.3f}-b{self.beta:.3f}-g{self.gamma:.3f}" + ("-phi0" if self.label == "baseline" else "")
-
-
-def grid_values(bounds: Sequence[float], step: float) -> list[float]:
-    """Inclusive grid lo, lo + step, ..., hi (rounded to kill float drift)."""
-    lo, hi = float(bounds[0]), float(bounds[1])
-    if lo < 1 or hi < lo or step <= 0:
-        raise UserError(f"a range must satisfy 1 <= lo <= hi with step > 0, got ({lo}, {hi}) step {step}")
-    n = int(math.floor((hi - lo) / step + 1e-9))
-    return [round(lo + i * step, 6) for i in range(n + 1)]
-
-
-def candidates(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
-               num_classes: int | None = None) -> list[Candidate]:
-    """Grid points meeting the constraint, then the labelled references.
-
-    ``search.constraint = "formula"`` (the paper's rule): |alpha*beta^2*gamma^2 - target| <= tolerance.
-    ``"macs"``: the rounded network's real MACs over unscaled B0's within ``macs_tolerance`` (relative) of
-    target**phi; this needs the trial config and class count (the classifier is part of the cost), and grid
-    points that round to the same network are one candidate, the one whose product is closest to target.
-    """
-    points = [Candidate(a, b, g) for a in grid_values(search.alpha, search.step)
-              for b in grid_values(search.beta, search.step) for g in grid_values(search.gamma, search.step)]
-    if not points:
-        raise UserError("the search ranges hold no grid point")
-    if search.constraint == "macs":
-        if train_config is None or num_classes is None:
-            raise ValueError("search.constraint = 'macs' needs the trial config and the class count")
-        kept = _within_real_macs(points, search, train_config, num_classes)
-    else:
-        kept = [c for c in points if abs(c.product - search.target) <= search.tolerance]
-    if not kept:
-        near = min(points, key=lambda c: abs(c.product - search.target))
-        raise UserError(
-            f"no candidate satisfies |alpha*beta^2*gamma^2 - {search.target}| <= {search.tolerance}; the closest "
-            f"is alpha={near.alpha}, beta={near.beta}, gamma={near.gamma} (product {near.product:.4f}): "
-            "widen the ranges or the tolerance")
-    if search.include_paper:
-        paper = Candidate(**PAPER_CONSTANTS, label="paper")
-        if search.constraint == "macs":  # the paper's point stands for the grid point of its rounded network
-            same = _network(train_config, paper, search.phi)
-            kept = [c for c in kept if _network(train_config, c, search.phi) != same]
-        kept = [c for c in kept if c.key != paper.key] + [paper]
-    if search.include_baseline:
-        kept.append(Candidate(1.0, 1.0, 1.0, label="baseline"))
-    return kept
-
-
-def _within_real_macs(points: Sequence[Candidate], search: ml_collections.ConfigDict,
-                      train_config: ml_collections.ConfigDict, num_classes: int) -> list[Candidate]:
-    """The grid points whose rounded networks cost target**phi times unscaled B0's MACs, one per network."""
-    base = _macs(train_config, Candidate(1.0, 1.0, 1.0, "baseline"), num_classes)
-    goal = search.target**search.phi
-    networks: dict[tuple[Architecture, int], list[Candidate]] = {}
-    closest: tuple[float, Candidate] | None = None
-    for c in points:
-        arch, resolution = network = _network(train_config, c, search.phi)
-        ratio = cost.count_macs(arch, resolution, num_classes) / base
-        if closest is None or abs(ratio - goal) < abs(closest[0] - goal):
-            closest = (ratio, c)
-        if abs(ratio / goal - 1) <= search.macs_tolerance + 1e-9:
-            networks.setdefault(network, []).append(c)
-    if not networks:
-        ratio, c = closest
-        raise UserError(
-            f"no grid point's rounded network costs {goal:g}x the baseline's MACs within {search.macs_tolerance:.0%}; "
-            f"the closest is alpha={c.alpha}, beta={c.beta}, gamma={c.gamma} at {ratio:.2f}x: widen the ranges or "
-            "search.macs_tolerance, or change train.model.base_resolution")
-    return [min(group, key=lambda c: abs(c.product - search.target)) for group in networks.values()]
-
-
-def satisfies(entry: dict[str, Any], search: ml_collections.ConfigDict) -> bool:
-    """Whether a summary entry may win: not the baseline, and on the constraint (formula, or real MACs)."""
-    if entry["label"] == "baseline":
-        return False
-    if search.constraint == "macs":
-        ratio = entry.get("macs_ratio")
-        return ratio is not None and abs(ratio / search.target**search.phi - 1) <= search.macs_tolerance + 1e-9
-    return abs(entry["product"] - search.target) <= search.tolerance + 1e-9
-
-
-def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, seed: int, phi: float = 1.0,
-                 steps: int = 0, schedule_steps: int = 0) -> ml_collections.ConfigDict:
-    """The trainer config of one trial: B0 scaled by the candidate at ``phi``, this seed, ``steps`` steps.
-
-    ``steps`` = 0 keeps the train config's own budget; ``schedule_steps`` > 0 stretches the
-    learning-rate schedule over that many steps, so that a longer run continues a shorter one.
-    """
-    cfg = copy.deepcopy(train_config)
-    cfg.unlock()
-    m = cfg.model
-    m.name, m.constants = "formula", ""
-    m.alpha, m.beta, m.gamma = c.alpha, c.beta, c.gamma
-    m.phi = 0.0 if c.label == "baseline" else float(phi)
-    cfg.seed = int(seed)
-    if steps:
-        cfg.num_train_steps = int(steps)
-    cfg.schedule_steps = int(schedule_steps)
-    return cfg
-
-
-def trial_network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0
-                ) -> tuple[scaling.ScalingSpec, Architecture]:
-    """The spec and rounded architecture a trial of ``c`` trains (the trainer's own config path)."""
-    cfg = trial_config(train_config, c, 0, phi)
-    spec = scaling.model_spec(cfg.model)
-    return spec, scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
-
-
-def _network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0) -> tuple[Architecture, int]:
-    """What a trial of ``c`` really trains: the rounded architecture and the input resolution."""
-    spec, arch = trial_network(train_config, c, phi)
-    return arch, spec.resolution
-
-
-def _macs(train_config: ml_collections.ConfigDict, c: Candidate, num_classes: int, phi: float = 1.0) -> int:
-    return cost.count_macs(*_network(train_config, c, phi), num_classes)
-
-
 # ---------------------------------------------------------------------- the plan
 
-def check_search(config: ml_collections.ConfigDict) -> None:
-    """Validate the whole search section before the first trial (before the data is opened)."""
-    s = config.search
-    if s.strategy not in ("exhaustive", "halving"):
-        raise UserError(f"search.strategy must be exhaustive or halving, got {s.strategy!r}")
-    if s.metric not in METRICS:
-        raise UserError(f"search.metric must be one of {', '.join(METRICS)}, got {s.metric!r}")
-    if s.strategy == "halving":
-        if isinstance(s.halving_eta, bool) or not isinstance(s.halving_eta, int) or s.halving_eta < 2:
-            raise UserError(f"search.halving_eta must be an integer >= 2, got {s.halving_eta!r}")
-        if isinstance(s.halving_rungs, bool) or not isinstance(s.halving_rungs, int) or s.halving_rungs < 1:
-            raise UserError(f"search.halving_rungs must be an integer >= 1, got {s.halving_rungs!r}")
-    for name in ("seeds", "final_seeds"):
-        seeds = list(s[name])
-        if any(isinstance(x, bool) or not isinstance(x, int) for x in seeds) or len(set(seeds)) != len(seeds):
-            raise UserError(f"search.{name} must be distinct integers, got {tuple(seeds)}")
-    if not list(s.seeds):
-        raise UserError("search.seeds is empty")
-    if s.sampler not in ("grid", "tpe"):
-        raise UserError(f"search.sampler must be grid or tpe, got {s.sampler!r}")
-    if s.sampler == "tpe" and (isinstance(s.n_trials, bool) or not isinstance(s.n_trials, int) or s.n_trials < 1):
-        raise UserError(f"search.n_trials must be a positive integer with search.sampler=tpe, got {s.n_trials!r}")
-    if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
-        raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
-    if s.constraint not in ("formula", "macs"):
-        raise UserError(f"search.constraint must be formula or macs, got {s.constraint!r}")
-    if s.constraint == "macs":
-        if not (isinstance(s.macs_tolerance, float) and 0 < s.macs_tolerance < 1):
-            raise UserError(f"search.macs_tolerance must be in (0, 1) (relative), got {s.macs_tolerance!r}")
-        if s.sampler == "tpe":
-            raise UserError("search.constraint=macs works with search.sampler=grid (TPE proposes points on the "
-                            "formula's surface)")
-    if config.train.model.resolution > 0:
-        raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")
-    if s.constraint == "formula":
-        candidates(s)  # an empty grid fails here; real MACs need the class count, known once the data is open
-
-
 def rung_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
-    """Training steps of each rung: the train config's budget, times eta per rung when halving."""
-    t, s = config.train, config.search
-    base = max(1, to_steps(t.num_train_steps, t.num_epochs, steps_per_epoch))
-    rungs = s.halving_rungs if s.strategy == "halving" else 1
-    return [base * s.halving_eta**r for r in range(rungs)]
+    """Training steps of each rung: the trial budget, then as the schedule (``search.strategy``) grows it."""
+    return schedule_for(config.search).rung_steps(trials.budget_steps(config.train, steps_per_epoch))
 
 
 def rung_seeds(config: ml_collections.ConfigDict, rung: int, rungs: int) -> list[int]:
+    """``search.final_seeds`` at the top rung (when given), ``search.seeds`` below it."""
     s = config.search
     last = rung == rungs - 1
     return [int(x) for x in (s.final_seeds if last and list(s.final_seeds) else s.seeds)]
@@ -248,14 +72,16 @@ def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], run
               num_classes: int) -> list[runner.TrialPlan]:
     """The trials of one rung, longest first.
 
-    Estimated cost, from measured CPU trials: a trial compiles its network (about half of a
-    phi = 1 trial at the old budgets) unless another trial of the same rounded network came
-    before it (the persistent compilation cache), then trains for a time that grows with
-    MACs. Claimed in this order by every worker, the longest trials start first and the cheap
-    repeats fill the gaps at the end (greedy list scheduling).
+    A trial compiles its network unless another trial of the same rounded network came before
+    it (the persistent compilation cache), then trains for a time that grows with MACs; the
+    estimate below counts a compile as one unit and the largest network's training at rung 0 as
+    another. Claimed in this order by every worker, the longest trials start first and the
+    cheap repeats fill the gaps at the end (greedy list scheduling).
     """
+    if not cands:  # a proposer that samples every point may plan no reference
+        return []
     plans, cost_of, seen = [], {}, set()
-    shapes = {c: trial_network(config.train, c) for c in cands}
+    shapes = {c: trials.network(config.train, c) for c in cands}
     macs = {c: cost.count_macs(a, sp.resolution, num_classes) for c, (sp, a) in shapes.items()}
     top = max(macs.values())
     for c in cands:
@@ -274,36 +100,12 @@ def trial_plan(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung:
     """One trial of ``c``: rung ``rung``'s budget, the schedule spanning the top rung, one directory per
     (candidate, seed) so that a promoted run continues its shorter run's checkpoint."""
     rungs = len(steps)
-    cfg = trial_config(config.train, c, seed, config.search.phi, steps[rung], steps[-1] if rungs > 1 else 0)
-    attrs = {"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product,
-             "phi": cfg.model.phi, "seed": seed, "rung": rung, "budget_steps": steps[rung]}
+    cfg = trials.trial_config(config.train, c, config.search.phi, seed=seed, steps=steps[rung],
+                              schedule_steps=steps[-1] if rungs > 1 else 0)
+    attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "rung": rung,
+             "budget_steps": steps[rung]}
     return runner.TrialPlan(f"{c.key}-s{seed}-n{steps[rung]}", cfg, attrs, directory=f"{c.key}-s{seed}",
                             keep_checkpoint=rung < rungs - 1)
-
-
-def proposer(config: ml_collections.ConfigDict, steps: Sequence[int]) -> Callable[[Any], runner.TrialPlan | None]:
-    """For ``search.sampler = "tpe"``: a point on the constraint surface from an Optuna trial.
-
-    The sampler chooses alpha and u in [0, 1]; beta is u of the way through the betas that
-    keep gamma = sqrt(target / (alpha * beta^2)) inside the gamma range, so every proposal
-    satisfies alpha * beta^2 * gamma^2 = target exactly (rounded to 3 decimals) and none is
-    wasted off the surface. An alpha with no feasible beta is pruned untrained.
-    """
-    s = config.search
-    rungs = len(steps)
-
-    def propose(trial: Any) -> runner.TrialPlan | None:
-        a = trial.suggest_float("alpha", float(s.alpha[0]), float(s.alpha[1]))
-        u = trial.suggest_float("u", 0.0, 1.0)
-        lo = max(float(s.beta[0]), math.sqrt(s.target / (a * float(s.gamma[1]) ** 2)))
-        hi = min(float(s.beta[1]), math.sqrt(s.target / (a * float(s.gamma[0]) ** 2)))
-        if lo > hi:
-            return None
-        b = lo + u * (hi - lo)
-        c = Candidate(round(a, 3), round(b, 3), round(math.sqrt(s.target / (a * b * b)), 3))
-        return trial_plan(config, c, rung_seeds(config, 0, rungs)[0], 0, steps)
-
-    return propose
 
 
 # ---------------------------------------------------------------------- summary
@@ -327,7 +129,7 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str, base_macs: int | None
             "product": first["product"], "rung": top, "seeds": len(group), "ok": len(ok),
             "status": "ok" if ok else group[0]["status"], "values": values,
             "mean": ci.get("mean"), "std": ci.get("std"), "half": ci.get("half"),
-            **{k: first.get(k) for k in ("resolution", "width", "depth", "blocks", "params", "macs")},
+            **{k: first.get(k) for k in cost.FIGURES},
             "macs_ratio": (first["macs"] / base_macs) if base_macs and first.get("macs") else None,
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
             "train_img_per_s": first.get("train_img_per_s"),
@@ -335,19 +137,11 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str, base_macs: int | None
     return sorted(out, key=lambda s: (-s["rung"], s["mean"] is None, -(s["mean"] or 0.0), s["macs"] or 0))
 
 
-def survivors(summary: Sequence[dict[str, Any]], cands: Sequence[Candidate], rung: int, eta: int
-              ) -> list[Candidate]:
-    """Successive halving: the best 1/eta (at least one) of rung ``rung``'s grid points, plus the references."""
-    ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
-    keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: max(1, len(ranked) // eta)]}
-    return [c for c in cands if c.label or (c.alpha, c.beta, c.gamma) in keep]
-
-
 def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """The best constraint-satisfying candidate of the highest rung; ties go to fewer MACs."""
+    constraint = constraint_for(search)
     top = max((s["rung"] for s in summary), default=0)
-    eligible = [s for s in summary if s["mean"] is not None and s["rung"] == top
-                and satisfies(s, search)]
+    eligible = [s for s in summary if s["mean"] is not None and s["rung"] == top and constraint.satisfies(s)]
     if not eligible:
         return None
     return max(eligible, key=lambda s: (s["mean"], -(s["macs"] or 0)))
@@ -356,25 +150,20 @@ def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDi
 def judge(summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, search: ml_collections.ConfigDict
           ) -> dict[str, Any]:
     """Verdicts at the top rung: each candidate against the winner (Welch's t-test over seeds)."""
+    constraint = constraint_for(search)
     top = max((s["rung"] for s in summary), default=0)
     pool = [s for s in summary if s["rung"] == top and s["mean"] is not None
-            and (s is best or s["label"] == "paper"
-                 or satisfies(s, search))]
+            and (s is best or s["label"] == "paper" or constraint.satisfies(s))]
     if best is None or not pool:
         return {"verdicts": {}, "sentence": "no constraint-satisfying candidate finished: nothing to judge"}
-    name = {id(s): _name(s) for s in pool}
+    name = {id(s): trials.candidate_name(s) for s in pool}
     ranked = [best] + [s for s in pool if s is not best]
-    out = stats.verdicts([{"key": name[id(s)], "values": s["values"]} for s in ranked], alpha=search.alpha_level,
-                         reference=next((name[id(s)] for s in pool if s["label"] == "paper"), None))
-    return out
-
-
-def _name(s: dict[str, Any]) -> str:
-    tag = {"paper": " (paper)", "baseline": " (baseline)"}.get(s["label"], "")
-    return f"({s['alpha']:g}, {s['beta']:g}, {s['gamma']:g}){tag}"
+    return stats.verdicts([{"key": name[id(s)], "values": s["values"]} for s in ranked], alpha=search.alpha_level,
+                          reference=next((name[id(s)] for s in pool if s["label"] == "paper"), None))
 
 
 def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[str, str] | None = None) -> str:
+    """The search's table: one row per candidate, best first, with its interval and verdict."""
     verdicts = verdicts or {}
     columns: list[report.Column] = [
         ("", 1, lambda s: {"paper": "P", "baseline": "B"}.get(s["label"], "")),
@@ -385,25 +174,11 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[
         ("xMACs", 5, lambda s: "-" if s.get("macs_ratio") is None else f"{s['macs_ratio']:.2f}"),
         (f"{metric} ±95%", 16, report.score_text), ("seeds", 5, lambda s: f"{s['ok']}/{s['seeds']}"),
         ("rung", 4, lambda s: str(s["rung"])), ("time s", 7, lambda s: f"{s['wall_time_s']:.1f}"),
-        ("verdict", 14, lambda s: verdicts.get(_name(s), s["status"] if s["status"] != "ok" else "")),
+        ("verdict", 14, lambda s: verdicts.get(trials.candidate_name(s), s["status"] if s["status"] != "ok" else "")),
     ]
     return report.format_table(summary, columns, [
         "P = the paper's constants, B = unscaled B0 (phi = 0); xMACs = MACs / unscaled B0's; "
         "±95%: t interval over seeds with the validation sample's binomial error"])
-
-
-def macs_warnings(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict) -> list[str]:
-    """One line when rounding makes the real networks' MACs disagree with the formula's alpha*beta^2*gamma^2."""
-    if search.constraint == "macs":  # the constraint is on the real MACs already
-        return []
-    off = [s for s in summary if s["label"] != "baseline" and s.get("macs_ratio") is not None
-           and abs(s["macs_ratio"] - s["product"]) > max(search.tolerance, 0.1 * s["product"])]
-    if not off:
-        return []
-    ratios = [s["macs_ratio"] for s in off]
-    return [f"{len(off)} candidates' rounded networks cost {min(ratios):.2f}-{max(ratios):.2f}x the baseline's MACs "
-            f"where alpha*beta^2*gamma^2 says ~{search.target:g}x (column xMACs): at this base resolution the "
-            "constraint does not hold in real cost (search.constraint=macs constrains the real networks)"]
 
 
 def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -439,7 +214,7 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
             "alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"], "product": best["product"],
             metric: best["mean"], f"{metric}_std": best["std"], f"{metric}_ci95_half": best["half"],
             f"{metric}_values": best["values"], "seeds": best["ok"], "rung": best["rung"],
-            **{k: best[k] for k in ("resolution", "width", "depth", "blocks", "params", "macs", "macs_ratio")},
+            **{k: best[k] for k in (*cost.FIGURES, "macs_ratio")},
             "verdict": verdict, **extra, "config": config.to_dict(), "created": report.now()})
     from experiments import plots
 
@@ -451,6 +226,29 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
 
 # ------------------------------------------------------------------------ driver
 
+class _FirstRung:
+    """What the proposer may do at rung 0: plan and run trials on this search's study."""
+
+    def __init__(self, config: ml_collections.ConfigDict, study: Any, workdir: str, steps: Sequence[int],
+                 num_classes: int, log: Callable[[str], Any]) -> None:
+        self.config, self.study, self.workdir, self.steps, self.num_classes, self.log = (
+            config, study, workdir, steps, num_classes, log)
+
+    def plan(self, cands: Sequence[Candidate]) -> list[runner.TrialPlan]:
+        return plan_rung(self.config, cands, 0, self.steps, self.num_classes)
+
+    def plan_one(self, c: Candidate) -> runner.TrialPlan:
+        return trial_plan(self.config, c, rung_seeds(self.config, 0, len(self.steps))[0], 0, self.steps)
+
+    def run(self, plans: Sequence[runner.TrialPlan]) -> dict[Any, dict[str, Any]]:
+        return runner.run(self.study, plans, self.workdir, trainer.train_and_evaluate, self.config.search.metric,
+                          self.log)
+
+    def run_sampled(self, n_trials: int, propose: Callable[[Any], runner.TrialPlan | None]) -> list[dict[str, Any]]:
+        return runner.run_sampled(self.study, n_trials, propose, self.workdir, trainer.train_and_evaluate,
+                                  self.config.search.metric, self.log)
+
+
 def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
            study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True
            ) -> dict[str, Any]:
@@ -460,55 +258,39 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     """
     s = config.search
     check_search(config)
-    base = trial_config(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), int(s.seeds[0]))
+    base = trials.trial_config(config.train, BASELINE, seed=int(s.seeds[0]), schedule_steps=0)
     prepared = trainer.prepare(base)  # validates the train config and opens the data: writes nothing
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
+    constraint = constraint_for(s, config.train, num_classes)
     cands = candidates(s, config.train, num_classes)
-    if s.constraint == "macs":
-        log(f"constraint on real MACs: {sum(not c.label for c in cands)} distinct networks (and the references) "
-            f"within {s.macs_tolerance:.0%} of {s.target**s.phi:g}x the baseline's MACs at "
-            f"{config.train.model.base_resolution} px")
+    line = constraint.describe(cands)
+    if line:
+        log(line)
     steps = rung_steps(config, prepared.steps_per_epoch)
     _refuse_old_workdir(workdir, storage)
-    sampler = None
-    if s.sampler == "tpe":
-        import optuna
-
-        # unseeded: workers sharing the study must not propose the same startup points
-        sampler = optuna.samplers.TPESampler(n_startup_trials=max(2, s.n_trials // 3))
+    proposer, schedule = proposer_for(s), schedule_for(s)
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
-                              storage or workdir, sampler=sampler)
+                              storage or workdir, sampler=proposer.sampler())
     t0 = time.time()
-    alive, rows = list(cands), {}
-    for rung in range(len(steps)):
-        if rung == 0 and s.sampler == "tpe":  # the references as planned trials, the rest proposed by TPE
-            alive = [c for c in cands if c.label]
-            rows.update(runner.run(study, plan_rung(config, alive, 0, steps, num_classes), workdir,
-                                   trainer.train_and_evaluate, s.metric, log))
-            sampled = runner.run_sampled(study, s.n_trials, proposer(config, steps), workdir,
-                                         trainer.train_and_evaluate, s.metric, log)
-            rows.update({r["trial_id"]: r for r in sampled})
-            alive += list(dict.fromkeys(Candidate(r["alpha"], r["beta"], r["gamma"]) for r in sampled))
-            continue
-        if rung > 0:
-            prev = summarize(list(rows.values()), s.metric)
-            alive = survivors(prev, alive, rung - 1, s.halving_eta)
-            for c in cands:  # the rest never continues: its checkpoints go
-                if c not in alive:
-                    for seed in rung_seeds(config, rung - 1, len(steps)):
-                        runner.drop_checkpoints(os.path.join(workdir, "trials", f"{c.key}-s{seed}"))
-            log(f"rung {rung}: {len(alive)} candidates go on to {steps[rung]} steps with seeds "
-                f"{rung_seeds(config, rung, len(steps))}")
-        plans = plan_rung(config, alive, rung, steps, num_classes)
-        rows.update(runner.run(study, plans, workdir, trainer.train_and_evaluate, s.metric, log))
+    alive, rows = proposer.first_rung(cands, _FirstRung(config, study, workdir, steps, num_classes, log))
+    for rung in range(1, len(steps)):
+        alive = schedule.survivors(summarize(list(rows.values()), s.metric), alive, rung - 1)
+        for c in cands:  # the rest never continues: its checkpoints go
+            if c not in alive:
+                for seed in rung_seeds(config, rung - 1, len(steps)):
+                    runner.drop_checkpoints(os.path.join(workdir, "trials", f"{c.key}-s{seed}"))
+        log(f"rung {rung}: {len(alive)} candidates go on to {steps[rung]} steps with seeds "
+            f"{rung_seeds(config, rung, len(steps))}")
+        rows.update(runner.run(study, plan_rung(config, alive, rung, steps, num_classes), workdir,
+                               trainer.train_and_evaluate, s.metric, log))
     rows_list = list(rows.values())
-    base_macs = _macs(config.train, Candidate(1.0, 1.0, 1.0, "baseline"), num_classes)
+    base_macs = trials.figures(config.train, BASELINE, 0.0, num_classes)["macs"]
     summary = summarize(rows_list, s.metric, base_macs, num_eval)
     best = pick_best(summary, s)
     verdict = judge(summary, best, s)
     extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
              "rung_steps": steps, "rung_agreement": rung_agreement(rows_list, s.metric),
-             "macs_warnings": macs_warnings(summary, s), "training_share": training_share(rows_list, t0)}
+             "macs_warnings": constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
     if write:
         write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
     return {"rows": rows_list, "summary": summary, "best": best, "verdict": verdict, **extra}
@@ -523,6 +305,7 @@ def training_share(rows: Sequence[dict[str, Any]], t0: float) -> float | None:
 
 
 def _refuse_old_workdir(workdir: str, storage: str | None) -> None:
+    """A workdir of results.jsonl (no study journal) cannot be resumed: say so instead of starting beside it."""
     if not storage and os.path.exists(os.path.join(workdir, "results.jsonl")) and \
             not os.path.exists(os.path.join(workdir, "study.journal")):
         raise UserError(f"{workdir} holds a results.jsonl from a grid search before Optuna studies: it cannot be "
@@ -534,7 +317,6 @@ def _refuse_old_workdir(workdir: str, storage: str | None) -> None:
 def _define_flags(fv: Any) -> None:
     from absl import flags
 
-    runner.define_flags(fv, "grid_search")
     flags.DEFINE_string("then_scale", "", "comma-separated phi values to scale the winner to", flag_values=fv)
     flags.DEFINE_bool("then_train", False, "also train the --then_scale models with the trial config",
                       flag_values=fv)
@@ -542,19 +324,12 @@ def _define_flags(fv: Any) -> None:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    argv_list = list(sys.argv if argv is None else argv)
-    config, fv = cli.parse_config_flags(argv_list, DEFAULT_CONFIG, _define_flags)
-    cli.enable_compile_cache(config.train.compile_cache_dir)
-    workdir = fv.workdir or os.path.join("runs", "grid_search-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run = runner.begin(argv, "experiments.grid_search", DEFAULT_CONFIG, check_search, _define_flags)
+    config, fv, workdir = run.config, run.flags, run.workdir
     phis = report.parse_floats(fv.then_scale, "--then_scale")
-    check_search(config)  # a bad search config fails here, once, before any worker starts
-    rundir.check_workdir(workdir)
     _refuse_old_workdir(workdir, fv.storage)
-    if not fv.worker:
-        print(f"workdir: {workdir}", flush=True)
     t0 = time.time()
-    out = runner.serve(fv, argv_list, "experiments.grid_search", workdir, runner.identity(config.train),
-                       lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write))
+    out = run.serve(lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write))
     if fv.worker:
         return out
     _print_summary(out, config, workdir, time.time() - t0)

@@ -16,6 +16,23 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str) -> str:
+    """Lay out, write as a 120-dpi PNG, close; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _label(ax: Any, xlabel: str, ylabel: str, title: str, legend: int = 0) -> None:
+    """Axis labels and title, and a legend in that font size when ``legend`` > 0."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=legend)
+
+
 def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> list[str]:
     """grid.png (alpha vs beta coloured by the metric, gamma written beside each point)
     and accuracy_vs_macs.png (the metric against MACs, references labelled)."""
@@ -34,13 +51,8 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
             ax.annotate(f"γ={s['gamma']:.2f}", (s["alpha"], s["beta"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=7)
         fig.colorbar(sc, ax=ax, label=metric)
-    ax.set_xlabel("alpha (depth)")
-    ax.set_ylabel("beta (width)")
-    ax.set_title("candidates on alpha·beta²·gamma² ≈ target (red edge: paper)")
-    fig.tight_layout()
-    paths.append(os.path.join(outdir, "grid.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _label(ax, "alpha (depth)", "beta (width)", "candidates on alpha·beta²·gamma² ≈ target (red edge: paper)")
+    paths.append(_save(plt, fig, os.path.join(outdir, "grid.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for s in done:
@@ -49,13 +61,8 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
         if s["label"]:
             ax.annotate(s["label"], (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -10),
                         fontsize=8, color=color)
-    ax.set_xlabel("MMACs per image")
-    ax.set_ylabel(metric)
-    ax.set_title("accuracy vs cost")
-    fig.tight_layout()
-    paths.append(os.path.join(outdir, "accuracy_vs_macs.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    _label(ax, "MMACs per image", metric, "accuracy vs cost")
+    paths.append(_save(plt, fig, os.path.join(outdir, "accuracy_vs_macs.png")))
     return paths
 
 
@@ -79,12 +86,32 @@ def scaling_study_plot(summary: Sequence[dict[str, Any]], metric: str, outdir: s
     for s in base:
         ax.annotate("baseline", (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -12),
                     fontsize=8)
-    ax.set_xlabel("MMACs per image (achieved)")
-    ax.set_ylabel(f"{metric} (mean ± 95% interval over seeds)")
-    ax.set_title("one dimension vs compound scaling at matched MACs")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, "accuracy_vs_macs.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _label(ax, "MMACs per image (achieved)", f"{metric} (mean ± 95% interval over seeds)",
+           "one dimension vs compound scaling at matched MACs", legend=8)
+    return _save(plt, fig, os.path.join(outdir, "accuracy_vs_macs.png"))
+
+
+def fidelity_plot(analysis: dict[str, Any], metric: str, outdir: str) -> str | None:
+    """fidelity.png: each candidate's score against the budget, and the rank agreement of each
+    budget with the largest one (Kendall tau, Spearman rho) against the budget."""
+    means = analysis["means"]
+    if not means:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = sorted(means)
+    for name in sorted({k for m in means.values() for k in m}):
+        pts = [(b, means[b][name]) for b in budgets if name in means[b]]
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name, linewidth=2 if "paper" in name else 1)
+    ax1.set_xscale("log")
+    _label(ax1, "budget (x the trial budget)", metric, "score of each candidate against the budget", legend=6)
+    agree = analysis["agreement"]
+    if agree:
+        for k, marker, label in (("kendall_tau", "-o", "Kendall tau"), ("spearman_rho", "-s", "Spearman rho")):
+            pts = [(a["budget"], a[k]) for a in agree if a[k] is not None]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label)
+        ax2.set_xscale("log")
+        ax2.axhline(0, color="gray", linewidth=0.8)
+    ax2.set_ylim(-1.05, 1.05)
+    _label(ax2, "budget (x the trial budget)", f"rank agreement with budget {max(means)}x", "proxy fidelity", legend=8)
+    return _save(plt, fig, os.path.join(outdir, "fidelity.png"))

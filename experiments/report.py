@@ -15,19 +15,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from effnet_jax import metrics
 from effnet_jax.errors import UserError
-
-
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj: Any) -> None:
-    atomic_write(path, metrics.dumps(obj, indent=2, default=str) + "\n")
+from effnet_jax.metrics import atomic_write
+from effnet_jax.metrics import write_json as write_json  # the experiments' JSON outputs: the one writer
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:

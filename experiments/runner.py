@@ -535,6 +535,46 @@ def define_flags(fv: Any, study_name: str) -> None:
     flags.DEFINE_bool("worker", False, "internal: run trials only, no report (a local worker)", flag_values=fv)
 
 
+@dataclasses.dataclass
+class Experiment:
+    """What every experiment's ``main`` starts from: its config, flags, workdir and command line."""
+
+    config: ml_collections.ConfigDict
+    flags: Any
+    workdir: str
+    argv: list[str]
+    module: str
+
+    def serve(self, job: Callable[[Callable[[str], None], bool], Any]) -> Any:
+        """``serve`` with this experiment's flags, workdir and trial identity."""
+        return serve(self.flags, self.argv, self.module, self.workdir, identity(self.config.train), job)
+
+
+def begin(argv: Sequence[str] | None, module: str, default_config: str, check: Callable[[Any], Any],
+          define_extra: Callable[[Any], None] | None = None) -> Experiment:
+    """Parse an experiment's flags (the runner's and ``define_extra``'s), enable the compilation cache, check
+    the config (``check``) and the workdir before anything is written, and say where the results go."""
+    from effnet_jax import cli
+    from experiments import trials
+
+    argv = list(sys.argv if argv is None else argv)
+    name = module.rsplit(".", 1)[-1]
+
+    def define(fv: Any) -> None:
+        define_flags(fv, name)
+        if define_extra is not None:
+            define_extra(fv)
+
+    config, fv = cli.parse_config_flags(argv, default_config, define)
+    cli.enable_compile_cache(config.train.compile_cache_dir)
+    workdir = fv.workdir or trials.default_workdir(name)
+    check(config)
+    rundir.check_workdir(workdir)
+    if not fv.worker:
+        print(f"workdir: {workdir}", flush=True)
+    return Experiment(config, fv, workdir, argv, module)
+
+
 def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) -> list[dict[str, str]]:
     """One environment per local worker (its own GPUs on a GPU host); UserError for a count that cannot be."""
     if fv.local_workers < 0:

@@ -19,9 +19,10 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, scaling, size_table
+from effnet_jax import cli, scaling, size_table
 from effnet_jax.errors import UserError, exit_on_user_error
-from experiments import report
+from experiments import report, trials
+from experiments.trials import Candidate
 
 
 def read_best(path: str) -> tuple[dict[str, float], dict[str, Any]]:
@@ -33,8 +34,8 @@ def search_train_config(best: dict[str, Any]) -> ml_collections.ConfigDict:
     """The trainer config the search used (best.json's config.train); refuses a best.json without one."""
     train_cfg = (best.get("config") or {}).get("train")
     if not isinstance(train_cfg, dict):
-        raise UserError("this best.json holds no search config (written by an older grid search): rerun the "
-                        "search, or train with python -m effnet_jax.train --config.model.constants=best.json")
+        raise UserError("this best.json holds no search config: rerun the search, or train with "
+                        "python -m effnet_jax.train --config.model.constants=best.json")
     from experiments.configs import grid_search as grid_config
 
     cfg = grid_config.get_config().train  # every field the trainer reads, then the search's values
@@ -50,16 +51,6 @@ def _update(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
             cfg[k] = tuple(v) if isinstance(v, list) else v
 
 
-def phi_config(train_config: ml_collections.ConfigDict, constants: dict[str, float], phi: float
-               ) -> ml_collections.ConfigDict:
-    """The search's trainer config with B0 scaled by ``constants`` at ``phi`` (the constants by value)."""
-    cfg = ml_collections.ConfigDict(train_config.to_dict())
-    m = cfg.model
-    m.name, m.constants, m.phi, m.resolution = "formula", "", float(phi), 0
-    m.alpha, m.beta, m.gamma = constants["alpha"], constants["beta"], constants["gamma"]
-    return cfg
-
-
 def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = None,
              overrides: ml_collections.ConfigDict | None = None,
              best: tuple[dict[str, float], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -68,23 +59,18 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     from effnet_jax import trainer
 
     constants, best = best or read_best(constants_path)
+    chosen = Candidate(constants["alpha"], constants["beta"], constants["gamma"])
     train_config = overrides if overrides is not None else search_train_config(best)
     num_classes = int(best.get("num_classes") or 0)
     if not num_classes or (overrides is not None and train_config.data.name != best["config"]["train"]["data"]["name"]):
-        num_classes = trainer.prepare(phi_config(train_config, constants, 0.0)).source.num_classes
+        num_classes = trainer.prepare(trials.trial_config(train_config, chosen, 0.0)).source.num_classes
     m = train_config.model
     rows, base_macs = [], None
     for phi in [0.0, *phis]:
-        cfg = phi_config(train_config, constants, phi)
-        spec = scaling.model_spec(cfg.model)
-        arch = scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
-        row = {"name": f"{m.network} phi={phi:g}", "phi": phi, "width": spec.width, "depth": spec.depth,
-               "resolution": spec.resolution, "blocks": len(arch.blocks),
-               "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution,
-                                                                                       num_classes)}
+        row = {"name": f"{m.network} phi={phi:g}", "phi": phi, **trials.figures(train_config, chosen, phi, num_classes)}
         base_macs = base_macs or row["macs"]
         row["macs_ratio"] = row["macs"] / base_macs
-        row["predicted_ratio"] = (constants["alpha"] * constants["beta"] ** 2 * constants["gamma"] ** 2) ** phi
+        row["predicted_ratio"] = chosen.product**phi
         if phi in phis:
             rows.append(row)
     print(f"scaling alpha={constants['alpha']} beta={constants['beta']} gamma={constants['gamma']} "
@@ -93,7 +79,7 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     if workdir is None:
         return rows
     for row in rows:
-        result = trainer.train_and_evaluate(phi_config(train_config, constants, row["phi"]),
+        result = trainer.train_and_evaluate(trials.trial_config(train_config, chosen, row["phi"]),
                                           os.path.join(workdir, f"phi{row['phi']:g}"))
         row.update({k: result.get(k) for k in ("status", "val_top1", "ema_val_top1", "wall_time_s", "num_classes")})
         print(trainer.summary_line(result), flush=True)

@@ -19,7 +19,7 @@ build (official rounding of channels, repeats and resolution, counted by
 ``cost.count_macs``) are non-decreasing in it, so bisection finds the first grid point at
 or above the target; that model and the one just below compete, the closer one wins, and
 its achieved MACs must be within ``study.tolerance`` of the target (else a UserError).
-Every model is a grid-search trial config (``grid_search.trial_config``), trained with the
+Every model is a trial config (``trials.trial_config``), trained with the
 same budget for all by the one trial runner (``experiments.runner``) as an Optuna study
 (``study.journal`` in the workdir, or ``--storage``): a rerun skips finished trials and
 resumes an interrupted one; several processes on one storage share the trials.
@@ -30,31 +30,28 @@ accuracy_vs_macs.png (one line per strategy, the shape of the paper's Figure 8) 
 flops_growth.json.
 
 Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 120 steps
-each. Measured on a quiet 2-core CPU: 440 s in all. XLA compilation is a large share: a new
-model costs 20-70 s (depth 4x, 61 blocks, the most); the second seed of a model reuses the
-first's compiled program (nothing seed-dependent is compiled into the train step) through
-jax's persistent compilation cache (train.compile_cache_dir), so it costs only its training.
-Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)', or
+each (the README has the measured run). Compiling each new model is a large share; the second
+seed of a model reuses the first's compiled program (nothing seed-dependent is compiled into
+the train step) through jax's persistent compilation cache (train.compile_cache_dir), so it
+costs only its training. Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)', or
 --config.train.model.network=tiny. A rerun in the same workdir skips finished trials.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, cost, rundir, scaling, trainer
+from effnet_jax import scaling, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
-from experiments import grid_search, report, runner, stats
-from experiments.grid_search import Candidate
+from experiments import report, runner, stats, trials
+from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "scaling_study.py")
 FAMILIES = ("width", "depth", "resolution", "compound")
@@ -93,7 +90,7 @@ class Point:
 
 
 def family_candidate(family: str, coefficient: float, constants: dict[str, float]) -> tuple[Candidate, float]:
-    """The grid-search candidate and phi of ``family`` scaled by ``coefficient``."""
+    """The candidate and phi of ``family`` scaled by ``coefficient``."""
     if family == "width":
         return Candidate(1.0, coefficient, 1.0, label=family), 1.0
     if family == "depth":
@@ -103,13 +100,6 @@ def family_candidate(family: str, coefficient: float, constants: dict[str, float
     if family == "compound":
         return Candidate(constants["alpha"], constants["beta"], constants["gamma"], label=family), coefficient
     raise UserError(f"unknown family {family!r}; expected some of {', '.join(FAMILIES)}")
-
-
-def measure(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:
-    """Shape and MACs of the model the trial runner would train (same config path, same rounding)."""
-    spec, arch = grid_search.trial_network(train_config, c, phi)
-    return {"width": spec.width, "depth": spec.depth, "resolution": spec.resolution, "blocks": len(arch.blocks),
-            "params": cost.count_params(arch, num_classes), "macs": cost.count_macs(arch, spec.resolution, num_classes)}
 
 
 def origin(family: str) -> float:
@@ -163,19 +153,18 @@ def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_cla
     """The baseline, then every (family, budget) model above it, each matched to its budget."""
     s = config.study
     rc = config.train
-    base_c = Candidate(1.0, 1.0, 1.0, label="baseline")
-    base = measure(rc, base_c, 0.0, num_classes)
-    points = [Point("baseline", 1.0, base_c, 0.0, 1.0, **base, ratio=1.0)]
+    base = trials.figures(rc, BASELINE, 0.0, num_classes)
+    points = [Point("baseline", 1.0, BASELINE, 0.0, 1.0, **base, ratio=1.0)]
     for family in s.families:
         for budget in s.budgets:
             def macs_at(coef: float, family: str = family) -> int:
-                return measure(rc, *family_candidate(family, coef, constants), num_classes)["macs"]
+                return trials.figures(rc, *family_candidate(family, coef, constants), num_classes)["macs"]
 
             coef, _ = match_budget(family, float(budget), base["macs"], macs_at, float(s.tolerance))
             if coef == origin(family):  # unscaled: the shared baseline
                 continue
             c, phi = family_candidate(family, coef, constants)
-            m = measure(rc, c, phi, num_classes)
+            m = trials.figures(rc, c, phi, num_classes)
             points.append(Point(family, float(budget), c, phi, coef, **m, ratio=m["macs"] / base["macs"]))
     return points
 
@@ -190,13 +179,10 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
     if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1
                           for b in budgets):
         raise UserError(f"study.budgets must be numbers >= 1 (multiples of the baseline's MACs), got {tuple(budgets)}")
-    seeds = list(s.seeds)
-    if not seeds or any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
-        raise UserError(f"study.seeds must be a non-empty tuple of integers, got {tuple(seeds)}")
+    trials.check_seeds(s.seeds, "study.seeds")
     if not s.tolerance > 0:
         raise UserError(f"study.tolerance must be > 0, got {s.tolerance}")
-    if s.metric not in ("val_top1", "ema_val_top1", "val_top5", "ema_val_top5"):
-        raise UserError(f"study.metric must be val_top1, ema_val_top1, val_top5 or ema_val_top5, got {s.metric!r}")
+    trials.check_metric(s.metric, "study.metric")
     if config.train.model.resolution > 0:
         raise UserError("train.model.resolution must be 0 (resolutions come from base_resolution and the scaling)")
     if s.constants:
@@ -260,11 +246,11 @@ def verdicts(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[dic
 def flops_growth(rc: ml_collections.ConfigDict, constants: dict[str, float], phis: Sequence[float],
                  num_classes: int) -> dict[str, Any]:
     """Measured MACs of compound models against the paper's (alpha*beta^2*gamma^2)^phi."""
-    base = measure(rc, Candidate(1.0, 1.0, 1.0, label="baseline"), 0.0, num_classes)["macs"]
+    base = trials.figures(rc, BASELINE, 0.0, num_classes)["macs"]
     product = constants["alpha"] * constants["beta"] ** 2 * constants["gamma"] ** 2
     rows = []
     for phi in sorted(set(phis)):
-        m = measure(rc, Candidate(**constants, label="compound"), phi, num_classes)
+        m = trials.figures(rc, Candidate(**constants, label="compound"), phi, num_classes)
         predicted = product**phi
         rows.append({"phi": phi, **m, "measured_ratio": m["macs"] / base, "predicted_ratio": predicted,
                      "measured_over_predicted": m["macs"] / base / predicted})
@@ -318,7 +304,7 @@ def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seed
     plans = []
     for p in points:
         for seed in seeds:
-            cfg = grid_search.trial_config(config.train, p.candidate, seed, phi=p.phi)
+            cfg = trials.trial_config(config.train, p.candidate, p.phi, seed=seed, schedule_steps=0)
             attrs = {"point": p.key, "family": p.family, "budget": p.budget, "coefficient": p.coefficient,
                      "label": p.candidate.label, "alpha": p.candidate.alpha, "beta": p.candidate.beta,
                      "gamma": p.candidate.gamma, "phi": p.phi, "seed": seed, "target_macs": p.budget * base_macs,
@@ -333,7 +319,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     output files (a local worker leaves them to the process that reports)."""
     constants = check_config(config)
     seeds = [int(x) for x in config.study.seeds]
-    base_cfg = grid_search.trial_config(config.train, Candidate(1.0, 1.0, 1.0, label="baseline"), seeds[0])
+    base_cfg = trials.trial_config(config.train, BASELINE, seed=seeds[0], schedule_steps=0)
     num_classes = trainer.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
     points = plan(config, constants, num_classes)
     base_macs = points[0].macs
@@ -356,25 +342,16 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG,
-                                        lambda fv: runner.define_flags(fv, "scaling_study"))
-    cli.enable_compile_cache(config.train.compile_cache_dir)
-    workdir = fv.workdir or os.path.join("runs", "scaling_study-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_config(config)
-    rundir.check_workdir(workdir)
-    if not fv.worker:
-        print(f"workdir: {workdir}", flush=True)
-    t0 = time.time()
-    argv_list = list(sys.argv if argv is None else argv)
-    out = runner.serve(fv, argv_list, "experiments.scaling_study", workdir, runner.identity(config.train),
-                       lambda log, write: study(config, workdir, log, fv.storage, fv.study_name, write))
+    run = runner.begin(argv, "experiments.scaling_study", DEFAULT_CONFIG, check_config)
+    fv, t0 = run.flags, time.time()
+    out = run.serve(lambda log, write: study(run.config, run.workdir, log, fv.storage, fv.study_name, write))
     if fv.worker:
         return out
-    print(format_table(out["summary"], config.study.metric))
+    print(format_table(out["summary"], run.config.study.metric))
     print(format_growth(out["growth"]))
     for v in verdicts(out["summary"]):
         print(v["sentence"])
-    print(f"scaling study took {time.time() - t0:.0f} s; results in {workdir}")
+    print(f"scaling study took {time.time() - t0:.0f} s; results in {run.workdir}")
     return out
 
 

@@ -57,14 +57,12 @@ def parse_set(cfg: Any, item: str) -> tuple[str, Any]:
 
 
 def trial_config(point: str, steps: int, seed: int, eval_every: int, sets: list[str]) -> tuple[Any, dict]:
+    from experiments import trials
     from experiments.configs import grid_search
 
-    cfg = grid_search.get_config().train
-    m = cfg.model
-    m.name, m.constants = "formula", ""
-    m.alpha, m.beta, m.gamma, m.phi = POINTS[point]
-    cfg.seed = seed
-    cfg.num_train_steps = steps
+    alpha, beta, gamma, phi = POINTS[point]
+    cfg = trials.trial_config(grid_search.get_config().train, trials.Candidate(alpha, beta, gamma), phi, seed=seed,
+                              steps=steps)
     cfg.eval_every_steps = eval_every
     cfg.checkpoint_every_steps = 10**9
     cfg.compile_cache_dir = "/tmp/recipe_xla"

@@ -9,8 +9,8 @@ import pytest
 
 from effnet_jax import create_model, from_constants, load_constants
 from effnet_jax.errors import UserError
+from experiments import constraints, runner, strategies, trials
 from experiments import grid_search as gs
-from experiments import runner
 from experiments.configs import grid_search as grid_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +39,18 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("xla_cache")
 
 
+def network(train_config, c):
+    spec, arch = trials.network(train_config, c)
+    return arch, spec.resolution
+
+
+def macs(train_config, c):
+    return trials.figures(train_config, c, 1.0, 10)["macs"]
+
+
 def test_default_candidates_satisfy_constraint_and_include_references():
     s = grid_config.get_config().search
-    cands = gs.candidates(s)
+    cands = constraints.candidates(s)
     grid = [c for c in cands if not c.label]
     assert len(grid) >= 9
     for c in grid:
@@ -56,16 +65,16 @@ def test_default_candidates_satisfy_constraint_and_include_references():
 
 
 def test_grid_values_and_step():
-    assert gs.grid_values((1.0, 1.2), 0.05) == [1.0, 1.05, 1.1, 1.15, 1.2]
+    assert constraints.grid_values((1.0, 1.2), 0.05) == [1.0, 1.05, 1.1, 1.15, 1.2]
     with pytest.raises(UserError):
-        gs.grid_values((0.9, 1.2), 0.05)
+        constraints.grid_values((0.9, 1.2), 0.05)
 
 
 def test_no_candidate_names_the_closest_point():
     s = grid_config.get_config().search
     s.alpha, s.beta, s.gamma, s.tolerance = (1.0, 1.1), (1.0, 1.05), (1.0, 1.05), 0.01
     with pytest.raises(UserError, match=r"closest is alpha=1.1, beta=1.05, gamma=1.05"):
-        gs.candidates(s)
+        constraints.candidates(s)
 
 
 def test_macs_constraint_keeps_real_cost_one_point_per_network():
@@ -74,31 +83,32 @@ def test_macs_constraint_keeps_real_cost_one_point_per_network():
     s = c.search
     s.constraint, s.macs_tolerance = "macs", 0.1
     s.alpha = s.beta = s.gamma = (1.0, 1.25)
-    cands = gs.candidates(s, c.train, 10)
-    base = gs._macs(c.train, gs.Candidate(1.0, 1.0, 1.0, "baseline"), 10)
-    nets = [gs._network(c.train, x) for x in cands]
+    cands = constraints.candidates(s, c.train, 10)
+    base = macs(c.train, trials.BASELINE)
+    nets = [network(c.train, x) for x in cands]
     assert len(set(nets)) == len(nets)  # every network trained once; the paper's stands for its grid twin
     grid = [x for x in cands if not x.label]
     assert len(grid) >= 4
     for x in grid:
-        assert abs(gs._macs(c.train, x, 10) / base / 2.0 - 1) <= 0.1
+        assert abs(macs(c.train, x) / base / 2.0 - 1) <= 0.1
     # the rule keeps points the formula would reject, and rejects points the formula keeps
     assert any(abs(x.product - 2.0) > 0.1 for x in grid)
     formula = grid_config.get_config().search
-    dropped = [x for x in gs.candidates(formula) if not x.label and x.key not in {y.key for y in cands}]
-    assert dropped and all(abs(gs._macs(c.train, x, 10) / base / 2.0 - 1) > 0.1 or gs._network(c.train, x) in nets
+    dropped = [x for x in constraints.candidates(formula) if not x.label and x.key not in {y.key for y in cands}]
+    assert dropped and all(abs(macs(c.train, x) / base / 2.0 - 1) > 0.1 or network(c.train, x) in nets
                            for x in dropped)
     # the winner must be on the real-MACs constraint; the formula's product does not matter
     entry = {"label": "", "product": 1.5, "macs_ratio": 2.1}
-    assert gs.satisfies(entry, s) and not gs.satisfies({**entry, "macs_ratio": 2.3}, s)
-    assert not gs.satisfies({**entry, "label": "baseline"}, s)
+    rule = constraints.constraint_for(s)
+    assert rule.satisfies(entry) and not rule.satisfies({**entry, "macs_ratio": 2.3})
+    assert not rule.satisfies({**entry, "label": "baseline"})
 
 
 def test_macs_constraint_without_a_point_names_the_closest():
     c = grid_config.get_config()  # 32 px: any gamma > 1 jumps the cost
     c.search.constraint, c.search.macs_tolerance = "macs", 0.05
     with pytest.raises(UserError, match=r"closest is alpha=.* at 2\.\d\dx.*base_resolution"):
-        gs.candidates(c.search, c.train, 10)
+        constraints.candidates(c.search, c.train, 10)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -127,7 +137,7 @@ def test_macs_constraint_settings_are_checked(changes, message):
 
 def test_plan_longest_first_rungs_and_continuation():
     c = grid_config.get_config()
-    cands = gs.candidates(c.search)
+    cands = constraints.candidates(c.search)
     steps = gs.rung_steps(c, steps_per_epoch=67)  # num_train_steps = 40 wins over num_epochs
     assert steps == [40, 120]  # halving: eta = 3 times longer at the top rung
     plans = gs.plan_rung(c, cands, 0, steps, 10)
@@ -148,12 +158,12 @@ def test_plan_longest_first_rungs_and_continuation():
 
 
 def test_survivors_keep_the_best_third_and_the_references():
-    cands = [gs.Candidate(1.0 + i / 10, 1.0, 1.0) for i in range(6)] + [
-        gs.Candidate(1.2, 1.1, 1.15, "paper"), gs.Candidate(1.0, 1.0, 1.0, "baseline")]
+    cands = [trials.Candidate(1.0 + i / 10, 1.0, 1.0) for i in range(6)] + [
+        trials.Candidate(1.2, 1.1, 1.15, "paper"), trials.Candidate(1.0, 1.0, 1.0, "baseline")]
     scores = [0.5, 0.9, 0.1, 0.8, 0.3, 0.7, 0.2, 0.99]
     rows = [{"label": c.label, "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "product": c.product, "rung": 0,
              "status": "ok", "val_top1": v, "macs": 1} for c, v in zip(cands, scores)]
-    kept = gs.survivors(gs.summarize(rows, "val_top1"), cands, 0, 3)
+    kept = strategies.Halving(grid_config.get_config().search).survivors(gs.summarize(rows, "val_top1"), cands, 0)
     assert [(c.alpha, c.label) for c in kept] == [(1.1, ""), (1.3, ""), (1.2, "paper"), (1.0, "baseline")]
 
 
@@ -190,7 +200,7 @@ def test_verdicts_separated_tied_and_one_seed():
     assert (best["alpha"], best["beta"], best["gamma"]) == win[:3]
     assert best["half"] is not None and best["macs_ratio"] == 2.0
     v = gs.judge(summary, best, s)
-    assert v["verdicts"][gs._name(best)] == "best"
+    assert v["verdicts"][trials.candidate_name(best)] == "best"
     assert v["verdicts"]["(1.15, 1.15, 1.15)"] == "tied with best"
     assert v["verdicts"]["(1.15, 1.25, 1.05)"] == "below"
     assert "Welch" in v["sentence"]
@@ -214,7 +224,7 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     c = small_config(cache_dir)
     out = gs.search(c, str(tmp_path), log=quiet)
     rows = out["rows"]
-    assert len(rows) == len(gs.candidates(c.search))
+    assert len(rows) == len(constraints.candidates(c.search))
     assert all(r["status"] == "ok" and r["state"] == "COMPLETE" for r in rows)
     for name in ("study.journal", "results.csv", "best.json", "grid.png", "accuracy_vs_macs.png"):
         assert (tmp_path / name).exists(), name
@@ -291,7 +301,7 @@ def test_halving_continues_promoted_runs_and_decides_at_the_top_rung(tmp_path, c
         out = gs.search(c, str(tmp_path), log=quiet)
     finally:
         gs.trainer.train_and_evaluate = real
-    grid = [x for x in gs.candidates(c.search) if not x.label]
+    grid = [x for x in constraints.candidates(c.search) if not x.label]
     assert len(grid) == 3
     top = [r for r in out["rows"] if r["rung"] == 1]
     assert {r["seed"] for r in top} == {0, 1} and all(r["steps"] == 4 for r in top)
@@ -308,7 +318,7 @@ def test_diverging_trials_are_recorded_and_the_search_goes_on(tmp_path, cache_di
     c.train.optimizer.name, c.train.optimizer.learning_rate, c.train.log_every_steps = "sgd", 1e12, 1
     c.train.optimizer.warmup_epochs = 0.0
     out = gs.search(c, str(tmp_path), log=quiet)
-    assert len(out["rows"]) == len(gs.candidates(c.search)) >= 2
+    assert len(out["rows"]) == len(constraints.candidates(c.search)) >= 2
     assert {r["status"] for r in out["rows"]} == {"diverged"} and {r["state"] for r in out["rows"]} == {"PRUNED"}
     assert all(r["reason"] == "non-finite training loss" for r in out["rows"])
     assert out["best"] is None and not (tmp_path / "best.json").exists()
@@ -435,3 +445,71 @@ def test_a_study_from_before_a_field_existed_reopens_when_the_field_keeps_its_de
     assert runner.open_study(storage, "s", ident, str(tmp_path)).study_name == study.study_name
     with pytest.raises(UserError, match="model.kernels auto -> reference"):
         runner.open_study(storage, "s", runner.identity(c), str(tmp_path))
+
+
+def _fake_training(cfg, workdir, *args, **kwargs):
+    """No training: a score that grows with alpha * gamma, and the network's real figures."""
+    from effnet_jax import cost, scaling
+
+    spec = scaling.model_spec(cfg.model)
+    arch = scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
+    m = cfg.model
+    return {"status": "ok", "val_top1": m.alpha * m.gamma / 2, "wall_time_s": 0.01, "steps": cfg.num_train_steps,
+            **cost.figures(spec, arch, 10)}
+
+
+def test_a_new_constraint_and_a_new_proposer_are_one_class_and_one_registry_line_each(tmp_path, monkeypatch):
+    class ShallowOnly(constraints.Constraint):
+        """Toy: a candidate costs its alpha; alpha <= 1.2 is admitted."""
+
+        name = "shallow"
+
+        def cost(self, c):
+            return c.alpha
+
+        def entry_cost(self, entry):
+            return entry["alpha"]
+
+        def admits(self, cost):
+            return cost <= 1.2 + constraints.EPS
+
+        def distance(self, cost):
+            return cost - 1.2
+
+        def refusal(self, closest, cost):
+            return f"no grid point has alpha <= 1.2 (the closest has {cost})"
+
+    class Ends(strategies.Proposer):
+        """Toy: rung 0 trains the first and the last admitted grid point, and the references."""
+
+        name = "ends"
+
+        def first_rung(self, cands, rung):
+            grid = [c for c in cands if not c.label]
+            chosen = [grid[0], grid[-1], *(c for c in cands if c.label)]
+            return chosen, rung.run(rung.plan(chosen))
+
+    monkeypatch.setitem(constraints.CONSTRAINTS, ShallowOnly.name, ShallowOnly)
+    monkeypatch.setitem(strategies.PROPOSERS, Ends.name, Ends)
+    monkeypatch.setattr(gs.trainer, "train_and_evaluate", _fake_training)
+    c = small_config(tmp_path / "cache", constraint="shallow", sampler="ends", alpha=(1.1, 1.3), beta=(1.05, 1.05),
+                     gamma=(1.0, 1.1), include_baseline=False)
+    out = gs.search(c, str(tmp_path / "wd"), log=quiet, write=False)
+    trained = sorted((r["alpha"], r["beta"], r["gamma"], r["label"]) for r in out["rows"])
+    assert trained == [(1.1, 1.05, 1.0, ""), (1.2, 1.05, 1.1, ""), (1.2, 1.1, 1.15, "paper")]
+    assert (out["best"]["alpha"], out["best"]["gamma"]) == (1.2, 1.15)  # the highest toy score within alpha <= 1.2
+    c.search.alpha = (1.25, 1.3)
+    with pytest.raises(UserError, match="alpha <= 1.2"):
+        gs.check_search(c)
+    c.search.sampler = "nosuch"
+    with pytest.raises(UserError, match="search.sampler must be ends, grid, random or tpe"):
+        gs.check_search(c)
+
+
+def test_random_proposer_stays_on_the_surface(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs.trainer, "train_and_evaluate", _fake_training)
+    c = small_config(tmp_path / "cache", sampler="random", n_trials=3, alpha=(1.1, 1.3), beta=(1.0, 1.2),
+                     gamma=(1.0, 1.3), include_baseline=False, include_paper=False)
+    out = gs.search(c, str(tmp_path / "wd"), log=quiet, write=False)
+    assert 1 <= len(out["rows"]) <= 3
+    assert all(abs(r["alpha"] * r["beta"] ** 2 * r["gamma"] ** 2 - 2.0) < 0.01 for r in out["rows"])

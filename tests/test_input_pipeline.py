@@ -90,9 +90,9 @@ try:  # conftest has imported torch first (TensorFlow then triton segfaults)
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from effnet_jax import tfds_source
+    from effnet_jax import tf_preprocess, tfds_source
 except ImportError:  # the optional '[data]' extra is not installed
-    tf = tfds = tfds_source = None
+    tf = tfds = tfds_source = tf_preprocess = None
 
 needs_tfds = pytest.mark.skipif(tfds_source is None, reason="tensorflow-datasets is not installed")
 
@@ -143,14 +143,14 @@ def test_holdout_and_randaugment(prepared_dir):
 
 
 @needs_tfds
-@pytest.mark.parametrize("op", range(len(tfds_source.RANDAUGMENT_OPS) if tfds_source else 1))
+@pytest.mark.parametrize("op", range(len(tf_preprocess.RANDAUGMENT_OPS) if tf_preprocess else 1))
 def test_randaugment_ops(op):
     image = tf.random.stateless_uniform([RES, RES, 3], [0, op], 0, 255)
     for sign in (-1.0, 1.0):
-        out = tfds_source.randaugment_op(image, op, 0.9, sign).numpy()
+        out = tf_preprocess.randaugment_op(image, op, 0.9, sign).numpy()
         assert out.shape == (RES, RES, 3) and np.isfinite(out).all()
-        assert out.min() >= 0 and out.max() <= 255, tfds_source.RANDAUGMENT_OPS[op]
-    if tfds_source.RANDAUGMENT_OPS[op] in ("rotate", "shear_x", "translate_y", "solarize", "posterize"):
+        assert out.min() >= 0 and out.max() <= 255, tf_preprocess.RANDAUGMENT_OPS[op]
+    if tf_preprocess.RANDAUGMENT_OPS[op] in ("rotate", "shear_x", "translate_y", "solarize", "posterize"):
         assert not np.allclose(out, image.numpy())
 
 

@@ -64,3 +64,28 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+EXPERIMENTS = ("grid_search", "fidelity", "scaling_study", "scale_up")
+
+
+def test_no_experiment_imports_another_outside_its_main():
+    """The experiments share trials / constraints / strategies / runner / report / stats / plots; only a
+    ``main`` may hand over to another experiment (``grid_search --then_scale`` runs scale_up)."""
+    offenders = []
+    for name in EXPERIMENTS:
+        tree = ast.parse(open(os.path.join(ROOT, "experiments", name + ".py")).read())
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        in_main = {id(x) for m in mains for x in ast.walk(m)}
+        for node in ast.walk(tree):
+            if id(node) in in_main:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module.split(".")[1]} if node.module.startswith("experiments.") else \
+                    {a.name for a in node.names} if node.module == "experiments" else set()
+            elif isinstance(node, ast.Import):
+                names = {a.name.split(".")[1] for a in node.names if a.name.startswith("experiments.")}
+            else:
+                continue
+            offenders += [f"{name} imports {n}" for n in names & set(EXPERIMENTS) - {name}]
+    assert not offenders, offenders

@@ -8,7 +8,7 @@ import pytest
 
 from effnet_jax.errors import UserError
 from effnet_jax.scaling import PAPER_CONSTANTS
-from experiments import grid_search, scaling_study
+from experiments import scaling_study, trials
 from experiments.configs import scaling_study as study_config
 
 
@@ -44,7 +44,7 @@ def test_each_family_matches_its_budget_and_scales_only_its_axis(network, budget
             assert (c.alpha, c.beta, c.gamma) == tuple(PAPER_CONSTANTS.values()) and p.phi > 0
             assert (p.width, p.depth) == pytest.approx((1.1**p.phi, 1.2**p.phi))
         # the MACs are those of the model the trial runner trains
-        cfg = grid_search.trial_config(config.train, c, 0, phi=p.phi)
+        cfg = trials.trial_config(config.train, c, p.phi, seed=0)
         assert (cfg.model.alpha, cfg.model.beta, cfg.model.gamma, cfg.model.phi) == (c.alpha, c.beta, c.gamma, p.phi)
 
 

@@ -16,11 +16,10 @@ Why these choices (the measured run is in the README):
   held out from the rest of train (binomial error +-0.8 points at 85%, against +-2 on digits' 360).
 - **Budget.** Rung 0 is half an epoch of the subset (94 steps of batch 32) for every candidate; the
   best third of the grid and both references continue to 282 steps (1.5 epochs) with three seeds,
-  so the winner is decided at the largest budget with an interval. Measured (README): 22 trials
-  in 20 minutes on a 2-core CPU, B0 0.808 val top-1 at 282 steps (3 seeds). The fidelity study on
-  the same candidates (experiments/configs/fidelity.py:fashion_mnist) found rung 0 a weak proxy
-  (Kendall tau 0.11 against 279 steps): with time to spare, search.halving_eta=2 or
-  search.strategy=exhaustive at 282 steps (about 45 minutes here, estimated).
+  so the winner is decided at the largest budget with an interval (the README has the measured
+  run and what it cost). The fidelity study on the same candidates
+  (experiments/configs/fidelity.py:fashion_mnist) found rung 0 a weak proxy against 279 steps:
+  with time to spare, search.halving_eta=2 or search.strategy=exhaustive at 282 steps.
 """
 
 import ml_collections

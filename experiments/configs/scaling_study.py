@@ -8,8 +8,8 @@
 ``train`` is a grid-search trial config (experiments/configs/grid_search.py, or the research
 preset experiments/configs/fashion_mnist.py after the colon), so every model here is trained
 exactly as a grid-search trial. The digits default trains each model as long as the grid
-search's deciding rung (120 steps of batch 16): (1 + 4 families x 2 budgets) x 2 seeds = 18 trials,
-440 s on a quiet 2-core CPU (README).
+search's deciding rung (120 steps of batch 16): (1 + 4 families x 2 budgets) x 2 seeds = 18 trials
+(the README has the measured run).
 
 ``fashion_mnist`` trains long enough for unscaled B0 to pass 0.85 val top-1 (900 steps of batch
 32 on a 12,000-image subset, 2.4 epochs) at one budget, 2x MACs: 5 models x 2 seeds. Its base

@@ -1,0 +1,231 @@
+"""Which scaling constants a search may pick: the grid, and the constraint as an object.
+
+A constraint says what a candidate costs and which costs it admits. ``formula`` is the
+paper's rule, |alpha*beta^2*gamma^2 - target| <= tolerance; ``macs`` measures the rounded
+network instead: its MACs over unscaled B0's within ``macs_tolerance`` (relative) of
+target**phi. At small inputs rounding makes the two disagree (4-6x instead of 2x at 32 px),
+which is why the second exists. A new constraint is one ``Constraint`` subclass and one line
+in ``CONSTRAINTS``; ``search.constraint`` names it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar
+
+import ml_collections
+
+from effnet_jax import cost
+from effnet_jax.errors import UserError
+from experiments import trials
+from experiments.trials import BASELINE, PAPER, Candidate
+
+EPS = 1e-9  # float drift of a product or a ratio computed from rounded grid values
+
+
+def grid_values(bounds: Sequence[float], step: float) -> list[float]:
+    """Inclusive grid lo, lo + step, ..., hi (rounded to kill float drift)."""
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if lo < 1 or hi < lo or step <= 0:
+        raise UserError(f"a range must satisfy 1 <= lo <= hi with step > 0, got ({lo}, {hi}) step {step}")
+    n = int(math.floor((hi - lo) / step + 1e-9))
+    return [round(lo + i * step, 6) for i in range(n + 1)]
+
+
+def grid_points(search: ml_collections.ConfigDict) -> list[Candidate]:
+    """Every (alpha, beta, gamma) of the search's ranges on its step, alpha slowest."""
+    points = [Candidate(a, b, g) for a in grid_values(search.alpha, search.step)
+              for b in grid_values(search.beta, search.step) for g in grid_values(search.gamma, search.step)]
+    if not points:
+        raise UserError("the search ranges hold no grid point")
+    return points
+
+
+class Constraint:
+    """What a candidate costs (``cost``), which costs are allowed (``admits``), and which candidates
+    are the same trial (``twin``). Built from the search section; ``train_config`` and
+    ``num_classes`` are there for constraints that measure the network (``needs_network``)."""
+
+    name: ClassVar[str]
+    needs_network: ClassVar[bool] = False  # True: cost() builds the network, so candidates wait for the data
+
+    def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+                 num_classes: int | None = None) -> None:
+        self.search, self.train_config, self.num_classes = search, train_config, num_classes
+
+    def check(self) -> None:
+        """A UserError for a bad field of the search section this constraint reads."""
+
+    def cost(self, c: Candidate) -> float:
+        raise NotImplementedError
+
+    def entry_cost(self, entry: dict[str, Any]) -> float | None:
+        """The cost of a trained candidate from its summary entry (None: not known)."""
+        raise NotImplementedError
+
+    def admits(self, cost: float) -> bool:
+        raise NotImplementedError
+
+    def twin(self, c: Candidate) -> Hashable:
+        """Candidates with one twin are one trial (the one whose product is closest to the target)."""
+        return Candidate(c.alpha, c.beta, c.gamma).key
+
+    def refusal(self, closest: Candidate, cost: float) -> str:
+        """Why no grid point is admitted, naming the closest one."""
+        raise NotImplementedError
+
+    def describe(self, cands: Sequence[Candidate]) -> str | None:
+        """A line for the log about what the constraint kept, or None."""
+        return None
+
+    def warnings(self, summary: Sequence[dict[str, Any]]) -> list[str]:
+        """Lines for the end of a search about how the trained networks sit against the constraint."""
+        return []
+
+    def admit(self, points: Sequence[Candidate]) -> list[Candidate]:
+        """The admitted points, one per twin, in grid order; a UserError naming the closest if none is."""
+        costs = [(c, self.cost(c)) for c in points]
+        groups: dict[Hashable, list[Candidate]] = {}
+        for c, value in costs:
+            if self.admits(value):
+                groups.setdefault(self.twin(c), []).append(c)
+        if not groups:
+            c, value = min(costs, key=lambda cv: self.distance(cv[1]))
+            raise UserError(self.refusal(c, value))
+        return [min(group, key=lambda c: abs(c.product - self.search.target)) for group in groups.values()]
+
+    def distance(self, cost: float) -> float:
+        """How far a cost is from the constraint's aim (for naming the closest point)."""
+        raise NotImplementedError
+
+    def satisfies(self, entry: dict[str, Any]) -> bool:
+        """Whether a summary entry may win: not the baseline, and admitted."""
+        if entry["label"] == "baseline":
+            return False
+        value = self.entry_cost(entry)
+        return value is not None and self.admits(value)
+
+
+class Formula(Constraint):
+    """The paper's rule: alpha*beta^2*gamma^2 within ``tolerance`` of ``target``."""
+
+    name = "formula"
+
+    def cost(self, c: Candidate) -> float:
+        return c.product
+
+    def entry_cost(self, entry: dict[str, Any]) -> float | None:
+        return entry["product"]
+
+    def admits(self, cost: float) -> bool:
+        return abs(cost - self.search.target) <= self.search.tolerance + EPS
+
+    def distance(self, cost: float) -> float:
+        return abs(cost - self.search.target)
+
+    def refusal(self, closest: Candidate, cost: float) -> str:
+        s = self.search
+        return (f"no candidate satisfies |alpha*beta^2*gamma^2 - {s.target}| <= {s.tolerance}; the closest is "
+                f"alpha={closest.alpha}, beta={closest.beta}, gamma={closest.gamma} (product {cost:.4f}): widen the "
+                "ranges or the tolerance")
+
+    def warnings(self, summary: Sequence[dict[str, Any]]) -> list[str]:
+        """One line when rounding makes the real networks' MACs disagree with alpha*beta^2*gamma^2."""
+        s = self.search
+        off = [e for e in summary if e["label"] != "baseline" and e.get("macs_ratio") is not None
+               and abs(e["macs_ratio"] - e["product"]) > max(s.tolerance, 0.1 * e["product"])]
+        if not off:
+            return []
+        ratios = [e["macs_ratio"] for e in off]
+        return [f"{len(off)} candidates' rounded networks cost {min(ratios):.2f}-{max(ratios):.2f}x the baseline's "
+                f"MACs where alpha*beta^2*gamma^2 says ~{s.target:g}x (column xMACs): at this base resolution the "
+                "constraint does not hold in real cost (search.constraint=macs constrains the real networks)"]
+
+
+class RealMacs(Constraint):
+    """The rounded network's MACs over unscaled B0's within ``macs_tolerance`` (relative) of target**phi.
+
+    The classifier is part of the cost, so this needs the trial config and the class count;
+    grid points that round to one network are one candidate.
+    """
+
+    name = "macs"
+    needs_network = True
+
+    def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+                 num_classes: int | None = None) -> None:
+        super().__init__(search, train_config, num_classes)
+        self.goal = search.target**search.phi
+        self._networks: dict[Candidate, Hashable] = {}
+        self._base: int | None = None
+
+    def check(self) -> None:
+        tol = self.search.macs_tolerance
+        if not (isinstance(tol, float) and 0 < tol < 1):
+            raise UserError(f"search.macs_tolerance must be in (0, 1) (relative), got {tol!r}")
+
+    def _network(self, c: Candidate) -> tuple[Any, int]:
+        if self.train_config is None or self.num_classes is None:
+            raise ValueError("search.constraint = 'macs' needs the trial config and the class count")
+        if c not in self._networks:
+            spec, arch = trials.network(self.train_config, c, self.search.phi)
+            self._networks[c] = (arch, spec.resolution)
+        return self._networks[c]
+
+    def _macs(self, c: Candidate) -> int:
+        return cost.count_macs(*self._network(c), self.num_classes)
+
+    def cost(self, c: Candidate) -> float:
+        if self._base is None:
+            self._base = self._macs(BASELINE)
+        return self._macs(c) / self._base
+
+    def entry_cost(self, entry: dict[str, Any]) -> float | None:
+        return entry.get("macs_ratio")
+
+    def admits(self, cost: float) -> bool:
+        return abs(cost / self.goal - 1) <= self.search.macs_tolerance + EPS
+
+    def distance(self, cost: float) -> float:
+        return abs(cost - self.goal)
+
+    def twin(self, c: Candidate) -> Hashable:
+        return self._network(c)
+
+    def refusal(self, closest: Candidate, cost: float) -> str:
+        return (f"no grid point's rounded network costs {self.goal:g}x the baseline's MACs within "
+                f"{self.search.macs_tolerance:.0%}; the closest is alpha={closest.alpha}, beta={closest.beta}, "
+                f"gamma={closest.gamma} at {cost:.2f}x: widen the ranges or search.macs_tolerance, or change "
+                "train.model.base_resolution")
+
+    def describe(self, cands: Sequence[Candidate]) -> str | None:
+        return (f"constraint on real MACs: {sum(not c.label for c in cands)} distinct networks (and the references) "
+                f"within {self.search.macs_tolerance:.0%} of {self.goal:g}x the baseline's MACs at "
+                f"{self.train_config.model.base_resolution} px")
+
+
+CONSTRAINTS: dict[str, type[Constraint]] = {c.name: c for c in (Formula, RealMacs)}
+
+
+def constraint_for(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+                   num_classes: int | None = None) -> Constraint:
+    """The constraint ``search.constraint`` names (a UserError for an unknown name)."""
+    return trials.choose(CONSTRAINTS, search.constraint, "search.constraint")(search, train_config, num_classes)
+
+
+def candidates(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+               num_classes: int | None = None) -> list[Candidate]:
+    """The grid points the constraint admits, then the labelled references.
+
+    The paper's point stands for the grid point it is a twin of (the same point, or with
+    ``macs`` the same rounded network); unscaled B0 comes last.
+    """
+    constraint = constraint_for(search, train_config, num_classes)
+    kept = constraint.admit(grid_points(search))
+    if search.include_paper:
+        twin = constraint.twin(PAPER)
+        kept = [c for c in kept if constraint.twin(c) != twin] + [PAPER]
+    if search.include_baseline:
+        kept.append(BASELINE)
+    return kept

@@ -1,0 +1,230 @@
+"""How a search spends its trials: a proposer picks rung 0's candidates, a schedule the rungs after.
+
+``search.sampler`` names the proposer: ``grid`` trains every candidate the constraint admits
+(the paper's method); ``tpe`` and ``random`` let an Optuna sampler propose ``search.n_trials``
+points on the surface alpha*beta^2*gamma^2 = target (the references are trained as planned).
+``search.strategy`` names the schedule: ``halving`` (synchronous successive halving: the best
+1/eta of a rung's grid points, and the references, go on eta times longer) or ``exhaustive``
+(one rung). A new one is one class here and one line in ``PROPOSERS`` / ``SCHEDULES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+import ml_collections
+
+from effnet_jax.errors import UserError
+from experiments import trials
+from experiments.constraints import candidates, constraint_for
+from experiments.trials import Candidate
+
+Rows = dict[Any, dict[str, Any]]
+
+
+class FirstRung(Protocol):
+    """What a proposer may do with the study at rung 0 (the search driver provides it)."""
+
+    def plan(self, cands: Sequence[Candidate]) -> list[Any]:
+        """Rung 0's trials of ``cands``: every rung-0 seed, longest first."""
+
+    def plan_one(self, c: Candidate) -> Any:
+        """One rung-0 trial of ``c`` with the first seed."""
+
+    def run(self, plans: Sequence[Any]) -> Rows:
+        """Train the plans (shared with every worker on the study); {key: row}."""
+
+    def run_sampled(self, n_trials: int, propose: Callable[[Any], Any]) -> list[dict[str, Any]]:
+        """``n_trials`` trials that ``propose(optuna_trial)`` turns into plans (None: infeasible); their rows."""
+
+
+# ------------------------------------------------------------------- proposers
+
+class Proposer:
+    """Where rung 0's candidates come from."""
+
+    name: ClassVar[str]
+
+    def __init__(self, search: ml_collections.ConfigDict) -> None:
+        self.search = search
+
+    def check(self) -> None:
+        """A UserError for a bad field of the search section this proposer reads."""
+
+    def sampler(self) -> Any:
+        """The Optuna sampler the study is opened with (None: Optuna's default, unused)."""
+        return None
+
+    def first_rung(self, cands: Sequence[Candidate], rung: FirstRung) -> tuple[list[Candidate], Rows]:
+        """Train rung 0; returns the candidates it trained and their rows."""
+        raise NotImplementedError
+
+
+class Grid(Proposer):
+    """Every candidate the constraint admits, and the references."""
+
+    name = "grid"
+
+    def first_rung(self, cands: Sequence[Candidate], rung: FirstRung) -> tuple[list[Candidate], Rows]:
+        return list(cands), rung.run(rung.plan(cands))
+
+
+class OnTheSurface(Proposer):
+    """``search.n_trials`` points an Optuna sampler proposes on alpha*beta^2*gamma^2 = target.
+
+    The sampler chooses alpha and u in [0, 1]; beta is u of the way through the betas that keep
+    gamma = sqrt(target / (alpha * beta^2)) inside the gamma range, so every proposal satisfies
+    the formula exactly (rounded to 3 decimals) and none is wasted off the surface. An alpha with
+    no feasible beta is pruned untrained. The references are trained as planned trials.
+    """
+
+    def check(self) -> None:
+        s = self.search
+        if isinstance(s.n_trials, bool) or not isinstance(s.n_trials, int) or s.n_trials < 1:
+            raise UserError(f"search.n_trials must be a positive integer with search.sampler={self.name}, "
+                            f"got {s.n_trials!r}")
+        if s.constraint != "formula":
+            raise UserError(f"search.constraint={s.constraint} works with search.sampler=grid (search.sampler="
+                            f"{self.name} proposes points on the formula's surface)")
+
+    def point(self, trial: Any) -> Candidate | None:
+        """The candidate an Optuna trial's (alpha, u) stands for; None where no beta is feasible."""
+        s = self.search
+        a = trial.suggest_float("alpha", float(s.alpha[0]), float(s.alpha[1]))
+        u = trial.suggest_float("u", 0.0, 1.0)
+        lo = max(float(s.beta[0]), math.sqrt(s.target / (a * float(s.gamma[1]) ** 2)))
+        hi = min(float(s.beta[1]), math.sqrt(s.target / (a * float(s.gamma[0]) ** 2)))
+        if lo > hi:
+            return None
+        b = lo + u * (hi - lo)
+        return Candidate(round(a, 3), round(b, 3), round(math.sqrt(s.target / (a * b * b)), 3))
+
+    def first_rung(self, cands: Sequence[Candidate], rung: FirstRung) -> tuple[list[Candidate], Rows]:
+        refs = [c for c in cands if c.label]
+        rows = rung.run(rung.plan(refs))
+
+        def propose(trial: Any) -> Any:
+            c = self.point(trial)
+            return None if c is None else rung.plan_one(c)
+
+        sampled = rung.run_sampled(self.search.n_trials, propose)
+        rows.update({r["trial_id"]: r for r in sampled})
+        return refs + list(dict.fromkeys(Candidate(r["alpha"], r["beta"], r["gamma"]) for r in sampled)), rows
+
+
+class Tpe(OnTheSurface):
+    """Optuna's TPE: a third of the trials (at least 2) at random, then model-based."""
+
+    name = "tpe"
+
+    def sampler(self) -> Any:
+        import optuna
+
+        # unseeded: workers sharing the study must not propose the same startup points
+        return optuna.samplers.TPESampler(n_startup_trials=max(2, self.search.n_trials // 3))
+
+
+class Random(OnTheSurface):
+    """Uniform in (alpha, u): the baseline a model-based sampler has to beat."""
+
+    name = "random"
+
+    def sampler(self) -> Any:
+        import optuna
+
+        return optuna.samplers.RandomSampler()  # unseeded, as TPE's startup
+
+
+PROPOSERS: dict[str, type[Proposer]] = {p.name: p for p in (Grid, Tpe, Random)}
+
+
+# ------------------------------------------------------------------- schedules
+
+class Schedule:
+    """How many rungs, each one's budget, and who goes on to the next."""
+
+    name: ClassVar[str]
+
+    def __init__(self, search: ml_collections.ConfigDict) -> None:
+        self.search = search
+
+    def check(self) -> None:
+        """A UserError for a bad field of the search section this schedule reads."""
+
+    def rung_steps(self, base: int) -> list[int]:
+        """Training steps of each rung, from the trial budget ``base``."""
+        raise NotImplementedError
+
+    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+                  ) -> list[Candidate]:
+        """The candidates of ``alive`` that go on from rung ``rung`` (summary: one entry per candidate)."""
+        raise NotImplementedError
+
+
+class Exhaustive(Schedule):
+    """One rung: every candidate at the full budget."""
+
+    name = "exhaustive"
+
+    def rung_steps(self, base: int) -> list[int]:
+        return [base]
+
+    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+                  ) -> list[Candidate]:
+        return list(alive)
+
+
+class Halving(Schedule):
+    """Synchronous successive halving: ``halving_rungs`` rungs, each ``halving_eta`` times longer."""
+
+    name = "halving"
+
+    def check(self) -> None:
+        s = self.search
+        for field, low in (("halving_eta", 2), ("halving_rungs", 1)):
+            v = s[field]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise UserError(f"search.{field} must be an integer >= {low}, got {v!r}")
+
+    def rung_steps(self, base: int) -> list[int]:
+        return [base * self.search.halving_eta**r for r in range(self.search.halving_rungs)]
+
+    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+                  ) -> list[Candidate]:
+        """The best 1/eta (at least one) of rung ``rung``'s grid points, plus the references."""
+        ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
+        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: max(1, len(ranked) // self.search.halving_eta)]}
+        return [c for c in alive if c.label or (c.alpha, c.beta, c.gamma) in keep]
+
+
+SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (Halving, Exhaustive)}
+
+
+# ------------------------------------------------------------------- the check
+
+def proposer_for(search: ml_collections.ConfigDict) -> Proposer:
+    return trials.choose(PROPOSERS, search.sampler, "search.sampler")(search)
+
+
+def schedule_for(search: ml_collections.ConfigDict) -> Schedule:
+    return trials.choose(SCHEDULES, search.strategy, "search.strategy")(search)
+
+
+def check_search(config: ml_collections.ConfigDict) -> None:
+    """Validate the whole search section before the first trial (and before the data is opened)."""
+    s = config.search
+    schedule_for(s).check()
+    trials.check_metric(s.metric, "search.metric")
+    trials.check_seeds(s.seeds, "search.seeds")
+    trials.check_seeds(s.final_seeds, "search.final_seeds", empty_ok=True)
+    if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
+        raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
+    constraint = constraint_for(s)
+    constraint.check()
+    proposer_for(s).check()
+    if config.train.model.resolution > 0:
+        raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")
+    if not constraint.needs_network:
+        candidates(s)  # an empty grid fails here; a measured cost needs the class count, known once the data is open
