@@ -39,7 +39,7 @@ def _config_flag_value(argv: list[str]) -> str | None:
     return value
 
 
-def _config_overrides(argv: list[str]) -> list[str]:
+def config_overrides(argv: list[str]) -> list[str]:
     """Dotted field paths that ``argv`` overrides: --config.a.b=1 / --config.a.b 1 / --noconfig.a.b -> 'a.b'."""
     paths = []
     for arg in argv[1:]:
@@ -51,7 +51,7 @@ def _config_overrides(argv: list[str]) -> list[str]:
     return paths
 
 
-def _last_override_wins(argv: list[str]) -> list[str]:
+def last_override_wins(argv: list[str]) -> list[str]:
     """``argv`` with only the last of repeated ``--config.x`` overrides (absl would concatenate a tuple
     field's values: ``(1.1,1.3)`` then ``(1.2,1.2)`` gave ``(1.1, 1.3, 1.2, 1.2)``)."""
     spans: list[tuple[str | None, list[str]]] = []  # (overridden path or None, the tokens)
@@ -75,7 +75,7 @@ def _last_override_wins(argv: list[str]) -> list[str]:
     return argv[:1] + [tok for k, (path, toks) in enumerate(spans) if path is None or last[path] == k for tok in toks]
 
 
-def _field_problem(config: Any, path: str) -> str | None:
+def field_problem(config: Any, path: str) -> str | None:
     """Why ``path`` ('model.nosuch') is not a field of ``config``, with the nearest valid names; None if it is."""
     node, parents = config, []
     for part in path.split("."):
@@ -112,7 +112,7 @@ def _unknown_field(argv: list[str], default_config: str | None) -> str | None:
     from absl import flags
     from ml_collections import config_flags
 
-    paths = _config_overrides(argv)
+    paths = config_overrides(argv)
     if not paths:
         return None
     fv = flags.FlagValues()
@@ -126,7 +126,7 @@ def _unknown_field(argv: list[str], default_config: str | None) -> str | None:
     except (flags.Error, SyntaxError, OSError, AttributeError, KeyError, TypeError, ValueError):  # keep the original
         return None
     for path in paths:
-        problem = _field_problem(base, path)
+        problem = field_problem(base, path)
         if problem:
             return problem
     return None
@@ -189,7 +189,7 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     from absl import flags
     from ml_collections import config_flags
 
-    argv = _last_override_wins(list(argv))
+    argv = last_override_wins(list(argv))
     fv = flags.FlagValues()
     try:  # a default config is loaded (and overridden) here already
         config_flags.DEFINE_config_file("config", default_config, "config file (path[:arg])", flag_values=fv,

@@ -3,6 +3,7 @@
     python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2,3
     python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2 --train --workdir=runs/scaled
     python -m experiments.scale_up --constants=runs/grid/best.json --train --config.num_epochs=30
+    python -m experiments.scale_up --constants=runs/grid/best.json --phi=1,2 --latency   # measured here
 
 The search's best.json holds its whole config: the models are built and trained with the
 search's own trainer config (dataset, class count, base resolution, recipe), any field of
@@ -20,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from effnet_jax import cli, scaling, size_table
-from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.errors import UserError, exit_on_user_error, one_line
 from experiments import report, trials
 from experiments.trials import Candidate
 
@@ -53,9 +54,11 @@ def _update(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
 
 def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = None,
              overrides: ml_collections.ConfigDict | None = None,
-             best: tuple[dict[str, float], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Print params/MACs of each phi model (the search's network, dataset classes, base resolution);
-    train them into ``workdir`` when given."""
+             best: tuple[dict[str, float], dict[str, Any]] | None = None, measure: bool = False
+             ) -> list[dict[str, Any]]:
+    """Print params/MACs of each phi model (the search's network, dataset classes, base resolution), with
+    ``measure`` their train-step and inference time on this device over unscaled B0's; train them into
+    ``workdir`` when given."""
     from effnet_jax import trainer
 
     constants, best = best or read_best(constants_path)
@@ -76,6 +79,8 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     print(f"scaling alpha={constants['alpha']} beta={constants['beta']} gamma={constants['gamma']} "
           f"from {m.base_resolution} px, {num_classes} classes ({train_config.data.name}):")
     print(size_table.format_table(rows))
+    if measure:
+        print_latency(train_config, chosen, phis, num_classes)
     if workdir is None:
         return rows
     for row in rows:
@@ -86,24 +91,46 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     return rows
 
 
+def print_latency(train_config: ml_collections.ConfigDict, chosen: Candidate, phis: Sequence[float],
+                  num_classes: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Each phi model's measured train-step and inference time over unscaled B0's, on the device at hand."""
+    from effnet_jax import latency
+
+    configs = {f"{phi:g}": trials.trial_config(train_config, chosen, phi) for phi in [0.0, *phis]}
+    out = latency.measure(configs, num_classes, "0")
+    print(f"measured on {latency.device_key()} (batch {train_config.batch_size}; median of interleaved rounds, "
+          "relative interquartile range):")
+    for phi in phis:
+        costs = out[f"{phi:g}"]
+        print(f"  phi={phi:g}: " + ", ".join(f"{kind} {c['ratio']:.2f}x B0 (±{c['spread']:.0%}, "
+                                             f"{c['seconds'] * 1e3:.1f} ms/step)" for kind, c in costs.items()))
+    return out
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(sys.argv if argv is None else argv)
+    argv = cli.last_override_wins(list(sys.argv if argv is None else argv))
     constants = next((a.split("=", 1)[1] for a in argv if a.startswith("--constants=")), None)
     fv = flags.FlagValues()
     flags.DEFINE_string("constants", None, "best.json from the grid search", flag_values=fv)
     flags.DEFINE_string("phi", "1,2,3", "comma-separated phi values", flag_values=fv)
     flags.DEFINE_bool("train", False, "train each model with the search's trainer config", flag_values=fv)
+    flags.DEFINE_bool("latency", False, "measure each model's train-step and inference time on this device "
+                      "against unscaled B0 (compiles each)", flag_values=fv)
     flags.DEFINE_string("workdir", "runs/scale_up", "where trained models go (one folder per phi)", flag_values=fv)
     best_cfg, best = None, None
     if constants:
         best = read_best(constants)
         best_cfg = search_train_config(best[1])
-        config_flags.DEFINE_config_dict("config", best_cfg, "the search's trainer config; override any field "
-                                        "with --config.<field>=<value>", flag_values=fv)
+        try:
+            config_flags.DEFINE_config_dict("config", best_cfg, "the search's trainer config; override any field "
+                                            "with --config.<field>=<value>", flag_values=fv, sys_argv=argv)
+        except (AttributeError, KeyError, ValueError, TypeError) as e:  # an override naming no field
+            problems = [p for p in map(lambda path: cli.field_problem(best_cfg, path), cli.config_overrides(argv)) if p]
+            raise UserError(problems[0] if problems else one_line(e)) from None
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print("usage: python -m experiments.scale_up --constants=best.json [--phi=1,2,3] [--train] "
               "[--config.<field>=<value> ...]\n")
@@ -118,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     phis = report.parse_floats(fv.phi, "--phi")
     overridden = any(a.startswith("--config.") for a in argv[1:])
     best = best or read_best(fv.constants)  # --constants=X was read above; --constants X only now
-    if fv.train:  # the trainer config --config.* edits, or the search's own (no --config flag without "=")
+    if fv.train or fv.latency:  # --config.* edits the config; no --config flag exists without "=": the search's
         cli.enable_compile_cache((fv.config if constants else search_train_config(best[1])).compile_cache_dir)
-    rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None, best)
+    rows = scale_up(fv.constants, phis, fv.workdir if fv.train else None, fv.config if overridden else None, best,
+                    measure=fv.latency)
     sys.stdout.flush()
     return rows
 

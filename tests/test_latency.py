@@ -41,3 +41,17 @@ def test_a_bigger_input_measures_slower_on_the_device_at_hand():
         assert out["large"][kind]["ratio"] > 1.5, out  # 16x the pixels
         assert out["large"][kind]["seconds"] > 0 and out["large"][kind]["spread"] >= 0
     assert latency.device_key().startswith("cpu:")
+
+
+def test_scale_up_prints_each_models_measured_cost(capsys):
+    from experiments import scale_up
+    from experiments.configs import grid_search as grid_config
+    from experiments.trials import PAPER
+
+    train = grid_config.get_config().train
+    train.model.network, train.compile_cache_dir = "tiny", CACHE
+    out = scale_up.print_latency(train, PAPER, [1.0], 10)
+    assert set(out) == {"0", "1"} and out["0"]["train"]["ratio"] == 1.0 and out["0"]["infer"]["ratio"] == 1.0
+    assert all(out["1"][kind]["ratio"] > 0 for kind in latency.KINDS)
+    text = capsys.readouterr().out
+    assert f"measured on {latency.device_key()}" in text and "phi=1: train " in text and "x B0" in text
