@@ -85,6 +85,18 @@ class StorageLogFilter(logging.Filter):
         return _errno_in_text(record.getMessage()) is None
 
 
+def _quiet_closed_event_loop(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """``sys.unraisablehook`` without 'Event loop is closed': tensorstore's writer threads report that when a
+    checkpoint save failed and orbax's event loop was shut; the failure itself is reported, once."""
+
+    def hook(unraisable: Any) -> None:
+        if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_closed_loop = True  # type: ignore[attr-defined]
+    return hook
+
+
 def _backend_failed(e: BaseException) -> bool:
     """Whether ``e`` came from JAX choosing its backend (``JAX_PLATFORMS`` naming one that is not here)."""
     frames = traceback.extract_tb(e.__traceback__)
@@ -104,7 +116,10 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logging.getLogger("absl").addFilter(StorageLogFilter())
+        for name in ("absl", "asyncio"):  # orbax's writer threads; its tasks' unretrieved exceptions
+            logging.getLogger(name).addFilter(StorageLogFilter())
+        if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
+            sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
         try:
             signals.started()
             return main(*args, **kwargs)
