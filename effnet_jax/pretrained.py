@@ -18,7 +18,8 @@ fine-tuning or checking the paper's numbers starts from them.
 
 Both ``model.kernels`` layer sets (``"fast"``, ``"reference"``) hold the same variables
 under the same paths and shapes (one parameter layout, model.py), so every function here
-serves either without conversion; ``kernels`` picks the set a loader builds.
+serves either without conversion; ``kernels`` picks the set a loader builds. So does
+``model.scan_blocks``: the stacked layout of a scan over blocks exists only inside the forward.
 
 The core does not need torch: it is imported lazily, only to read ``.pth`` files.
 """
@@ -424,6 +425,7 @@ def load_timm(
     dtype: Any = jnp.float32,
     kernels: str = "auto",
     depthwise_impl: str = "auto",
+    scan_blocks: bool = False,
 ) -> EfficientNet:
     """Our EfficientNet with a timm checkpoint's weights and BatchNorm running statistics.
 
@@ -433,7 +435,8 @@ def load_timm(
     inferred from the tensor shapes when None, as is ``num_classes``. A checkpoint
     without a classifier (timm ``num_classes=0``) needs ``num_classes`` and gets a
     freshly initialised one. Any tensor that does not fit raises a one-line UserError
-    naming it. ``kernels`` / ``depthwise_impl`` pick the layer set (``model.layers_for``).
+    naming it. ``kernels`` / ``depthwise_impl`` pick the layer set (``model.layers_for``),
+    ``scan_blocks`` how the forward runs repeated blocks (same weights either way).
     The model comes back in training mode, like ``create_model``: use
     ``eval_view(model)`` for inference.
     """
@@ -459,7 +462,8 @@ def load_timm(
     layout = _layout(architecture, num_classes if has_head else None)
     _check_layout(state, layout, what)
     model = EfficientNet(architecture, num_classes, dropout=spec.dropout if spec else 0.2,
-                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(0))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype,
+                         scan_blocks=scan_blocks, rngs=nnx.Rngs(0))
     _assign(model, {e.path: _to_ours(e.kind, state[e.timm_key]) for e in layout},
             skip=() if has_head else ("classifier",))
     return model
@@ -643,6 +647,7 @@ def load_weights(
     depthwise_impl: str = "auto",
     dropout: float | None = None,
     drop_path_rate: float | None = None,
+    scan_blocks: bool = False,
 ) -> EfficientNet:
     """Rebuild a model saved by ``save_weights``, in training mode.
 
@@ -650,7 +655,8 @@ def load_weights(
     ``reset_classifier=True``, which keeps every weight but the classifier and starts
     that fresh from ``seed`` (fine-tuning). ``dropout`` defaults to the file's;
     ``drop_path_rate`` re-spreads stochastic depth linearly over the blocks; ``kernels`` /
-    ``depthwise_impl`` pick the layer set (``model.layers_for``).
+    ``depthwise_impl`` pick the layer set (``model.layers_for``), ``scan_blocks`` how the forward runs
+    repeated blocks.
     """
     meta, arch, saved_classes = _saved_layout(path)
     if drop_path_rate is not None:
@@ -659,6 +665,7 @@ def load_weights(
             dataclasses.replace(b, drop_path=drop_path_rate * i / n) for i, b in enumerate(arch.blocks)))
     model = EfficientNet(arch, saved_classes if num_classes is None else num_classes,
                          dropout=meta.get("dropout", 0.2) if dropout is None else dropout,
-                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(seed))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype,
+                         scan_blocks=scan_blocks, rngs=nnx.Rngs(seed))
     load_weights_into(model, path, reset_classifier=reset_classifier)
     return model
