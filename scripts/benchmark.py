@@ -301,25 +301,25 @@ def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
 def compile_table(records: list[dict[str, Any]], trial_steps: tuple[int, ...]) -> str:
     """Cold / warm train-step compile per model and setting, the step time, and a trial's estimated time
     (cold compile + steps x step time); then scanned / unscanned ratios per model."""
-    by = {(r["network"], r["scan_blocks"], r["phase"]): r for r in records}
+    by = {(r["network"], r["resolution"], r["scan_blocks"], r["phase"]): r for r in records}
     trials = "".join(f" {f'trial {n}':>10}" for n in trial_steps)
     lines = [f"{'model':<6} {'res':>4} {'blocks':>6} {'scan':>5} {'fusions':>8} {'cold s':>7} {'(compile)':>9} "
              f"{'warm s':>7} {'step ms':>8}{trials}"]
-    for (name, scan, phase), r in by.items():
+    for (name, res, scan, phase), r in by.items():
         if phase != "cold":
             continue
-        warm = by.get((name, scan, "warm"))
+        warm = by.get((name, res, scan, "warm"))
         est = "".join(f" {r['total_s'] + n * r['step_s']:>10.1f}" for n in trial_steps)
-        lines.append(f"{r['network']:<6} {r['resolution']:>4} {r['blocks']:>6} {'on' if scan else 'off':>5} "
+        lines.append(f"{name:<6} {res:>4} {r['blocks']:>6} {'on' if scan else 'off':>5} "
                      f"{r['compiled_fusions']:>8} {r['total_s']:>7.1f} {r['compile_s']:>9.1f} "
                      f"{warm['total_s'] if warm else float('nan'):>7.1f} {1e3 * r['step_s']:>8.1f}{est}")
-    for name in dict.fromkeys(n for n, _, _ in by):
-        on, off = by.get((name, True, "cold")), by.get((name, False, "cold"))
+    for name, res in dict.fromkeys((n, res) for n, res, _, _ in by):
+        on, off = by.get((name, res, True, "cold")), by.get((name, res, False, "cold"))
         if on and off:
             ratios = [f"cold {on['total_s'] / off['total_s']:.2f}x", f"step {on['step_s'] / off['step_s']:.2f}x"]
             ratios += [f"trial {n} {(on['total_s'] + n * on['step_s']) / (off['total_s'] + n * off['step_s']):.2f}x"
                        for n in trial_steps]
-            lines.append(f"{name}: scanned / unscanned: {', '.join(ratios)}")
+            lines.append(f"{name} {res}px: scanned / unscanned: {', '.join(ratios)}")
     return "\n".join(lines)
 
 
