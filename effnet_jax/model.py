@@ -14,10 +14,18 @@ pretrained weights and ``weights.safetensors`` fit either without conversion (a 
 holds the train state in its packing, flat or per leaf, so it fits the kernels it was saved
 with); they differ in float rounding only. This module imports neither ops.py nor fast_layers.py
 unless the fast layers are asked for; what both sets share is in layers.py.
+
+``scan_blocks`` (config ``model.scan_blocks``) runs each stage's repeated blocks (every block after
+the stage's first has the same shapes) as one ``nnx.scan`` over their stacked variables, so the
+compiler sees each distinct block once. The stacking happens inside the forward: the model keeps
+one variable set per block, so weight files, timm conversion, parameter counts, the train state
+and checkpoints, and a seed's initial values and dropout masks, are the unscanned model's. The
+stacking is one copy per step of the scanned blocks' parameters (its cost: docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -80,7 +88,9 @@ class MBConv(nnx.Module):
         # Stochastic depth is dropout with one mask value per example.
         self.drop_path = nnx.Dropout(spec.drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if self.has_skip else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, keep_prob: jax.Array | None = None) -> jax.Array:
+        """``keep_prob``: this block's stochastic-depth survival probability as a (traced) value, which
+        a scan over blocks passes per block; None uses the block's own rate."""
         y = x
         if self.expand_conv is not None:
             y = nnx.silu(self.expand_bn(self.expand_conv(y)))
@@ -89,8 +99,58 @@ class MBConv(nnx.Module):
             y = self.se(y)
         y = self.project_bn(self.project_conv(y))
         if self.has_skip:
-            y = self.drop_path(y) + x
+            y = (self.drop_path(y) if keep_prob is None else _drop_path(self.drop_path, y, keep_prob)) + x
         return y
+
+
+def _drop_path(dropout: nnx.Dropout, y: jax.Array, keep_prob: jax.Array) -> jax.Array:
+    """``dropout`` (one mask value per example) at a survival probability given as a value, not a
+    constant: what ``nnx.Dropout.__call__`` computes, from the same key of the block's own stream."""
+    if dropout.deterministic:
+        return y
+    mask = jax.random.bernoulli(dropout.rngs(), keep_prob, (y.shape[0],) + (1,) * (y.ndim - 1))
+    # Times the reciprocal: what XLA makes of flax's division by a constant (bit-identical on CPU).
+    return jax.lax.select(jnp.broadcast_to(mask, y.shape), y * (1 / keep_prob).astype(y.dtype), jnp.zeros_like(y))
+
+
+def block_groups(arch: Architecture) -> list[tuple[int, ...]]:
+    """Indices of ``arch.blocks`` in runs that one scan can run: each stage's blocks after its first have one
+    shape (stride 1, input channels = output channels), so those (when at least two) form one run; every
+    other block is a run of its own."""
+    def shape(b: BlockSpec) -> BlockSpec:
+        return dataclasses.replace(b, index=0, drop_path=0.0)
+
+    groups: list[tuple[int, ...]] = []
+    for i, b in enumerate(arch.blocks):
+        if groups and b.index >= 2 and shape(b) == shape(arch.blocks[groups[-1][-1]]):
+            groups[-1] += (i,)
+        else:
+            groups.append((i,))
+    return groups
+
+
+def _scan(blocks: list[MBConv], x: jax.Array) -> jax.Array:
+    """``blocks`` (of one shape) applied in order as one ``nnx.scan`` over their stacked variables.
+
+    The stacked layout exists only here: the blocks' own variables stay per block (weight files,
+    timm conversion, checkpoints and a seed's initial values are those of the unscanned model).
+    Each block's survival probability is a scanned input; the running statistics and dropout
+    counters the scan updates are written back to each block.
+    """
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+    stack = nnx.merge(graphdef, stacked)
+    keep = jnp.asarray([1.0 - b.drop_path.rate for b in blocks], jnp.float32)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+    def run(x: jax.Array, block: MBConv, keep_prob: jax.Array) -> jax.Array:
+        return block(x, keep_prob)
+
+    x = run(x, stack, keep)
+    updated = nnx.state(stack, nnx.Not(nnx.Param))
+    for j, b in enumerate(blocks):
+        nnx.update(b, jax.tree.map(lambda a, j=j: a[j], updated))
+    return x
 
 
 class EfficientNet(nnx.Module):
@@ -98,13 +158,15 @@ class EfficientNet(nnx.Module):
 
     def __init__(self, arch: Architecture, num_classes: int = 1000, *, dropout: float = 0.2,
                  layers: Layers | None = None, head_init: str | float = "paper", dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
-        """``layers``: the BatchNorm / conv factories (default ``layers_for("auto")``, the fast set)."""
+                 scan_blocks: bool = False, rngs: nnx.Rngs):
+        """``layers``: the BatchNorm / conv factories (default ``layers_for("auto")``, the fast set);
+        ``scan_blocks``: run each stage's repeated blocks as one scan (``set_view`` switches it)."""
         layers = layers_for("auto") if layers is None else layers
         classifier_init = head_init_fn(head_init)
         self.arch = arch
         self.kernels = layers.kernels
         self.dtype = dtype
+        self.scan_blocks = scan_blocks
         f = {"dtype": dtype, "rngs": rngs}
         self.stem_conv = layers.conv(3, arch.stem_channels, 3, arch.stem_stride, **f)
         self.stem_bn = layers.norm(arch.stem_channels, **f)
@@ -119,14 +181,19 @@ class EfficientNet(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """Pooled head features, (N, head_channels)."""
         x = nnx.silu(self.stem_bn(self.stem_conv(x.astype(self.dtype))))
-        for block in self.blocks:
-            x = block(x)
+        for group in block_groups(self.arch) if self.scan_blocks else [(i,) for i in range(len(self.blocks))]:
+            x = self.blocks[group[0]](x) if len(group) == 1 else _scan([self.blocks[i] for i in group], x)
         x = nnx.silu(self.head_bn(self.head_conv(x)))
         return jnp.mean(x, axis=(1, 2))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Float32 logits for NHWC images."""
         return self.classifier(self.dropout(self.features(x))).astype(jnp.float32)
+
+    def set_view(self, scan_blocks: bool | None = None) -> None:
+        """``nnx.view(model, scan_blocks=...)``: the same weights, with or without the scan over blocks."""
+        if scan_blocks is not None:
+            self.scan_blocks = scan_blocks
 
 
 def create_model(
@@ -142,13 +209,15 @@ def create_model(
     depthwise_impl: str = "auto",
     bn_momentum: float = BN_MOMENTUM,
     head_init: str | float = "paper",
+    scan_blocks: bool = False,
 ) -> EfficientNet:
     """An EfficientNet for ``"b0".."b8"``, ``"l2"`` or a ScalingSpec, in training mode.
 
     ``dropout`` defaults to the spec's; ``kernels`` is ``"auto"`` / ``"fast"`` /
     ``"reference"`` or a ``Layers`` record of one's own (then ``depthwise_impl`` and
     ``bn_momentum`` are that record's business); ``head_init`` is the classifier
-    kernel's initialisation (``head_init_fn``). ``nnx.view(model, deterministic=True,
+    kernel's initialisation (``head_init_fn``); ``scan_blocks`` compiles each stage's repeated blocks
+    once (the module docstring). ``nnx.view(model, deterministic=True,
     use_running_average=True)`` (or ``eval_view``) gives the inference view.
     """
     spec = resolve(spec_or_name)
@@ -158,7 +227,7 @@ def create_model(
     return EfficientNet(
         arch, num_classes,
         dropout=spec.dropout if dropout is None else dropout,
-        layers=kernels, head_init=head_init, dtype=dtype, rngs=nnx.Rngs(seed),
+        layers=kernels, head_init=head_init, dtype=dtype, scan_blocks=scan_blocks, rngs=nnx.Rngs(seed),
     )
 
 

@@ -275,6 +275,7 @@ def load_timm(
     dtype: Any = jnp.float32,
     kernels: str = "auto",
     depthwise_impl: str = "auto",
+    scan_blocks: bool = False,
 ) -> EfficientNet:
     """Our EfficientNet with a timm checkpoint's weights and BatchNorm running statistics.
 
@@ -284,7 +285,8 @@ def load_timm(
     inferred from the tensor shapes when None, as is ``num_classes``. A checkpoint
     without a classifier (timm ``num_classes=0``) needs ``num_classes`` and gets a
     freshly initialised one. Any tensor that does not fit raises a one-line UserError
-    naming it. ``kernels`` / ``depthwise_impl`` pick the layer set (``model.layers_for``).
+    naming it. ``kernels`` / ``depthwise_impl`` pick the layer set (``model.layers_for``),
+    ``scan_blocks`` how the forward runs repeated blocks (same weights either way).
     The model comes back in training mode, like ``create_model``: use
     ``eval_view(model)`` for inference.
     """
@@ -310,7 +312,8 @@ def load_timm(
     layout = _layout(architecture, num_classes if has_head else None)
     _check_layout(state, layout, what)
     model = EfficientNet(architecture, num_classes, dropout=spec.dropout if spec else 0.2,
-                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(0))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype,
+                         scan_blocks=scan_blocks, rngs=nnx.Rngs(0))
     assign(model, {e.path: _to_ours(e.kind, state[e.timm_key]) for e in layout},
             skip=() if has_head else ("classifier",))
     return model

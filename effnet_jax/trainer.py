@@ -221,7 +221,8 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
     replicated over a mesh of every device, and the jitted train and eval steps."""
     model = create_model(spec, num_classes, config.seed, dtype=dtype, network=scaling.network(config.model),
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
-                         head_init=config.model.get("head_init", "paper"))
+                         head_init=config.model.get("head_init", "paper"),
+                         scan_blocks=config.model.get("scan_blocks", False))
     if config.model.init_from:
         from effnet_jax import weight_files
 
@@ -501,7 +502,7 @@ def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> 
         "dataset": source.name,
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": run.total_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
-        "kernels": run.layers.kernels,
+        "kernels": run.layers.kernels, "scan_blocks": bool(config.model.get("scan_blocks", False)),
     }
 
 

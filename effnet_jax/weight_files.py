@@ -222,6 +222,7 @@ def load_weights(
     depthwise_impl: str = "auto",
     dropout: float | None = None,
     drop_path_rate: float | None = None,
+    scan_blocks: bool = False,
 ) -> EfficientNet:
     """Rebuild a model saved by ``save_weights``, in training mode.
 
@@ -229,7 +230,8 @@ def load_weights(
     ``reset_classifier=True``, which keeps every weight but the classifier and starts
     that fresh from ``seed`` (fine-tuning). ``dropout`` defaults to the file's;
     ``drop_path_rate`` re-spreads stochastic depth linearly over the blocks; ``kernels`` /
-    ``depthwise_impl`` pick the layer set (``model.layers_for``).
+    ``depthwise_impl`` pick the layer set (``model.layers_for``), ``scan_blocks`` how the forward runs
+    repeated blocks.
     """
     meta, arch, saved_classes = _saved_layout(path)
     if drop_path_rate is not None:
@@ -238,6 +240,7 @@ def load_weights(
             dataclasses.replace(b, drop_path=drop_path_rate * i / n) for i, b in enumerate(arch.blocks)))
     model = EfficientNet(arch, saved_classes if num_classes is None else num_classes,
                          dropout=meta.get("dropout", 0.2) if dropout is None else dropout,
-                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype, rngs=nnx.Rngs(seed))
+                         layers=layers_for(kernels, depthwise_impl=depthwise_impl), dtype=dtype,
+                         scan_blocks=scan_blocks, rngs=nnx.Rngs(seed))
     load_weights_into(model, path, reset_classifier=reset_classifier)
     return model

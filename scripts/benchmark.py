@@ -12,6 +12,12 @@ flax layers and per-leaf optax (config ``model.kernels``). ``--peer timm`` times
 ``tf_efficientnet_*`` equivalent in the same process, interleaved with ours so that
 noise from other jobs on the machine hits both alike, and prints ours/peer ratios.
 
+``--scan_blocks off,on`` times the train step with and without the scan over each stage's
+repeated blocks (config ``model.scan_blocks``), interleaved. ``--compile`` measures instead the
+train step's compile time, cold and warm, for several models (``--compile_models``), scanned and
+unscanned, each in fresh processes (see ``compile_mode``), plus the time a grid-search trial of
+``--trial_steps`` steps would take with each.
+
 On a GPU, where compiles are long, ``scripts/gpu_suite.sh`` runs each setting in its own
 process (``--peer_only`` times timm alone) and ``--report FILES`` joins their JSON lines
 into one table.
@@ -56,11 +62,12 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from effnet_jax import compile_cache, ops, scaling, trainer  # noqa: E402
+from effnet_jax.arch import NETWORKS  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
 from effnet_jax.layers import KERNELS, resolve_kernels  # noqa: E402
 from effnet_jax.model import create_model, eval_view  # noqa: E402
-from effnet_jax.scaling import ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
+from effnet_jax.scaling import OFFICIAL, ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32 (timm's optimizer)
 
@@ -115,21 +122,24 @@ def variant_name(kernels: str, impl: str) -> str:
     return "reference" if kernels == "reference" else ops.resolve_depthwise_impl(impl)
 
 
-def bench_config(args: argparse.Namespace, kernels: str, impl: str) -> Any:
-    """The trainer's default config (the paper's ImageNet recipe) at this benchmark's batch, dtype and kernels."""
+def bench_config(args: argparse.Namespace, kernels: str, impl: str, scan: bool = False) -> Any:
+    """The trainer's default config (the paper's ImageNet recipe) at this benchmark's batch, dtype, kernels
+    and ``model.scan_blocks``."""
     c = default_config.get_config()
     c.batch_size = args.batch
     c.model.dtype = args.dtype
     c.model.kernels = kernels
     c.model.depthwise_impl = impl
+    c.model.scan_blocks = scan
+    c.model.network = args.network
     c.compile_cache_dir = ""
     return c
 
 
 def ours_train(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray,
-               y: np.ndarray) -> Runner:
+               y: np.ndarray, scan: bool = False) -> Runner:
     """The trainer's jitted train step (``trainer.build_program``) on one fixed batch, its state donated and rebound."""
-    config = bench_config(args, kernels, impl)
+    config = bench_config(args, kernels, impl, scan)
     program = trainer.build_program(config, spec, args.num_classes, layers=trainer.model_layers(config),
                                   dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
     batch = jax.device_put({"image": jnp.asarray(x), "label": jnp.asarray(y)}, program.data_sharding)
@@ -148,17 +158,19 @@ def ours_train(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: 
     run(1)
     first_run_s = time.perf_counter() - t0
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_s": compile_s + first_run_s,
-            "kernels": kernels, **memory_info(compiled)}
-    variant = variant_name(kernels, impl)
+            "kernels": kernels, "scan_blocks": scan, **memory_info(compiled)}
+    variant = variant_name(kernels, impl) + ("+scan" if scan else "")
     print(f"compiled train ({variant}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
     return Runner("effnet_jax", "train", variant, run, info, hlo=compiled.as_text)
 
 
-def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray) -> Runner:
+def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray,
+                   scan: bool = False) -> Runner:
     """The model's forward on running statistics, one jitted function over its split state."""
-    config = bench_config(args, kernels, impl)
+    config = bench_config(args, kernels, impl, scan)
     model = eval_view(create_model(spec, args.num_classes, dtype=scaling.compute_dtype(args.dtype),
-                                   kernels=trainer.model_layers(config)))
+                                   kernels=trainer.model_layers(config), scan_blocks=scan,
+                                   network=NETWORKS[args.network]))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     xd = jnp.asarray(x, scaling.compute_dtype(args.dtype))
@@ -175,10 +187,140 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, im
     t0 = time.perf_counter()
     run(1)
     info = {"compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
-            "first_step_s": compile_s + time.perf_counter() - t0, "kernels": kernels, **memory_info(compiled)}
-    variant = variant_name(kernels, impl)
+            "first_step_s": compile_s + time.perf_counter() - t0, "kernels": kernels, "scan_blocks": scan,
+            **memory_info(compiled)}
+    variant = variant_name(kernels, impl) + ("+scan" if scan else "")
     print(f"compiled inference ({variant}) in {compile_s:.1f} s; first step done", file=sys.stderr, flush=True)
     return Runner("effnet_jax", "inference", variant, run, info, hlo=compiled.as_text)
+
+
+# --------------------------------------------------------------------------- compile time
+
+
+COMPILE_MODELS = ("b0", "phi1", "b3")
+
+
+def compile_spec(name: str, args: argparse.Namespace) -> tuple[ScalingSpec, int]:
+    """``"phi1"``: the formula at phi = 1 from --alpha/--beta/--gamma on a base of --resolution (a grid-search
+    candidate at its own resolution, rounded to 1 px as the grid search does); otherwise an official name,
+    at --resolution (default 32)."""
+    res = args.resolution or 32
+    if name == "phi1":
+        spec = from_constants(args.alpha, args.beta, args.gamma, 1.0, base_resolution=res, resolution_multiple=1)
+        return spec, spec.resolution
+    return resolve(name), res
+
+
+def _cache_entries(path: str | None) -> int:
+    return sum(len(files) for _, _, files in os.walk(path)) if path else 0
+
+
+def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """In this process: build one train step (``trainer.build_program``, the default config), time its trace,
+    lowering and compile with the persistent cache in --compile_cache, then --compile_steps steps.
+
+    Run by ``compile_mode`` in a fresh process per measurement, so that no in-memory cache of jax's
+    or XLA's helps: with an empty cache directory that is the cold compile, with the directory an
+    earlier process filled, the warm one (the program loaded from disk, still traced and lowered).
+    """
+    spec, res = compile_spec(args.compile_probe, args)
+    kernels = args.kernel_sets[0]
+    impl = args.impls[0] if kernels == "fast" else "auto"
+    scan = args.scan_sets[0]
+    config = bench_config(args, kernels, impl, scan)
+    program = trainer.build_program(config, spec, args.num_classes, layers=trainer.model_layers(config),
+                                    dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({"image": jnp.asarray(rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)),
+                            "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch).astype(np.int32))},
+                           program.data_sharding)
+    entries = _cache_entries(args.compile_cache)
+    c0, t0 = time.process_time(), time.perf_counter()
+    traced = program.train_step.trace(program.state, batch)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    t3, c3 = time.perf_counter(), time.process_time()
+    state, metrics = compiled(program.state, batch)  # the first step: buffers, thread pools
+    jax.block_until_ready(metrics)
+    t4 = time.perf_counter()
+    for _ in range(args.compile_steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t4) / args.compile_steps
+    return {"mode": "compile", "model": spec.name, "network": args.compile_probe, "resolution": res,
+            "batch": args.batch, "dtype": args.dtype, "kernels": kernels, "variant": variant_name(kernels, impl),
+            "scan_blocks": scan, "blocks": len(program.arch.blocks), "trace_s": t1 - t0, "lower_s": t2 - t1,
+            "compile_s": t3 - t2, "total_s": t3 - t0, "cpu_s": c3 - c0, "first_step_s": t4 - t0, "step_s": step_s,
+            "cache_entries_before": entries, "cache_entries_after": _cache_entries(args.compile_cache),
+            "compiled_fusions": compiled.as_text().count(" fusion("), **environment()}
+
+
+def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Cold and warm train-step compile for each of --compile_models and each --scan_blocks setting.
+
+    Each (model, setting) gets a new, empty persistent-cache directory. Cold: a fresh process compiles
+    into it. Warm: a second fresh process builds the same program and loads it from that directory
+    (trace and lowering included: a new process pays them too). A model's settings run back to back,
+    so that a slow change of load on the machine hits them alike; ``loadavg_1min`` records it.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    passthrough = ["--network", args.network, "--batch", str(args.batch), "--num_classes", str(args.num_classes),
+                   "--dtype", args.dtype, "--kernels", args.kernel_sets[0], "--depthwise_impl", args.impls[0],
+                   "--alpha", str(args.alpha), "--beta", str(args.beta), "--gamma", str(args.gamma),
+                   "--compile_steps", str(args.compile_steps)]
+    if args.resolution:
+        passthrough += ["--resolution", str(args.resolution)]
+    records = []
+    for name in args.compile_models:
+        for scan in args.scan_sets:
+            cache = tempfile.mkdtemp(prefix="effnet_compile_cache_")
+            try:
+                for phase in ("cold", "warm"):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--compile_probe", name, "--scan_blocks",
+                           "on" if scan else "off", "--compile_cache", cache, *passthrough]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                    if proc.returncode or not lines:
+                        raise UserError(f"compile probe {name} ({phase}) failed: "
+                                        f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+                    rec = {**json.loads(lines[-1]), "phase": phase, "loadavg_1min": os.getloadavg()[0]}
+                    records.append(rec)
+                    print(f"{name} scan_blocks={scan} {phase}: {rec['total_s']:.1f} s "
+                          f"(compile {rec['compile_s']:.1f} s), step {1e3 * rec['step_s']:.0f} ms",
+                          file=sys.stderr, flush=True)
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+    return records
+
+
+def compile_table(records: list[dict[str, Any]], trial_steps: tuple[int, ...]) -> str:
+    """Cold / warm train-step compile per model and setting, the step time, and a trial's estimated time
+    (cold compile + steps x step time); then scanned / unscanned ratios per model."""
+    by = {(r["network"], r["resolution"], r["scan_blocks"], r["phase"]): r for r in records}
+    trials = "".join(f" {f'trial {n}':>10}" for n in trial_steps)
+    lines = [f"{'model':<6} {'res':>4} {'blocks':>6} {'scan':>5} {'fusions':>8} {'cold s':>7} {'(compile)':>9} "
+             f"{'warm s':>7} {'step ms':>8}{trials}"]
+    for (name, res, scan, phase), r in by.items():
+        if phase != "cold":
+            continue
+        warm = by.get((name, res, scan, "warm"))
+        est = "".join(f" {r['total_s'] + n * r['step_s']:>10.1f}" for n in trial_steps)
+        lines.append(f"{name:<6} {res:>4} {r['blocks']:>6} {'on' if scan else 'off':>5} "
+                     f"{r['compiled_fusions']:>8} {r['total_s']:>7.1f} {r['compile_s']:>9.1f} "
+                     f"{warm['total_s'] if warm else float('nan'):>7.1f} {1e3 * r['step_s']:>8.1f}{est}")
+    for name, res in dict.fromkeys((n, res) for n, res, _, _ in by):
+        on, off = by.get((name, res, True, "cold")), by.get((name, res, False, "cold"))
+        if on and off:
+            ratios = [f"cold {on['total_s'] / off['total_s']:.2f}x", f"step {on['step_s'] / off['step_s']:.2f}x"]
+            ratios += [f"trial {n} {(on['total_s'] + n * on['step_s']) / (off['total_s'] + n * off['step_s']):.2f}x"
+                       for n in trial_steps]
+            lines.append(f"{name} {res}px: scanned / unscanned: {', '.join(ratios)}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- timm
@@ -289,6 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, checked: UserError on a bad value (the network's stride is checked in ``spec_and_resolution``)."""
     p = _ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="b0", help="b0..b8 (ignored when --phi is given)")
+    p.add_argument("--network", choices=tuple(NETWORKS), default="b0", help="the block table the scaling applies to")
     p.add_argument("--alpha", type=float, default=1.2)
     p.add_argument("--beta", type=float, default=1.1)
     p.add_argument("--gamma", type=float, default=1.15)
@@ -302,6 +445,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depthwise_impl", default="auto",
                    help=f"fast kernels: one of {ops.DEPTHWISE_IMPLS}, or a comma list to compare several")
     p.add_argument("--modes", default="train,inference", help="comma list of train, inference")
+    p.add_argument("--scan_blocks", default="off",
+                   help="config model.scan_blocks: off, on, or off,on to compare (interleaved; --compile: each)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the train step's cold and warm compile of --compile_models in fresh processes")
+    p.add_argument("--compile_models", default=",".join(COMPILE_MODELS),
+                   help="with --compile: comma list of b0..b8 (at --resolution, default 32) and phi1 (the formula "
+                        "at phi 1 from --alpha/--beta/--gamma, base --resolution)")
+    p.add_argument("--compile_steps", type=int, default=10, help="with --compile: timed steps after compiling")
+    p.add_argument("--trial_steps", default="40,120",
+                   help="with --compile: trial lengths (steps) to estimate compile + steps for")
+    p.add_argument("--compile_probe", default=None, help=argparse.SUPPRESS)  # one --compile measurement
     p.add_argument("--peer", choices=("timm",), default=None)
     p.add_argument("--peer_only", action="store_true", help="time only the peer (compare with --report)")
     p.add_argument("--no_torch_compile", action="store_true", help="GPU only: skip the torch.compile peer")
@@ -322,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.peer_only and not args.peer:
         p.error("--peer_only needs --peer")
     for name, least in (("batch", 1), ("steps", 1), ("repeats", 1), ("warmup", 0), ("num_classes", 1),
-                        ("threads", 1)):
+                        ("threads", 1), ("compile_steps", 1)):
         if getattr(args, name) < least:
             p.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if args.resolution is not None and args.resolution < 1:
@@ -353,6 +507,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.kernel_sets.append(resolve_kernels(k))
     if not args.kernel_sets:
         p.error(f"--kernels takes one or more of {KERNELS}")
+    switch = {"off": False, "on": True}
+    args.scan_sets = []
+    for v in (v.strip() for v in args.scan_blocks.split(",") if v.strip()):
+        if v not in switch:
+            p.error(f"--scan_blocks: {v!r} is not off or on")
+        if switch[v] not in args.scan_sets:
+            args.scan_sets.append(switch[v])
+    if not args.scan_sets:
+        p.error("--scan_blocks takes off, on or off,on")
+    args.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
+    for m in args.compile_models:
+        if m != "phi1" and m not in OFFICIAL:
+            p.error(f"--compile_models: {m!r} is not phi1 or one of {', '.join(OFFICIAL)}")
+    try:
+        args.trial_steps = tuple(int(n) for n in args.trial_steps.split(",") if n.strip())
+    except ValueError:
+        p.error(f"--trial_steps takes a comma list of step counts, got {args.trial_steps!r}")
+    if args.compile and args.peer:
+        p.error("--compile times our train step only; drop --peer")
     return args
 
 
@@ -442,8 +615,14 @@ def report(paths: list[str]) -> list[dict[str, Any]]:
     missing = [r for r in records if not {"model", "resolution", "batch", "dtype", "backend"} <= r.keys()]
     if missing:
         raise UserError(f"--report: {len(missing)} records lack the benchmark's fields: not --json files?")
+    compiles = [r for r in records if r.get("mode") == "compile"]
+    if compiles:
+        print("\ntrain-step compile (--compile records)")
+        print(compile_table(compiles, (40, 120)))
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
+        if r.get("mode") == "compile":
+            continue
         groups.setdefault((r["model"], r["resolution"], r["batch"], r["dtype"]), []).append(r)
     for (model, res, batch, dtype), rs in groups.items():
         print(f"\n{model} {res}px batch {batch} {dtype} on {rs[0]['backend']} ({rs[0]['device']})")
@@ -459,7 +638,7 @@ def spec_and_resolution(args: argparse.Namespace) -> tuple[ScalingSpec, int]:
     """
     spec = from_constants(args.alpha, args.beta, args.gamma, args.phi) if args.phi is not None else resolve(args.model)
     res = args.resolution or spec.resolution
-    stride = build_architecture(spec).total_stride
+    stride = build_architecture(spec, NETWORKS[args.network]).total_stride
     if res < stride:
         raise UserError(f"--resolution {res} is smaller than the network's total stride {stride}")
     return spec, res
@@ -470,7 +649,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.report:
         return report(args.report)
+    if args.compile_probe:
+        if args.compile_cache:
+            compile_cache.enable(args.compile_cache)
+        record = compile_probe(args)
+        print(json.dumps(record))
+        return [record]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # names this process's records
+    if args.compile:
+        records = [{**r, "started": started} for r in compile_mode(args)]
+        for rec in records:
+            print(json.dumps(rec))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in records)
+        env = records[0] if records else environment()
+        print(f"\ntrain-step compile, batch {args.batch} {args.dtype} on {env['backend']} ({env['device']}, "
+              f"{env['cpu_threads']} threads); cold: empty persistent cache, warm: loaded from it, each in a "
+              "fresh process")
+        print(compile_table(records, args.trial_steps))
+        return records
     if args.peer and _PEER_IMPORT_ERROR is not None:
         raise UserError(f"--peer timm needs torch and timm: pip install torch timm ({_PEER_IMPORT_ERROR})")
     spec, res = spec_and_resolution(args)
@@ -485,10 +683,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     runners: list[Runner] = []
     for kernels in [] if args.peer_only else args.kernel_sets:
         for impl in args.impls if kernels == "fast" else ["auto"]:  # depthwise_impl: the fast kernels' option
-            if "train" in args.modes:
-                runners.append(ours_train(spec, args, kernels, impl, x, y))
-            if "inference" in args.modes:
-                runners.append(ours_inference(spec, args, kernels, impl, x))
+            for scan in args.scan_sets:
+                if "train" in args.modes:
+                    runners.append(ours_train(spec, args, kernels, impl, x, y, scan))
+                if "inference" in args.modes:
+                    runners.append(ours_inference(spec, args, kernels, impl, x, scan))
     if args.peer == "timm":
         runners += timm_runners(spec, args, x, y)
 
@@ -510,6 +709,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rec = {
             "model": spec.name, "resolution": res, "batch": args.batch, "dtype": args.dtype,
             "impl": r.impl, "mode": r.mode, "variant": r.variant, "kernels": r.info.get("kernels"),
+            "scan_blocks": r.info.get("scan_blocks"),
             "img_per_s": args.batch / step_s, "step_s": step_s,
             "step_s_all": r.times, "steps": args.steps, "repeats": args.repeats,
             "compile_s": r.info.get("compile_s"), "compile_cpu_s": r.info.get("compile_cpu_s"),

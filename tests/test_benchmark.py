@@ -72,7 +72,10 @@ def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--depthwise_impl", "fastest"], ["--timm_variants", "eager,jit"], ["--peer_only"],
-                                  ["--kernels", "fast,flax"], ["--kernels", ","], ["--flax_layers"]])
+                                  ["--kernels", "fast,flax"], ["--kernels", ","], ["--flax_layers"],
+                                  ["--scan_blocks", "maybe"], ["--scan_blocks", ","], ["--compile_models", "b0,b9"],
+                                  ["--trial_steps", "40,many"], ["--compile", "--peer", "timm"],
+                                  ["--compile_steps", "0"]])
 def test_benchmark_rejects_bad_arguments(argv):
     from effnet_jax.errors import UserError
 
@@ -130,3 +133,34 @@ def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
         assert type(model.stem_bn).__module__.startswith(bn_type) and isinstance(model.stem_bn, nnx.BatchNorm)
     assert bench.variant_name("reference", "auto") == "reference"
     assert bench.variant_name("fast", "xla") == "xla"
+
+
+# TINY at depth 2 (alpha 2 at phi 1): 8 blocks, one run of three same-shaped blocks that a scan runs.
+DEEP_TINY = ["--network", "tiny", "--alpha", "2", "--beta", "1", "--gamma", "1", "--batch", "2", "--num_classes", "10"]
+
+
+def test_scan_blocks_times_both_train_steps_interleaved():
+    bench = load_benchmark()
+    records = bench.main([*DEEP_TINY, "--phi", "1", "--modes", "train", "--scan_blocks", "off,on", "--warmup", "0",
+                          "--steps", "1", "--repeats", "1"])
+    assert [(r["variant"], r["scan_blocks"]) for r in records] == [("shift", False), ("shift+scan", True)]
+    assert all(r["img_per_s"] > 0 and r["compile_s"] > 0 for r in records)
+
+
+def test_compile_mode_cold_then_warm_in_fresh_processes(capsys, tmp_path):
+    """Each setting compiles into an empty persistent cache (cold: the train step adds an entry), then a
+    second process loads it (warm: no entry added); the table gives both and the scanned / unscanned ratios."""
+    bench = load_benchmark()
+    records = bench.main(["--compile", *DEEP_TINY, "--compile_models", "phi1", "--scan_blocks", "off,on",
+                          "--compile_steps", "1", "--trial_steps", "40", "--json", str(tmp_path / "c.jsonl")])
+    assert [(r["scan_blocks"], r["phase"]) for r in records] == [(False, "cold"), (False, "warm"), (True, "cold"),
+                                                                 (True, "warm")]
+    for r in records:
+        assert r["mode"] == "compile" and r["blocks"] == 8 and r["resolution"] == 32
+        assert r["total_s"] >= r["compile_s"] > 0 and r["step_s"] > 0 and r["compiled_fusions"] > 0
+        added = r["cache_entries_after"] - r["cache_entries_before"]
+        assert added == (1 if r["phase"] == "cold" else 0), r
+    out = capsys.readouterr().out
+    assert "scanned / unscanned: cold" in out and "trial 40" in out
+    assert bench.main(["--report", str(tmp_path / "c.jsonl")]) == records  # --report prints the compile table
+    assert "scanned / unscanned" in capsys.readouterr().out

@@ -122,6 +122,24 @@ def test_reference_kernels_load_the_same_weights_and_match_timm(b0):
     compare_logits(tm, ref, 64)
 
 
+def test_scanned_model_loads_timm_weights_and_matches_timm(b0, tmp_path):
+    # model.scan_blocks stacks each stage's repeated blocks inside the forward only: timm's weights load
+    # unconverted, the logits match timm, and weight files and timm's state dict come out the same.
+    tm, sd, ours = b0
+    scanned = load_timm(sd, scan_blocks=True)
+    assert scanned.scan_blocks and not ours.scan_blocks
+    assert_same_weights(ours, scanned)
+    compare_logits(tm, scanned, 64)
+    back = to_timm_state_dict(scanned)
+    assert back.keys() == sd.keys()
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    save_weights(scanned, tmp_path / "w.safetensors", "b0")
+    again = load_weights(tmp_path / "w.safetensors", scan_blocks=True)
+    assert again.scan_blocks
+    assert_same_weights(again, ours)
+
+
 def test_b2_ten_classes_from_safetensors_at_odd_resolution(tmp_path):
     from safetensors.numpy import save_file
 

@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     # as matrix products, shifted depthwise taps, the optimizer over flat vectors); "reference": plain
     # nnx.BatchNorm / nnx.Conv and per-leaf optax. Same parameters, numbers equal up to float rounding.
     m.kernels = "auto"
+    # Each stage's repeated blocks (same shapes) as one scan, compiled once instead of once per block;
+    # the train state, weight files and checkpoints are the same either way (model.py).
+    m.scan_blocks = False
     m.depthwise_impl = "auto"  # fast kernels only: "auto" (per backend), "xla", "shift" or "hybrid" (ops.py)
     # Classifier kernel: "paper" (uniform +-1/sqrt(num_classes)), "zero", or a scale s as a string
     # ("0.1": uniform +-s/sqrt(num_classes)). The paper's range is sized for 1000 classes.
