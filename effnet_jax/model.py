@@ -1,7 +1,7 @@
 """EfficientNet in Flax NNX, built from an ``Architecture`` (see arch.py).
 
 Layer names follow the paper's block anatomy (expand -> depthwise -> squeeze-excite
--> project); ``pretrained.py`` maps them to timm's names. NHWC, TensorFlow 'SAME'
+-> project); ``timm_weights.py`` maps them to timm's names. NHWC, TensorFlow 'SAME'
 padding, BatchNorm momentum 0.99 / epsilon 1e-3, SiLU everywhere. ``dtype`` is
 the compute dtype; parameters stay float32.
 
