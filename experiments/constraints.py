@@ -10,6 +10,7 @@ in ``CONSTRAINTS``; ``search.constraint`` names it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
@@ -56,6 +57,10 @@ class Constraint:
 
     def check(self) -> None:
         """A UserError for a bad field of the search section this constraint reads."""
+
+    def to_measure(self, points: Sequence[Candidate]) -> list[Candidate]:
+        """Candidates whose networks must be timed on this device before ``admit`` (one per network)."""
+        return []
 
     def cost(self, c: Candidate) -> float:
         raise NotImplementedError
@@ -205,7 +210,72 @@ class RealMacs(Constraint):
                 f"{self.train_config.model.base_resolution} px")
 
 
-CONSTRAINTS: dict[str, type[Constraint]] = {c.name: c for c in (Formula, RealMacs)}
+class MeasuredLatency(RealMacs):
+    """The rounded network's measured step time over unscaled B0's (``search.latency_kind``: train or infer)
+    within ``latency_tolerance`` (relative) of target**phi, on the device the search runs on.
+
+    Each network is compiled to be timed, so only those whose MACs lie within ``latency_window``
+    (relative) of the goal are measured; ``measurements`` ({network key: {kind: cost}}, see
+    ``effnet_jax.latency``) is filled by the search from its study before ``admit``.
+    """
+
+    name = "latency"
+
+    def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
+                 num_classes: int | None = None) -> None:
+        super().__init__(search, train_config, num_classes)
+        self.measurements: dict[str, dict[str, dict[str, float]]] = {}
+
+    def check(self) -> None:
+        from effnet_jax.latency import KINDS
+
+        s = self.search
+        if s.latency_kind not in KINDS:
+            raise UserError(f"search.latency_kind must be {' or '.join(KINDS)}, got {s.latency_kind!r}")
+        for field in ("latency_tolerance", "latency_window"):
+            if not (isinstance(s[field], float) and 0 < s[field] < 1):
+                raise UserError(f"search.{field} must be in (0, 1) (relative), got {s[field]!r}")
+
+    def network_key(self, c: Candidate) -> str:
+        arch, resolution = self._network(c)
+        return hashlib.sha1(repr((arch, resolution)).encode()).hexdigest()[:12]
+
+    def to_measure(self, points: Sequence[Candidate]) -> list[Candidate]:
+        window = [c for c in points if abs(RealMacs.cost(self, c) / self.goal - 1) <= self.search.latency_window]
+        return list({self.network_key(c): c for c in [BASELINE, *window, PAPER]}.values())
+
+    def cost(self, c: Candidate) -> float:
+        measured = self.measurements.get(self.network_key(c))
+        if measured is None:
+            raise ValueError(f"{c.key}'s network was not measured")
+        return measured[self.search.latency_kind]["ratio"]
+
+    def admit(self, points: Sequence[Candidate]) -> list[Candidate]:
+        measured = [c for c in points if self.network_key(c) in self.measurements]
+        if not measured:
+            raise UserError(f"no grid point's network costs within {self.search.latency_window:.0%} of {self.goal:g}x "
+                            "the baseline's MACs, so none was measured: widen search.latency_window or the ranges")
+        return super().admit(measured)
+
+    def entry_cost(self, entry: dict[str, Any]) -> float | None:
+        return entry.get(f"latency_{self.search.latency_kind}")
+
+    def admits(self, cost: float) -> bool:
+        return abs(cost / self.goal - 1) <= self.search.latency_tolerance + EPS
+
+    def refusal(self, closest: Candidate, cost: float) -> str:
+        return (f"no measured network's {self.search.latency_kind} time is {self.goal:g}x the baseline's within "
+                f"{self.search.latency_tolerance:.0%}; the closest is alpha={closest.alpha}, beta={closest.beta}, "
+                f"gamma={closest.gamma} at {cost:.2f}x: widen search.latency_tolerance or search.latency_window, "
+                "or the ranges")
+
+    def describe(self, cands: Sequence[Candidate]) -> str | None:
+        return (f"constraint on measured {self.search.latency_kind} time: {sum(not c.label for c in cands)} distinct "
+                f"networks (and the references) within {self.search.latency_tolerance:.0%} of {self.goal:g}x the "
+                f"baseline's, of {len(self.measurements)} measured")
+
+
+CONSTRAINTS: dict[str, type[Constraint]] = {c.name: c for c in (Formula, RealMacs, MeasuredLatency)}
 
 
 def constraint_for(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
@@ -215,13 +285,13 @@ def constraint_for(search: ml_collections.ConfigDict, train_config: ml_collectio
 
 
 def candidates(search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
-               num_classes: int | None = None) -> list[Candidate]:
+               num_classes: int | None = None, constraint: Constraint | None = None) -> list[Candidate]:
     """The grid points the constraint admits, then the labelled references.
 
     The paper's point stands for the grid point it is a twin of (the same point, or with
     ``macs`` the same rounded network); unscaled B0 comes last.
     """
-    constraint = constraint_for(search, train_config, num_classes)
+    constraint = constraint or constraint_for(search, train_config, num_classes)
     kept = constraint.admit(grid_points(search))
     if search.include_paper:
         twin = constraint.twin(PAPER)

@@ -34,6 +34,7 @@ accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -45,13 +46,13 @@ import ml_collections
 from effnet_jax import cost, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, runner, stats, trials
-from experiments.constraints import candidates, constraint_for
+from experiments.constraints import MeasuredLatency, candidates, constraint_for, grid_points
 from experiments.strategies import check_search, proposer_for, schedule_for
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
 CSV_FIELDS = ("trial_id", "trial_number", "state", "label", "alpha", "beta", "gamma", "product", "phi", "seed",
-              "rung", *runner.RESULT_FIELDS)
+              "rung", *runner.RESULT_FIELDS, "latency_train", "latency_infer")
 
 
 # ---------------------------------------------------------------------- the plan
@@ -133,6 +134,7 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str, base_macs: int | None
             "macs_ratio": (first["macs"] / base_macs) if base_macs and first.get("macs") else None,
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
             "train_img_per_s": first.get("train_img_per_s"),
+            "latency_train": first.get("latency_train"), "latency_infer": first.get("latency_infer"),
         })
     return sorted(out, key=lambda s: (-s["rung"], s["mean"] is None, -(s["mean"] or 0.0), s["macs"] or 0))
 
@@ -172,13 +174,21 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[
         ("res", 4, lambda s: str(s["resolution"] or 0)), ("blocks", 6, lambda s: str(s["blocks"] or 0)),
         ("params", 10, lambda s: f"{s['params'] or 0:,}"), ("MMACs", 6, lambda s: f"{(s['macs'] or 0) / 1e6:.1f}"),
         ("xMACs", 5, lambda s: "-" if s.get("macs_ratio") is None else f"{s['macs_ratio']:.2f}"),
+        *([("xTrain", 6, lambda s: _ratio(s.get("latency_train"))),
+           ("xInfer", 6, lambda s: _ratio(s.get("latency_infer")))]
+          if any(s.get("latency_train") is not None for s in summary) else []),
         (f"{metric} ±95%", 16, report.score_text), ("seeds", 5, lambda s: f"{s['ok']}/{s['seeds']}"),
         ("rung", 4, lambda s: str(s["rung"])), ("time s", 7, lambda s: f"{s['wall_time_s']:.1f}"),
         ("verdict", 14, lambda s: verdicts.get(trials.candidate_name(s), s["status"] if s["status"] != "ok" else "")),
     ]
     return report.format_table(summary, columns, [
-        "P = the paper's constants, B = unscaled B0 (phi = 0); xMACs = MACs / unscaled B0's; "
+        "P = the paper's constants, B = unscaled B0 (phi = 0); xMACs = MACs / unscaled B0's; xTrain / xInfer = "
+        "measured train-step / inference time / unscaled B0's on this device; "
         "±95%: t interval over seeds with the validation sample's binomial error"])
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -214,7 +224,7 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
             "alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"], "product": best["product"],
             metric: best["mean"], f"{metric}_std": best["std"], f"{metric}_ci95_half": best["half"],
             f"{metric}_values": best["values"], "seeds": best["ok"], "rung": best["rung"],
-            **{k: best[k] for k in (*cost.FIGURES, "macs_ratio")},
+            **{k: best[k] for k in (*cost.FIGURES, "macs_ratio", "latency_train", "latency_infer")},
             "verdict": verdict, **extra, "config": config.to_dict(), "created": report.now()})
     from experiments import plots
 
@@ -249,6 +259,70 @@ class _FirstRung:
                                   self.config.search.metric, self.log)
 
 
+@dataclasses.dataclass
+class _Setup:
+    """A search's data, constraint, candidates and study, before any trial."""
+
+    prepared: trainer.Run
+    constraint: Any
+    meter: MeasuredLatency | None  # what measures latency on this device (None: not measured)
+    cands: list[Candidate]
+    steps: list[int]
+    study: Any
+    proposer: Any
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
+          study_name: str = "grid_search", log: Callable[[str], Any] = print) -> _Setup:
+    """Open the data and the study, time the networks that need it on this device (once per device kind,
+    kept in the study), and admit the candidates. Writes nothing but the study."""
+    s = config.search
+    check_search(config)
+    base = trials.trial_config(config.train, BASELINE, seed=int(s.seeds[0]), schedule_steps=0)
+    prepared = trainer.prepare(base)  # validates the train config and opens the data: writes nothing
+    num_classes = prepared.source.num_classes
+    constraint = constraint_for(s, config.train, num_classes)
+    _refuse_old_workdir(workdir, storage)
+    proposer = proposer_for(s)
+    study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
+                              storage or workdir, sampler=proposer.sampler())
+    meter = constraint if isinstance(constraint, MeasuredLatency) else (
+        MeasuredLatency(s, config.train, num_classes) if s.measure_latency else None)
+    if meter is constraint:
+        meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), num_classes, log)
+    cands = candidates(s, config.train, num_classes, constraint)
+    if meter is not None and meter is not constraint:
+        meter.measurements = measured(config, study, meter, meter.to_measure(cands), num_classes, log)
+    line = constraint.describe(cands)
+    if line:
+        log(line)
+    return _Setup(prepared, constraint, meter, cands, rung_steps(config, prepared.steps_per_epoch), study, proposer)
+
+
+def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLatency, cands: Sequence[Candidate],
+             num_classes: int, log: Callable[[str], Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """{network key: {kind: cost}} of ``cands``' networks on this device: the study's, measuring (and storing)
+    the networks it lacks, against unscaled B0 in the same interleaved rounds."""
+    from effnet_jax import latency
+
+    device = latency.device_key()
+    stored = dict(study.study.user_attrs.get("latency") or {})
+    mine = dict(stored.get(device) or {})
+    keys = {meter.network_key(c): c for c in cands}
+    missing = [k for k in keys if k not in mine]
+    if missing:
+        s = config.search
+        reference = meter.network_key(BASELINE)
+        todo = {k: keys.get(k, BASELINE) for k in dict.fromkeys([reference, *missing])}
+        log(f"measuring {len(set(missing) - {reference})} networks' train-step and inference time against "
+            f"unscaled B0 on {device}")
+        configs = {k: trials.trial_config(config.train, c, 0.0 if c.label == "baseline" else s.phi,
+                                          seed=int(s.seeds[0]), schedule_steps=0) for k, c in todo.items()}
+        mine.update(latency.measure(configs, num_classes, reference, rounds=s.latency_rounds, log=log))
+        study.study.set_user_attr("latency", {**stored, device: mine})
+    return {k: mine[k] for k in keys}
+
+
 def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
            study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True
            ) -> dict[str, Any]:
@@ -257,22 +331,12 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     Several processes may call this at once on one storage: they share the trials.
     """
     s = config.search
-    check_search(config)
-    base = trials.trial_config(config.train, BASELINE, seed=int(s.seeds[0]), schedule_steps=0)
-    prepared = trainer.prepare(base)  # validates the train config and opens the data: writes nothing
+    run = setup(config, workdir, storage, study_name, log)
+    prepared, cands, steps, study = run.prepared, run.cands, run.steps, run.study
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
-    constraint = constraint_for(s, config.train, num_classes)
-    cands = candidates(s, config.train, num_classes)
-    line = constraint.describe(cands)
-    if line:
-        log(line)
-    steps = rung_steps(config, prepared.steps_per_epoch)
-    _refuse_old_workdir(workdir, storage)
-    proposer, schedule = proposer_for(s), schedule_for(s)
-    study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
-                              storage or workdir, sampler=proposer.sampler())
+    schedule = schedule_for(s)
     t0 = time.time()
-    alive, rows = proposer.first_rung(cands, _FirstRung(config, study, workdir, steps, num_classes, log))
+    alive, rows = run.proposer.first_rung(cands, _FirstRung(config, study, workdir, steps, num_classes, log))
     for rung in range(1, len(steps)):
         alive = schedule.survivors(summarize(list(rows.values()), s.metric), alive, rung - 1)
         for c in cands:  # the rest never continues: its checkpoints go
@@ -284,16 +348,29 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
         rows.update(runner.run(study, plan_rung(config, alive, rung, steps, num_classes), workdir,
                                trainer.train_and_evaluate, s.metric, log))
     rows_list = list(rows.values())
+    if run.meter is not None:
+        _with_latency(rows_list, run.meter)
     base_macs = trials.figures(config.train, BASELINE, 0.0, num_classes)["macs"]
     summary = summarize(rows_list, s.metric, base_macs, num_eval)
     best = pick_best(summary, s)
     verdict = judge(summary, best, s)
     extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
              "rung_steps": steps, "rung_agreement": rung_agreement(rows_list, s.metric),
-             "macs_warnings": constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
+             "macs_warnings": run.constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
     if write:
         write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
     return {"rows": rows_list, "summary": summary, "best": best, "verdict": verdict, **extra}
+
+
+def _with_latency(rows: Sequence[dict[str, Any]], meter: MeasuredLatency) -> None:
+    """Each row's network's measured train and inference cost over unscaled B0's (``latency_train`` /
+    ``latency_infer``), where it was measured."""
+    from effnet_jax.latency import KINDS
+
+    for r in rows:
+        cost = meter.measurements.get(meter.network_key(Candidate(r["alpha"], r["beta"], r["gamma"], r["label"])))
+        for kind in KINDS:
+            r[f"latency_{kind}"] = cost[kind]["ratio"] if cost else None
 
 
 def training_share(rows: Sequence[dict[str, Any]], t0: float) -> float | None:
@@ -329,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     _refuse_old_workdir(workdir, fv.storage)
     t0 = time.time()
-    out = run.serve(lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write))
+    out = run.serve(lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write),
+                    prepare=lambda log: setup(config, workdir, fv.storage, fv.study_name, log))
     if fv.worker:
         return out
     _print_summary(out, config, workdir, time.time() - t0)

@@ -545,9 +545,10 @@ class Experiment:
     argv: list[str]
     module: str
 
-    def serve(self, job: Callable[[Callable[[str], None], bool], Any]) -> Any:
+    def serve(self, job: Callable[[Callable[[str], None], bool], Any],
+              prepare: Callable[[Callable[[str], None]], Any] | None = None) -> Any:
         """``serve`` with this experiment's flags, workdir and trial identity."""
-        return serve(self.flags, self.argv, self.module, self.workdir, identity(self.config.train), job)
+        return serve(self.flags, self.argv, self.module, self.workdir, identity(self.config.train), job, prepare)
 
 
 def begin(argv: Sequence[str] | None, module: str, default_config: str, check: Callable[[Any], Any],
@@ -600,9 +601,11 @@ def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) ->
 
 
 def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mapping[str, Any],
-          job: Callable[[Callable[[str], None], bool], Any]) -> Any:
+          job: Callable[[Callable[[str], None], bool], Any],
+          prepare: Callable[[Callable[[str], None]], Any] | None = None) -> Any:
     """Run an experiment the way its flags ask: ``job(log, write)`` in ``--local_workers`` processes on one
-    storage, then here (which finishes what is left and, with ``write``, writes the report).
+    storage, then here (which finishes what is left and, with ``write``, writes the report). ``prepare(log)``
+    runs here first, alone on the machine, before any worker starts (timing networks, say).
 
     The storage is opened and checked once, here, before any worker starts. Ctrl-C or SIGTERM stops the
     workers (each saves its trial's checkpoint; one that does not within STOP_WAIT_S is killed), queues
@@ -638,6 +641,8 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
     children: list[subprocess.Popen] = []
     try:
         if len(envs) > 1:
+            if prepare is not None:
+                prepare(lambda m: print(m, flush=True))
             children = [_spawn_worker(module, argv, workdir, env) for env in envs]
             with signals.deferred():
                 while any(c.poll() is None for c in children) and signals.requested() is None:

@@ -55,3 +55,51 @@ def test_scale_up_prints_each_models_measured_cost(capsys):
     assert all(out["1"][kind]["ratio"] > 0 for kind in latency.KINDS)
     text = capsys.readouterr().out
     assert f"measured on {latency.device_key()}" in text and "phi=1: train " in text and "x B0" in text
+
+
+LATENCY_GRID = ["--config.search.constraint=latency", "--config.search.alpha=(1.2,1.3)",
+                "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
+                "--config.search.latency_tolerance=0.9", "--config.search.latency_window=0.9",
+                "--config.search.latency_rounds=2", "--config.search.include_paper=False",
+                "--config.search.strategy=exhaustive", "--config.search.final_seeds=()",
+                "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
+                f"--config.train.compile_cache_dir={CACHE}", "--local_workers=1"]
+
+
+def test_a_search_on_measured_latency_admits_trains_and_reuses_its_measurements(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-m", "experiments.grid_search", f"--workdir={tmp_path / 'grid'}", *LATENCY_GRID]
+    first = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    import re
+
+    assert re.search(r"^measuring [1-3] networks' train-step and inference time against unscaled B0 on cpu:",
+                     first.stdout, re.M), first.stdout[-3000:]
+    assert "xTrain" in first.stdout and "xInfer" in first.stdout
+    best = json.loads((tmp_path / "grid" / "best.json").read_text())
+    assert best["latency_train"] > 0 and best["latency_infer"] > 0
+    assert abs(best["latency_train"] / 2.0 - 1) <= 0.9  # what the constraint admitted
+    again = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "measuring" not in again.stdout, again.stdout[-3000:]  # kept in the study
+    assert json.loads((tmp_path / "grid" / "best.json").read_text())["latency_train"] == best["latency_train"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.search.sampler=tpe", "search.constraint=latency works with search.sampler=grid"),
+    ("--config.search.latency_kind=wall", "search.latency_kind must be train or infer"),
+    ("--config.search.latency_tolerance=2.0", "search.latency_tolerance must be in (0, 1)"),
+])
+def test_what_the_latency_constraint_cannot_serve_is_one_line(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "experiments.grid_search", f"--workdir={tmp_path / 'grid'}",
+                           *LATENCY_GRID, override], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, \
+        proc.stderr
+    assert message in proc.stderr and not (tmp_path / "grid" / "study.journal").exists()

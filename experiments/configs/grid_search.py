@@ -47,6 +47,15 @@ def get_config() -> ml_collections.ConfigDict:
     # disagree (4-6x instead of 2x at 32 px), and points that round to one network are trained once.
     s.constraint = "formula"
     s.macs_tolerance = 0.05
+    # "latency": the rounded network's train-step (or inference: latency_kind) time measured on this device over
+    # unscaled B0's within latency_tolerance (relative) of target**phi; only the networks whose MACs lie within
+    # latency_window of that goal are compiled and timed (median of latency_rounds interleaved rounds), once per
+    # device kind, kept in the study. measure_latency: measure (and show) those costs with any constraint.
+    s.latency_kind = "train"
+    s.latency_tolerance = 0.1
+    s.latency_window = 0.5
+    s.latency_rounds = 5
+    s.measure_latency = False
     s.include_paper = True  # (1.2, 1.1, 1.15), labelled "paper"; always goes on to the top rung
     s.include_baseline = True  # unscaled B0 (phi = 0), labelled "baseline"; always goes on to the top rung
     s.sampler = "grid"  # the paper's method; "tpe": Optuna's TPE proposes n_trials points on the surface
