@@ -189,8 +189,10 @@ class RealMacs(Constraint):
     def entry_cost(self, entry: dict[str, Any]) -> float | None:
         return entry.get("macs_ratio")
 
+    tolerance: ClassVar[str] = "macs_tolerance"  # the search field bounding |cost / goal - 1|
+
     def admits(self, cost: float) -> bool:
-        return abs(cost / self.goal - 1) <= self.search.macs_tolerance + EPS
+        return abs(cost / self.goal - 1) <= self.search[self.tolerance] + EPS
 
     def distance(self, cost: float) -> float:
         return abs(cost - self.goal)
@@ -220,6 +222,7 @@ class MeasuredLatency(RealMacs):
     """
 
     name = "latency"
+    tolerance = "latency_tolerance"
 
     def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
                  num_classes: int | None = None) -> None:
@@ -259,9 +262,6 @@ class MeasuredLatency(RealMacs):
 
     def entry_cost(self, entry: dict[str, Any]) -> float | None:
         return entry.get(f"latency_{self.search.latency_kind}")
-
-    def admits(self, cost: float) -> bool:
-        return abs(cost / self.goal - 1) <= self.search.latency_tolerance + EPS
 
     def refusal(self, closest: Candidate, cost: float) -> str:
         return (f"no measured network's {self.search.latency_kind} time is {self.goal:g}x the baseline's within "
