@@ -235,9 +235,10 @@ class MeasuredLatency(RealMacs):
         s = self.search
         if s.latency_kind not in KINDS:
             raise UserError(f"search.latency_kind must be {' or '.join(KINDS)}, got {s.latency_kind!r}")
-        for field in ("latency_tolerance", "latency_window"):
-            if not (isinstance(s[field], float) and 0 < s[field] < 1):
-                raise UserError(f"search.{field} must be in (0, 1) (relative), got {s[field]!r}")
+        if not (isinstance(s.latency_tolerance, float) and s.latency_tolerance > 0):
+            raise UserError(f"search.latency_tolerance must be > 0 (relative), got {s.latency_tolerance!r}")
+        if not (isinstance(s.latency_window, float) and 0 < s.latency_window < 1):
+            raise UserError(f"search.latency_window must be in (0, 1) (relative), got {s.latency_window!r}")
 
     def network_key(self, c: Candidate) -> str:
         arch, resolution = self._network(c)
@@ -245,7 +246,8 @@ class MeasuredLatency(RealMacs):
 
     def to_measure(self, points: Sequence[Candidate]) -> list[Candidate]:
         window = [c for c in points if abs(RealMacs.cost(self, c) / self.goal - 1) <= self.search.latency_window]
-        return list({self.network_key(c): c for c in [BASELINE, *window, PAPER]}.values())
+        refs = [PAPER] if self.search.include_paper else []
+        return list({self.network_key(c): c for c in [BASELINE, *window, *refs]}.values())
 
     def cost(self, c: Candidate) -> float:
         measured = self.measurements.get(self.network_key(c))
