@@ -106,7 +106,8 @@ def test_sigterm_stops_a_search_requeues_its_trials_and_the_rerun_matches_an_uni
     trials = [t for ts in trials_by_key(None, wd, "grid_search").values() for t in ts]
     assert not any(t.state.name == "RUNNING" for t in trials)
     stopped = [t for t in trials if t.user_attrs.get("reason") == "interrupted"]
-    assert stopped and len([t for t in trials if t.state.name == "WAITING"]) == len(stopped)
+    waiting = {t.user_attrs["key"] for t in trials if t.state.name == "WAITING"}  # (racing planners may have
+    assert stopped and {t.user_attrs["key"] for t in stopped} <= waiting  # queued a key twice: it runs once)
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     done = complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
