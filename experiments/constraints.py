@@ -200,15 +200,21 @@ class RealMacs(Constraint):
     def twin(self, c: Candidate) -> Hashable:
         return self._network(c)
 
+    def what(self) -> str:
+        """The cost this constraint compares, as its messages name it."""
+        return "real MACs"
+
+    def remedy(self) -> str:
+        return "widen the ranges or search.macs_tolerance, or change train.model.base_resolution"
+
     def refusal(self, closest: Candidate, cost: float) -> str:
-        return (f"no grid point's rounded network costs {self.goal:g}x the baseline's MACs within "
-                f"{self.search.macs_tolerance:.0%}; the closest is alpha={closest.alpha}, beta={closest.beta}, "
-                f"gamma={closest.gamma} at {cost:.2f}x: widen the ranges or search.macs_tolerance, or change "
-                "train.model.base_resolution")
+        return (f"no grid point's rounded network costs {self.goal:g}x the baseline's {self.what()} within "
+                f"{self.search[self.tolerance]:.0%}; the closest is alpha={closest.alpha}, beta={closest.beta}, "
+                f"gamma={closest.gamma} at {cost:.2f}x: {self.remedy()}")
 
     def describe(self, cands: Sequence[Candidate]) -> str | None:
-        return (f"constraint on real MACs: {sum(not c.label for c in cands)} distinct networks (and the references) "
-                f"within {self.search.macs_tolerance:.0%} of {self.goal:g}x the baseline's MACs at "
+        return (f"constraint on {self.what()}: {sum(not c.label for c in cands)} distinct networks (and the "
+                f"references) within {self.search[self.tolerance]:.0%} of {self.goal:g}x the baseline's at "
                 f"{self.train_config.model.base_resolution} px")
 
 
@@ -265,16 +271,11 @@ class MeasuredLatency(RealMacs):
     def entry_cost(self, entry: dict[str, Any]) -> float | None:
         return entry.get(f"latency_{self.search.latency_kind}")
 
-    def refusal(self, closest: Candidate, cost: float) -> str:
-        return (f"no measured network's {self.search.latency_kind} time is {self.goal:g}x the baseline's within "
-                f"{self.search.latency_tolerance:.0%}; the closest is alpha={closest.alpha}, beta={closest.beta}, "
-                f"gamma={closest.gamma} at {cost:.2f}x: widen search.latency_tolerance or search.latency_window, "
-                "or the ranges")
+    def what(self) -> str:
+        return f"measured {self.search.latency_kind} time"
 
-    def describe(self, cands: Sequence[Candidate]) -> str | None:
-        return (f"constraint on measured {self.search.latency_kind} time: {sum(not c.label for c in cands)} distinct "
-                f"networks (and the references) within {self.search.latency_tolerance:.0%} of {self.goal:g}x the "
-                f"baseline's, of {len(self.measurements)} measured")
+    def remedy(self) -> str:
+        return "widen search.latency_tolerance or search.latency_window, or the ranges"
 
 
 CONSTRAINTS: dict[str, type[Constraint]] = {c.name: c for c in (Formula, RealMacs, MeasuredLatency)}
