@@ -39,22 +39,10 @@ def _config_flag_value(argv: list[str]) -> str | None:
     return value
 
 
-def config_overrides(argv: list[str]) -> list[str]:
-    """Dotted field paths that ``argv`` overrides: --config.a.b=1 / --config.a.b 1 / --noconfig.a.b -> 'a.b'."""
-    paths = []
-    for arg in argv[1:]:
-        if arg == "--":
-            break
-        name = arg.lstrip("-").partition("=")[0]
-        if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
-            paths.append(name.split(".", 1)[1])
-    return paths
-
-
-def last_override_wins(argv: list[str]) -> list[str]:
-    """``argv`` with only the last of repeated ``--config.x`` overrides (absl would concatenate a tuple
-    field's values: ``(1.1,1.3)`` then ``(1.2,1.2)`` gave ``(1.1, 1.3, 1.2, 1.2)``)."""
-    spans: list[tuple[str | None, list[str]]] = []  # (overridden path or None, the tokens)
+def _override_spans(argv: list[str]) -> list[tuple[str | None, list[str]]]:
+    """``argv[1:]`` as (overridden field path or None, its tokens): --config.a.b=1 / --config.a.b 1 /
+    --noconfig.a.b -> 'a.b'; everything from ``--`` on is one span without a path."""
+    spans: list[tuple[str | None, list[str]]] = []
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -63,14 +51,25 @@ def last_override_wins(argv: list[str]) -> list[str]:
             break
         name, eq, _ = arg.lstrip("-").partition("=")
         if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
-            path = name.split(".", 1)[1]
             takes_next = not eq and name.startswith("config.") and i + 1 < len(argv) \
                 and not argv[i + 1].startswith("-")
-            spans.append((path, argv[i:i + 2] if takes_next else [arg]))
+            spans.append((name.split(".", 1)[1], argv[i:i + 2] if takes_next else [arg]))
             i += 2 if takes_next else 1
             continue
         spans.append((None, [arg]))
         i += 1
+    return spans
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+    """Dotted field paths that ``argv`` overrides, in order."""
+    return [path for path, _ in _override_spans(argv) if path is not None]
+
+
+def last_override_wins(argv: list[str]) -> list[str]:
+    """``argv`` with only the last of repeated ``--config.x`` overrides (absl would concatenate a tuple
+    field's values: ``(1.1,1.3)`` then ``(1.2,1.2)`` gave ``(1.1, 1.3, 1.2, 1.2)``)."""
+    spans = _override_spans(argv)
     last = {path: k for k, (path, _) in enumerate(spans) if path is not None}
     return argv[:1] + [tok for k, (path, toks) in enumerate(spans) if path is None or last[path] == k for tok in toks]
 

@@ -18,9 +18,8 @@ A workdir belongs to one config (``rundir.check_resume``: a changed config is re
 returned and no file changes.
 
 Mistakes in the config, data or workdir raise ``UserError`` before anything is written; Ctrl-C
-or SIGTERM saves the state reached and raises ``errors.Interrupted`` naming the step to resume from; a
-diverged run returns status
-"diverged".
+or SIGTERM saves the state reached and raises ``errors.Interrupted`` naming the step to resume
+from; a diverged run returns status "diverged".
 """
 
 from __future__ import annotations

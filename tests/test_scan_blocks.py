@@ -1,14 +1,13 @@
 """model.scan_blocks: each stage's repeated blocks run as one scan, with the unscanned model's numbers,
 weights, layout and parameter count."""
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
+from test_kernels import train_losses
 
 from effnet_jax import count_params, scaling, trainer
 from effnet_jax import model as model_lib
@@ -110,19 +109,12 @@ def tiny_config(scan, kernels, optimizer="sgd"):
     return c
 
 
-def train(config, workdir):
-    result = trainer.train_and_evaluate(config, str(workdir))
-    with open(workdir / "metrics.jsonl") as f:
-        losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-    return result, losses, load_file(str(workdir / "weights.safetensors"))
-
-
 @pytest.mark.parametrize("kernels", ["fast", "reference"])
 def test_scanned_training_matches_unscanned(tmp_path, kernels):
     """A few train steps through the trainer (drop path on): the same losses, weights and weight-file keys,
     and result.json says which way the blocks ran."""
-    plain = train(tiny_config(False, kernels), tmp_path / "plain")
-    scanned = train(tiny_config(True, kernels), tmp_path / "scanned")
+    plain = train_losses(tiny_config(False, kernels), tmp_path / "plain")
+    scanned = train_losses(tiny_config(True, kernels), tmp_path / "scanned")
     assert (plain[0]["scan_blocks"], scanned[0]["scan_blocks"]) == (False, True)
     assert plain[0]["blocks"] == scanned[0]["blocks"] == 8
     assert plain[0]["params"] == scanned[0]["params"]
