@@ -141,7 +141,7 @@ def started() -> None:
 
 # The command lines whose ``main`` calls ``started()`` (through ``errors.exit_on_user_error``).
 ENTRY_POINTS = ("effnet_jax.train", "effnet_jax.size_table", "experiments.grid_search", "experiments.fidelity",
-                "experiments.scaling_study", "experiments.scale_up")
+                "experiments.latency_table", "experiments.scaling_study", "experiments.scale_up")
 
 
 def _launched_as_command_line() -> bool:

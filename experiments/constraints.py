@@ -10,7 +10,6 @@ in ``CONSTRAINTS``; ``search.constraint`` names it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
@@ -247,13 +246,16 @@ class MeasuredLatency(RealMacs):
             raise UserError(f"search.latency_window must be in (0, 1) (relative), got {s.latency_window!r}")
 
     def network_key(self, c: Candidate) -> str:
-        arch, resolution = self._network(c)
-        return hashlib.sha1(repr((arch, resolution)).encode()).hexdigest()[:12]
+        return trials.network_name(*self._network(c))
 
     def to_measure(self, points: Sequence[Candidate]) -> list[Candidate]:
         window = [c for c in points if abs(RealMacs.cost(self, c) / self.goal - 1) <= self.search.latency_window]
         refs = [PAPER] if self.search.include_paper else []
-        return list({self.network_key(c): c for c in [BASELINE, *window, *refs]}.values())
+        return self.one_per_network([BASELINE, *window, *refs])
+
+    def one_per_network(self, points: Sequence[Candidate]) -> list[Candidate]:
+        """The first of ``points`` for each distinct rounded network (the others would time the same program)."""
+        return list({self.network_key(c): c for c in points}.values())
 
     def cost(self, c: Candidate) -> float:
         measured = self.measurements.get(self.network_key(c))

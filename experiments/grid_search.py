@@ -292,7 +292,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, storage: str | None =
         meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), num_classes, log)
     cands = candidates(s, config.train, num_classes, constraint)
     if meter is not None and meter is not constraint:
-        meter.measurements = measured(config, study, meter, meter.to_measure(cands), num_classes, log)
+        meter.measurements = measured(config, study, meter, meter.one_per_network([BASELINE, *cands]), num_classes,
+                                      log)
     line = constraint.describe(cands)
     if line:
         log(line)

@@ -58,7 +58,7 @@ FAMILIES = ("width", "depth", "resolution", "compound")
 STEP = 1e-4  # grid of the searched coefficient (w, d, gamma or phi)
 MAX_COEFFICIENT = 64.0  # a budget no family reaches below this is refused
 CSV_FIELDS = ("trial_id", "family", "budget", "coefficient", "alpha", "beta", "gamma", "phi", "seed",
-              "target_macs", "macs_ratio", "trial_number", "state", *runner.RESULT_FIELDS)
+              "target_macs", "macs_ratio", "latency_ratio", "trial_number", "state", *runner.RESULT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ class Point:
     params: int
     macs: int
     ratio: float  # achieved MACs / baseline MACs
+    latency: float | None = None  # measured time / baseline's on this device (study.match = "latency")
 
     @property
     def key(self) -> str:
@@ -149,24 +150,91 @@ def match_budget(family: str, budget: float, base_macs: int, macs_at: Callable[[
     return round(start + k * STEP, 6), macs
 
 
-def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_classes: int) -> list[Point]:
-    """The baseline, then every (family, budget) model above it, each matched to its budget."""
+def match_latency(family: str, budget: float, base_macs: int, macs_at: Callable[[float], int],
+                  latency_at: Callable[[float], float], tolerance: float, tries: int = 4) -> tuple[float, float]:
+    """The coefficient whose model's measured time is closest to ``budget`` x the baseline's, and that ratio.
+
+    Each probe compiles a network, so instead of bisecting on time the MACs match is used as a
+    secant: start at the model matching ``budget`` in MACs, and while its time ratio r misses, aim
+    the MACs at budget * (budget / r) of the previous aim (time is near-proportional to MACs
+    locally, not globally); at most ``tries`` distinct models are measured.
+    """
+    aim, seen = budget, {}
+    for _ in range(tries):
+        coef, _ = match_budget(family, aim, base_macs, macs_at, math.inf)
+        if coef in seen:
+            break
+        seen[coef] = latency_at(coef)
+        if abs(seen[coef] / budget - 1) <= tolerance / 4:
+            break
+        aim *= budget / seen[coef]
+    coef = min(seen, key=lambda k: abs(seen[k] / budget - 1))
+    if abs(seen[coef] / budget - 1) > tolerance:
+        near = ", ".join(f"{r:.2f}x" for r in sorted(seen.values()))
+        raise UserError(f"{family}-only scaling cannot get within {tolerance:.0%} of {budget:g}x the baseline's "
+                        f"measured time (the models tried cost {near}); change study.budgets or study.tolerance")
+    return coef, seen[coef]
+
+
+def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_classes: int,
+         latency_of: Callable[[Candidate, float], float] | None = None) -> list[Point]:
+    """The baseline, then every (family, budget) model above it, each matched to its budget: in MACs, or
+    (``study.match = "latency"``) in the measured time ``latency_of(candidate, phi)`` returns."""
     s = config.study
     rc = config.train
     base = trials.figures(rc, BASELINE, 0.0, num_classes)
-    points = [Point("baseline", 1.0, BASELINE, 0.0, 1.0, **base, ratio=1.0)]
+    points = [Point("baseline", 1.0, BASELINE, 0.0, 1.0, **base, ratio=1.0,
+                    latency=1.0 if latency_of is not None else None)]
     for family in s.families:
         for budget in s.budgets:
             def macs_at(coef: float, family: str = family) -> int:
                 return trials.figures(rc, *family_candidate(family, coef, constants), num_classes)["macs"]
 
-            coef, _ = match_budget(family, float(budget), base["macs"], macs_at, float(s.tolerance))
+            measured = None
+            if latency_of is None:
+                coef, _ = match_budget(family, float(budget), base["macs"], macs_at, float(s.tolerance))
+            else:
+                coef, measured = match_latency(family, float(budget), base["macs"], macs_at,
+                                               lambda k, f=family: latency_of(*family_candidate(f, k, constants)),
+                                               float(s.tolerance))
             if coef == origin(family):  # unscaled: the shared baseline
                 continue
             c, phi = family_candidate(family, coef, constants)
             m = trials.figures(rc, c, phi, num_classes)
-            points.append(Point(family, float(budget), c, phi, coef, **m, ratio=m["macs"] / base["macs"]))
+            points.append(Point(family, float(budget), c, phi, coef, **m, ratio=m["macs"] / base["macs"],
+                                latency=measured))
     return points
+
+
+def latency_meter(config: ml_collections.ConfigDict, num_classes: int, study_: Any,
+                  log: Callable[[str], Any]) -> Callable[[Candidate, float], float]:
+    """``latency_of(candidate, phi)``: the model's ``study.latency_kind`` time over unscaled B0's on this device,
+    from the study (kept per device kind, so workers and reruns plan the same models) or measured now,
+    interleaved with B0 (``effnet_jax.latency``) and stored."""
+    from effnet_jax import latency
+
+    s, device, runs = config.study, latency.device_key(), {}
+    seed = int(s.seeds[0])
+
+    def runner_of(c: Candidate, phi: float) -> Callable[[int], None]:
+        cfg = trials.trial_config(config.train, c, phi, seed=seed, schedule_steps=0)
+        return latency.step_runner(cfg, num_classes, s.latency_kind)
+
+    def latency_of(c: Candidate, phi: float) -> float:
+        key = trials.network_key(config.train, c, phi)
+        stored = dict(study_.study.user_attrs.get("latency") or {})
+        mine = dict(stored.get(device) or {})
+        if s.latency_kind not in mine.get(key, {}):
+            if "base" not in runs:
+                runs["base"] = runner_of(BASELINE, 0.0)
+            cost = latency.interleaved({"base": runs["base"], key: runner_of(c, phi)}, "base", s.latency_rounds)[key]
+            log(f"latency: {trials.candidate_name(dataclasses.asdict(c))} at phi={phi:g} costs {cost.ratio:.2f}x "
+                f"unscaled B0's {s.latency_kind} time on {device}")
+            mine[key] = {**mine.get(key, {}), s.latency_kind: cost.as_dict()}
+            study_.study.set_user_attr("latency", {**stored, device: mine})
+        return mine[key][s.latency_kind]["ratio"]
+
+    return latency_of
 
 
 def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -185,6 +253,15 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
     trials.check_metric(s.metric, "study.metric")
     if config.train.model.resolution > 0:
         raise UserError("train.model.resolution must be 0 (resolutions come from base_resolution and the scaling)")
+    if s.match not in ("macs", "latency"):
+        raise UserError(f"study.match must be macs or latency, got {s.match!r}")
+    if s.match == "latency":
+        from effnet_jax.latency import KINDS
+
+        if s.latency_kind not in KINDS:
+            raise UserError(f"study.latency_kind must be {' or '.join(KINDS)}, got {s.latency_kind!r}")
+        if isinstance(s.latency_rounds, bool) or not isinstance(s.latency_rounds, int) or s.latency_rounds < 1:
+            raise UserError(f"study.latency_rounds must be a positive integer, got {s.latency_rounds!r}")
     if s.constants:
         return scaling.load_constants(os.path.expanduser(s.constants))
     return dict(scaling.PAPER_CONSTANTS)
@@ -208,7 +285,7 @@ def summarize(rows: Sequence[dict[str, Any]], points: Sequence[Point], metric: s
             "family": p.family, "budget": p.budget, "coefficient": p.coefficient, "phi": p.phi,
             "alpha": p.candidate.alpha, "beta": p.candidate.beta, "gamma": p.candidate.gamma,
             "width": p.width, "depth": p.depth, "resolution": p.resolution, "blocks": p.blocks,
-            "params": p.params, "macs": p.macs, "ratio": p.ratio,
+            "params": p.params, "macs": p.macs, "ratio": p.ratio, "latency": p.latency,
             "seeds": len(group), "ok": len(ok), "status": "ok" if ok else (group[0]["status"] if group else "missing"),
             "values": values, **_interval(values),
             "wall_time_s": sum(r.get("wall_time_s") or 0.0 for r in group),
@@ -258,17 +335,21 @@ def flops_growth(rc: ml_collections.ConfigDict, constants: dict[str, float], phi
 
 
 def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
+    timed = any(s.get("latency") is not None for s in summary)
     head = (f"{'family':<10} {'budget':>6} {'coef':>7} {'width':>6} {'depth':>6} {'res':>4} {'blocks':>6} "
-            f"{'params':>10} {'MMACs':>8} {'x base':>6} {metric:>16} {'seeds':>5} {'time s':>7}")
+            f"{'params':>10} {'MMACs':>8} {'x base':>6}" + (f" {'x time':>6}" if timed else "")
+            + f" {metric:>16} {'seeds':>5} {'time s':>7}")
     lines = [head, "-" * len(head)]
     for s in summary:
         score = report.score_text(s)
         lines.append(
             f"{s['family']:<10} {s['budget']:>5g}x {s['coefficient']:>7.4f} {s['width']:>6.3f} {s['depth']:>6.3f} "
             f"{s['resolution']:>4} {s['blocks']:>6} {s['params']:>10,} {s['macs'] / 1e6:>8.2f} {s['ratio']:>6.2f} "
-            f"{score:>16} {s['ok']:>2}/{s['seeds']:<2} {s['wall_time_s']:>7.1f}")
+            + (f"{s['latency']:>6.2f} " if timed else "")
+            + f"{score:>16} {s['ok']:>2}/{s['seeds']:<2} {s['wall_time_s']:>7.1f}")
     lines.append("coef: w (width), d (depth), gamma (resolution) at phi = 1, or phi (compound); "
-                 "x base: achieved MACs / baseline MACs")
+                 "x base: achieved MACs / baseline MACs" + ("; x time: measured time / baseline's on this device "
+                                                           "(what the budgets were matched on)" if timed else ""))
     return "\n".join(lines)
 
 
@@ -308,7 +389,7 @@ def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seed
             attrs = {"point": p.key, "family": p.family, "budget": p.budget, "coefficient": p.coefficient,
                      "label": p.candidate.label, "alpha": p.candidate.alpha, "beta": p.candidate.beta,
                      "gamma": p.candidate.gamma, "phi": p.phi, "seed": seed, "target_macs": p.budget * base_macs,
-                     "macs_ratio": p.ratio}
+                     "macs_ratio": p.ratio, "latency_ratio": p.latency}
             plans.append(runner.TrialPlan(p.trial_id(seed), cfg, attrs))
     return plans
 
@@ -317,21 +398,18 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
           storage: str | None = None, study_name: str = "scaling_study", write: bool = True) -> dict[str, Any]:
     """Run (or join, or resume) the study; returns {"points", "rows", "summary", "growth"}. ``write``: the
     output files (a local worker leaves them to the process that reports)."""
-    constants = check_config(config)
     seeds = [int(x) for x in config.study.seeds]
-    base_cfg = trials.trial_config(config.train, BASELINE, seed=seeds[0], schedule_steps=0)
-    num_classes = trainer.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
-    points = plan(config, constants, num_classes)
+    study_, points, num_classes = setup(config, workdir, log, storage, study_name)
     base_macs = points[0].macs
     phis = [p.phi for p in points if p.family == "compound"]
     top = max(1, math.ceil(math.log(max(config.study.budgets)) / math.log(2)))
-    growth = flops_growth(config.train, constants, [*range(0, top + 1), *phis], num_classes)
-    log(f"matched budgets (baseline {base_macs / 1e6:.2f} MMACs at {points[0].resolution} px):")
+    growth = flops_growth(config.train, check_config(config), [*range(0, top + 1), *phis], num_classes)
+    log(f"matched budgets in {'measured time' if config.study.match == 'latency' else 'MACs'} "
+        f"(baseline {base_macs / 1e6:.2f} MMACs at {points[0].resolution} px):")
     for p in points[1:]:
         log(f"  {p.family:<10} {p.budget:>4g}x: coefficient {p.coefficient:.4f} -> width {p.width:.3f}, "
-            f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x")
-    study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
-                               storage or workdir)
+            f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x"
+            + ("" if p.latency is None else f", {p.latency:.2f}x time"))
     rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, trainer.train_and_evaluate,
                            config.study.metric, log).values())
     summary = summarize(rows, points, config.study.metric)
@@ -340,11 +418,26 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     return {"points": points, "rows": rows, "summary": summary, "growth": growth}
 
 
+def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print,
+          storage: str | None = None, study_name: str = "scaling_study") -> tuple[Any, list[Point], int]:
+    """Open the data and the study, and match every family to its budgets (measuring on this device when
+    matching on time): (study, points, class count). Writes nothing but the study."""
+    constants = check_config(config)
+    base_cfg = trials.trial_config(config.train, BASELINE, seed=int(config.study.seeds[0]), schedule_steps=0)
+    num_classes = trainer.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
+    study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
+                               storage or workdir)
+    meter = latency_meter(config, num_classes, study_, log) if config.study.match == "latency" else None
+    return study_, plan(config, constants, num_classes, meter), num_classes
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run = runner.begin(argv, "experiments.scaling_study", DEFAULT_CONFIG, check_config)
     fv, t0 = run.flags, time.time()
-    out = run.serve(lambda log, write: study(run.config, run.workdir, log, fv.storage, fv.study_name, write))
+    out = run.serve(lambda log, write: study(run.config, run.workdir, log, fv.storage, fv.study_name, write),
+                    prepare=(lambda log: setup(run.config, run.workdir, log, fv.storage, fv.study_name))
+                    if run.config.study.match == "latency" else None)
     if fv.worker:
         return out
     print(format_table(out["summary"], run.config.study.metric))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -94,6 +95,16 @@ def network(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 
     cfg = trial_config(train_config, c, phi)
     spec = scaling.model_spec(cfg.model)
     return spec, scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
+
+
+def network_key(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0) -> str:
+    """A short name of the rounded network a trial of ``c`` at ``phi`` trains: what measured times are kept by."""
+    spec, arch = network(train_config, c, phi)
+    return network_name(arch, spec.resolution)
+
+
+def network_name(arch: Architecture, resolution: int) -> str:
+    return hashlib.sha1(repr((arch, resolution)).encode()).hexdigest()[:12]
 
 
 def figures(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, num_classes: int) -> dict[str, Any]:

@@ -104,3 +104,20 @@ def test_what_the_latency_constraint_cannot_serve_is_one_line(tmp_path, override
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, \
         proc.stderr
     assert message in proc.stderr and not (tmp_path / "grid" / "study.journal").exists()
+
+
+def test_measure_latency_times_every_candidate_whatever_the_constraint(tmp_path):
+    from experiments import grid_search
+    from experiments.configs import grid_search as grid_config
+
+    config = grid_config.get_config()
+    s, train = config.search, config.train
+    s.alpha, s.beta, s.gamma, s.tolerance = (1.2, 1.3), (1.05, 1.05), (1.2, 1.2), 0.5  # the formula keeps both
+    s.measure_latency, s.latency_window, s.latency_rounds, s.include_paper = True, 0.01, 2, False
+    train.model.network, train.compile_cache_dir = "tiny", CACHE
+    run = grid_search.setup(config, str(tmp_path), log=lambda m: None)
+    assert len(run.cands) == 4 and run.meter is not None  # three grid points and the baseline
+    # the window (for choosing what the latency constraint compiles) does not hide a candidate's cost
+    for c in run.cands:
+        cost = run.meter.measurements[run.meter.network_key(c)]
+        assert all(cost[kind]["ratio"] > 0 for kind in latency.KINDS)

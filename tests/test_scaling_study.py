@@ -133,3 +133,48 @@ def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monke
     again = scaling_study.main(argv)
     assert len(again["rows"]) == 2
     assert [s["mean"] for s in again["summary"]] == [s["mean"] for s in out["summary"]]
+
+
+def test_latency_match_aims_the_macs_until_the_measured_time_lands():
+    config = study_config.get_config()
+    base_macs = trials.figures(config.train, trials.BASELINE, 0.0, 10)["macs"]
+
+    def macs_at(w: float) -> int:
+        return trials.figures(config.train, *scaling_study.family_candidate("width", w, {}), 10)["macs"]
+
+    probes = []
+
+    def latency_at(w: float) -> float:  # time grows slower than MACs: the MACs match alone undershoots
+        probes.append(w)
+        return (macs_at(w) / base_macs) ** 0.6
+
+    coef, ratio = scaling_study.match_latency("width", 2.0, base_macs, macs_at, latency_at, tolerance=0.1)
+    assert abs(ratio / 2.0 - 1) <= 0.1 and ratio == latency_at(coef)
+    assert 1 < len(set(probes)) <= 5  # a few networks compiled, not a bisection's dozen
+    macs_coef, _ = scaling_study.match_budget("width", 2.0, base_macs, macs_at, 0.3)
+    assert coef > macs_coef  # it had to go past the MACs match
+    with pytest.raises(UserError, match="cannot get within 10% of 2x the baseline's measured time"):
+        scaling_study.match_latency("width", 2.0, base_macs, macs_at, lambda w: 1.0, tolerance=0.1)
+
+
+def test_tiny_study_matched_on_measured_time_keeps_its_measurements(tmp_path, monkeypatch, capsys):
+    workdir = str(tmp_path / "study")
+    argv = ["prog", f"--workdir={workdir}", "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
+            "--config.study.budgets=(1,2)", "--config.study.seeds=(0,)", "--config.study.families=('width',)",
+            "--config.study.match=latency", "--config.study.latency_rounds=2", "--config.study.tolerance=5.0",
+            "--local_workers=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    out = scaling_study.main(argv)
+    width = next(p for p in out["points"] if p.family == "width")
+    assert width.latency is not None and width.latency > 0 and out["points"][0].latency == 1.0
+    assert "x time" in capsys.readouterr().out
+    assert next(s for s in out["summary"] if s["family"] == "width")["latency"] == width.latency
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a stored measurement was taken again")
+
+    from effnet_jax import latency
+
+    monkeypatch.setattr(latency, "step_runner", no_timing)
+    again = scaling_study.main(argv)
+    assert [p.key for p in again["points"]] == [p.key for p in out["points"]]

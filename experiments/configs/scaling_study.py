@@ -47,5 +47,11 @@ def get_config(data: str = "digits") -> ml_collections.ConfigDict:
     # 2.41x), and any phi > 0 adds a block to every stage (ceil), so compound jumps from 1x to
     # 1.50x and then, once the input grows to 33 px, to 3.71x. Achieved ratios are reported.
     s.tolerance = 0.3
+    # "macs": every family matched to the budgets in MACs; "latency": in measured time on this device (the train
+    # step, or inference: latency_kind; median of latency_rounds rounds interleaved with B0, a few networks
+    # compiled per family and budget, kept in the study: workers and reruns plan the same models)
+    s.match = "macs"
+    s.latency_kind = "train"
+    s.latency_rounds = 5
     s.metric = "val_top1"  # what is compared ("ema_val_top1" also works)
     return c
