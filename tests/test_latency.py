@@ -121,3 +121,32 @@ def test_measure_latency_times_every_candidate_whatever_the_constraint(tmp_path)
     for c in run.cands:
         cost = run.meter.measurements[run.meter.network_key(c)]
         assert all(cost[kind]["ratio"] > 0 for kind in latency.KINDS)
+
+
+def test_latency_table_times_every_network_a_constraint_could_keep_and_compares_runs(tmp_path, capsys):
+    import json
+
+    from experiments import latency_table
+
+    grid = ["--config.search.alpha=(1.2,1.3)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
+            "--config.search.tolerance=0.2", "--config.search.latency_rounds=2",
+            "--config.train.model.network=tiny", f"--config.train.compile_cache_dir={CACHE}"]
+    rows = latency_table.main(["prog", f"--out={tmp_path / 'a.json'}", *grid])
+    labels = [r["label"] for r in rows]
+    assert labels[0] == "baseline" and "paper" in labels and rows[0]["xtrain"] == rows[0]["xinfer"] == 1.0
+    formula = [r for r in rows if "formula" in r.get("admitted_by", [])]
+    assert formula and all(abs(r["alpha"] * r["beta"] ** 2 * r["gamma"] ** 2 - 2.0) <= 0.2 for r in formula)
+    assert all(r["xtrain"] > 0 and r["xinfer"] > 0 and r["xmacs"] > 0 for r in rows)
+    assert "admitted by" in capsys.readouterr().out
+    data = json.loads((tmp_path / "a.json").read_text())
+    for r in data["rows"]:  # a second "run" 10% slower on every network but the last
+        r["xtrain"] *= 1.0 if r is data["rows"][-1] else 1.1
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    latency_table.main(["prog", f"--compare={tmp_path / 'a.json'},{tmp_path / 'b.json'}"])
+    out = capsys.readouterr().out
+    n = len(rows) - 1
+    assert f"xtrain: 1/{n} networks within 5% between the runs" in out and "largest +10.0%" in out
+    assert f"xinfer: {n}/{n} networks within 5%" in out
+    with pytest.raises(SystemExit) as e:
+        latency_table.main(["prog", f"--compare={tmp_path / 'a.json'}"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --compare takes two JSON files")
