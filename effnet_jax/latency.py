@@ -59,17 +59,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str) -> Callable[[int], None]:
+def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str, steps_per_epoch: int = 1000
+                ) -> Callable[[int], None]:
     """``run(n)``: n train steps (the trainer's own jitted, state-donating step) or n inference steps (its
-    evaluation step) of ``config``'s network on one synthetic batch, waiting for the device."""
+    evaluation step) of ``config``'s network on one synthetic batch, waiting for the device.
+
+    Built with the run's length (``num_train_steps``) and ``steps_per_epoch`` as the trainer builds it, the
+    program is the trial's own, so the persistent compilation cache hands the trial this compile.
+    """
     from effnet_jax import scaling, trainer
+    from effnet_jax.configs import to_steps
 
     if kind not in KINDS:
         raise ValueError(f"latency kind must be one of {', '.join(KINDS)}, got {kind!r}")
     spec = scaling.model_spec(config.model)
+    total = max(1, to_steps(config.num_train_steps, config.num_epochs, steps_per_epoch))
     program = trainer.build_program(config, spec, num_classes, layers=trainer.model_layers(config),
-                                    dtype=scaling.compute_dtype(config.model.dtype), steps_per_epoch=1000,
-                                    total_steps=max(1, int(config.get("schedule_steps", 0)) or 1000))
+                                    dtype=scaling.compute_dtype(config.model.dtype), steps_per_epoch=steps_per_epoch,
+                                    total_steps=total)
     rng = np.random.default_rng(0)
     n = config.batch_size
     batch = {"image": jnp.asarray(rng.normal(size=(n, spec.resolution, spec.resolution, 3)), jnp.float32),
@@ -110,14 +117,15 @@ def interleaved(runs: Mapping[str, Callable[[int], None]], reference: str, round
 
 def measure(configs: Mapping[str, ml_collections.ConfigDict], num_classes: int, reference: str,
             kinds: tuple[str, ...] = KINDS, rounds: int = 5, steps: int = 2,
-            log: Callable[[str], Any] = lambda m: None) -> dict[str, dict[str, dict[str, float]]]:
+            log: Callable[[str], Any] = lambda m: None, steps_per_epoch: int = 1000
+            ) -> dict[str, dict[str, dict[str, float]]]:
     """{name: {kind: Cost as a dict}} for every trainer config in ``configs``, against ``configs[reference]``."""
     out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in configs}
     for kind in kinds:
         runs = {}
         for name, config in configs.items():
             t0 = time.perf_counter()
-            runs[name] = step_runner(config, num_classes, kind)
+            runs[name] = step_runner(config, num_classes, kind, steps_per_epoch)
             log(f"latency: built {kind} step of {name} in {time.perf_counter() - t0:.1f} s")
         for name, cost in interleaved(runs, reference, rounds, steps).items():
             out[name][kind] = cost.as_dict()

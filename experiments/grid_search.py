@@ -288,22 +288,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str, storage: str | None =
                               storage or workdir, sampler=proposer.sampler())
     meter = constraint if isinstance(constraint, MeasuredLatency) else (
         MeasuredLatency(s, config.train, num_classes) if s.measure_latency else None)
+    steps = rung_steps(config, prepared.steps_per_epoch)
     if meter is constraint:
-        meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), num_classes, log)
+        meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), prepared, steps, log)
     cands = candidates(s, config.train, num_classes, constraint)
     if meter is not None and meter is not constraint:
-        meter.measurements = measured(config, study, meter, meter.one_per_network([BASELINE, *cands]), num_classes,
-                                      log)
+        meter.measurements = measured(config, study, meter, meter.one_per_network([BASELINE, *cands]), prepared,
+                                      steps, log)
     line = constraint.describe(cands)
     if line:
         log(line)
-    return _Setup(prepared, constraint, meter, cands, rung_steps(config, prepared.steps_per_epoch), study, proposer)
+    return _Setup(prepared, constraint, meter, cands, steps, study, proposer)
 
 
 def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLatency, cands: Sequence[Candidate],
-             num_classes: int, log: Callable[[str], Any]) -> dict[str, dict[str, dict[str, float]]]:
+             prepared: trainer.Run, steps: Sequence[int], log: Callable[[str], Any]
+             ) -> dict[str, dict[str, dict[str, float]]]:
     """{network key: {kind: cost}} of ``cands``' networks on this device: the study's, measuring (and storing)
-    the networks it lacks, against unscaled B0 in the same interleaved rounds."""
+    the networks it lacks, against unscaled B0 in the same interleaved rounds. Each is timed as its rung-0
+    trial's own program, which that trial then loads from the compilation cache."""
     from effnet_jax import latency
 
     device = latency.device_key()
@@ -317,9 +320,9 @@ def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLaten
         todo = {k: keys.get(k, BASELINE) for k in dict.fromkeys([reference, *missing])}
         log(f"measuring {len(set(missing) - {reference})} networks' train-step and inference time against "
             f"unscaled B0 on {device}")
-        configs = {k: trials.trial_config(config.train, c, 0.0 if c.label == "baseline" else s.phi,
-                                          seed=int(s.seeds[0]), schedule_steps=0) for k, c in todo.items()}
-        mine.update(latency.measure(configs, num_classes, reference, rounds=s.latency_rounds, log=log))
+        configs = {k: trial_plan(config, c, int(s.seeds[0]), 0, steps).config for k, c in todo.items()}
+        mine.update(latency.measure(configs, prepared.source.num_classes, reference, rounds=s.latency_rounds, log=log,
+                                    steps_per_epoch=prepared.steps_per_epoch))
         study.study.set_user_attr("latency", {**stored, device: mine})
     return {k: mine[k] for k in keys}
 

@@ -23,6 +23,7 @@ from typing import Any
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, trials
 from experiments.constraints import CONSTRAINTS, MeasuredLatency, grid_points
+from experiments.strategies import schedule_for
 from experiments.trials import BASELINE, PAPER, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
@@ -137,15 +138,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     cli.enable_compile_cache(config.train.compile_cache_dir)
     CONSTRAINTS["latency"](config.search).check()
     base = trials.trial_config(config.train, BASELINE, seed=int(config.search.seeds[0]), schedule_steps=0)
-    num_classes = trainer.prepare(base).source.num_classes
+    prepared = trainer.prepare(base)
+    num_classes = prepared.source.num_classes
     nets = networks(config, num_classes)
     s = config.search
     print(f"timing {len(nets)} networks' train and inference steps against unscaled B0 on {latency.device_key()} "
           f"({s.latency_rounds} interleaved rounds)", flush=True)
-    configs = {k: trials.trial_config(config.train, c[0], 0.0 if c[0].label == "baseline" else s.phi,
-                                      seed=int(s.seeds[0]), schedule_steps=0) for k, c in nets.items()}
+    steps = schedule_for(s).rung_steps(trials.budget_steps(config.train, prepared.steps_per_epoch))
+    configs = {k: trials.trial_config(config.train, c[0], s.phi, seed=int(s.seeds[0]), steps=steps[0],
+                                      schedule_steps=steps[-1] if len(steps) > 1 else 0) for k, c in nets.items()}
     measured = latency.measure(configs, num_classes, next(iter(nets)), rounds=s.latency_rounds,
-                               log=lambda m: print(m, flush=True))
+                               log=lambda m: print(m, flush=True), steps_per_epoch=prepared.steps_per_epoch)
     rows = table_rows(config, num_classes, nets, measured)
     print(format_rows(rows))
     if fv.out:

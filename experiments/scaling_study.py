@@ -206,7 +206,7 @@ def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_cla
     return points
 
 
-def latency_meter(config: ml_collections.ConfigDict, num_classes: int, study_: Any,
+def latency_meter(config: ml_collections.ConfigDict, prepared: trainer.Run, study_: Any,
                   log: Callable[[str], Any]) -> Callable[[Candidate, float], float]:
     """``latency_of(candidate, phi)``: the model's ``study.latency_kind`` time over unscaled B0's on this device,
     from the study (kept per device kind, so workers and reruns plan the same models) or measured now,
@@ -214,11 +214,11 @@ def latency_meter(config: ml_collections.ConfigDict, num_classes: int, study_: A
     from effnet_jax import latency
 
     s, device, runs = config.study, latency.device_key(), {}
-    seed = int(s.seeds[0])
+    seed, num_classes = int(s.seeds[0]), prepared.source.num_classes
 
     def runner_of(c: Candidate, phi: float) -> Callable[[int], None]:
         cfg = trials.trial_config(config.train, c, phi, seed=seed, schedule_steps=0)
-        return latency.step_runner(cfg, num_classes, s.latency_kind)
+        return latency.step_runner(cfg, num_classes, s.latency_kind, prepared.steps_per_epoch)
 
     def latency_of(c: Candidate, phi: float) -> float:
         key = trials.network_key(config.train, c, phi)
@@ -424,10 +424,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     matching on time): (study, points, class count). Writes nothing but the study."""
     constants = check_config(config)
     base_cfg = trials.trial_config(config.train, BASELINE, seed=int(config.study.seeds[0]), schedule_steps=0)
-    num_classes = trainer.prepare(base_cfg).source.num_classes  # validates the train config, writes nothing
+    prepared = trainer.prepare(base_cfg)  # validates the train config, writes nothing
     study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                                storage or workdir)
-    meter = latency_meter(config, num_classes, study_, log) if config.study.match == "latency" else None
+    meter = latency_meter(config, prepared, study_, log) if config.study.match == "latency" else None
+    num_classes = prepared.source.num_classes
     return study_, plan(config, constants, num_classes, meter), num_classes
 
 

@@ -150,3 +150,38 @@ def test_latency_table_times_every_network_a_constraint_could_keep_and_compares_
     with pytest.raises(SystemExit) as e:
         latency_table.main(["prog", f"--compare={tmp_path / 'a.json'}"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --compare takes two JSON files")
+
+
+SHARED_COMPILE = r"""
+import os, sys
+from effnet_jax import compile_cache, latency, trainer
+from effnet_jax.configs import digits
+cache, workdir = sys.argv[1], sys.argv[2]
+compile_cache.enable(cache)
+c = digits.get_config()
+c.model.network, c.model.resolution, c.batch_size, c.num_train_steps, c.schedule_steps = "tiny", 32, 16, 6, 18
+c.log_every_steps, c.eval_every_steps, c.progress_bar, c.save_weights = 3, 10**9, False, False
+run = trainer.prepare(c)
+def entries():
+    return {f: os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)}
+for kind in latency.KINDS:
+    latency.step_runner(c, run.source.num_classes, kind, run.steps_per_epoch)(1)
+measured = entries()
+trainer.train_and_evaluate(c, workdir, run)
+new = {f: n for f, n in entries().items() if f not in measured}
+print(max(measured.values()), max(new.values(), default=0))
+"""
+
+
+def test_a_measured_network_hands_its_trial_the_compiled_train_step(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", SHARED_COMPILE, str(tmp_path / "cache"), str(tmp_path / "run")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    largest_measured, largest_new = map(int, proc.stdout.split()[-2:])
+    # the train step is the largest program; the trial compiled nothing of its size again (a different
+    # learning-rate schedule or batch would have made it compile its own)
+    assert largest_new < largest_measured / 4, (largest_measured, largest_new)
