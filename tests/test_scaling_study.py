@@ -157,24 +157,24 @@ def test_latency_match_aims_the_macs_until_the_measured_time_lands():
         scaling_study.match_latency("width", 2.0, base_macs, macs_at, lambda w: 1.0, tolerance=0.1)
 
 
-def test_tiny_study_matched_on_measured_time_keeps_its_measurements(tmp_path, monkeypatch, capsys):
+def test_tiny_study_matched_on_measured_time_keeps_its_measurements(tmp_path, monkeypatch):
+    config = study_config.get_config()
+    config.train.model.network, config.train.num_train_steps = "tiny", 2
+    s = config.study
+    s.budgets, s.seeds, s.families, s.match, s.latency_rounds, s.tolerance = (1, 2), (0,), ("width",), "latency", 2, 5.0
     workdir = str(tmp_path / "study")
-    argv = ["prog", f"--workdir={workdir}", "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
-            "--config.study.budgets=(1,2)", "--config.study.seeds=(0,)", "--config.study.families=('width',)",
-            "--config.study.match=latency", "--config.study.latency_rounds=2", "--config.study.tolerance=5.0",
-            "--local_workers=1"]
-    monkeypatch.setattr(sys, "argv", argv)
-    out = scaling_study.main(argv)
-    width = next(p for p in out["points"] if p.family == "width")
-    assert width.latency is not None and width.latency > 0 and out["points"][0].latency == 1.0
-    assert "x time" in capsys.readouterr().out
-    assert next(s for s in out["summary"] if s["family"] == "width")["latency"] == width.latency
+    _, points, _ = scaling_study.setup(config, workdir, log=lambda m: None)
+    width = next(p for p in points if p.family == "width")
+    assert width.latency is not None and width.latency > 0 and points[0].latency == 1.0
+    summary = scaling_study.summarize([], points, "val_top1")
+    assert next(e for e in summary if e["family"] == "width")["latency"] == width.latency
+    assert "x time" in scaling_study.format_table(summary, "val_top1")
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a stored measurement was taken again")
 
     from effnet_jax import latency
 
-    monkeypatch.setattr(latency, "step_runner", no_timing)
-    again = scaling_study.main(argv)
-    assert [p.key for p in again["points"]] == [p.key for p in out["points"]]
+    monkeypatch.setattr(latency, "step_runner", no_timing)  # a worker or a rerun plans from the study's
+    _, again, _ = scaling_study.setup(config, workdir, log=lambda m: None)
+    assert [(p.key, p.latency) for p in again] == [(p.key, p.latency) for p in points]
