@@ -651,9 +651,8 @@ def test_racing_stops_once_nothing_is_tied_with_the_leader(monkeypatch):
 
 RACE_SCRIPT = """
 import sys
+sys.path[:0] = [{root!r}, {tests!r}]  # this checkout's package, whatever is installed
 from experiments import grid_search as gs
-from experiments.configs import grid_search as grid_config
-sys.path.insert(0, {tests!r})
 import test_grid_search as t
 
 real = gs.trainer.train_and_evaluate
@@ -672,7 +671,7 @@ def test_racing_resumes_after_sigkill_without_a_duplicate(tmp_path, cache_dir):
     from test_runner import complete_once, trials_by_key
 
     script = tmp_path / "race.py"
-    script.write_text(RACE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), cache=str(cache_dir)))
+    script.write_text(RACE_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=str(cache_dir)))
     wd = tmp_path / "wd"
     proc = subprocess.Popen([sys.executable, str(script), str(wd)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
