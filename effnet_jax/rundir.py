@@ -154,8 +154,10 @@ def _fields_and_diff(old: dict[str, Any], new: ml_collections.ConfigDict
 def forks(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Whether ``workdir`` holds another (shorter) wsd run of this config, which this one continues from its
     stable checkpoint: that run's own checkpoints (past its cooldown's start) are then no state of this run."""
+    if config.optimizer.schedule != "wsd":
+        return False
     old = read_json(os.path.join(workdir, "config.json"), workdir)
-    return old is not None and config.optimizer.schedule == "wsd" and bool(_fields_and_diff(old, config)[2])
+    return old is not None and bool(_fields_and_diff(old, config)[2])
 
 
 _UNSET = object()

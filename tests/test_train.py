@@ -304,3 +304,20 @@ def test_a_bad_cooldown_is_one_line_before_anything_is_built(fraction, warmup, m
     c.optimizer.cooldown_fraction, c.optimizer.warmup_epochs = fraction, warmup
     with pytest.raises(UserError, match=message):
         trainer.prepare(c)
+
+
+def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is():
+    from effnet_jax import rundir
+
+    old = json.loads(_wsd_config(4).to_json_best_effort())
+    assert rundir.config_differences(old, _wsd_config(8), 33) == []
+    assert rundir.config_differences(old, _wsd_config(2), 33) == ["num_train_steps 4 -> 2"]
+    other = _wsd_config(8)
+    other.optimizer.cooldown_fraction = 0.5
+    assert rundir.config_differences(old, other, 33) == ["num_train_steps 4 -> 8",
+                                                          "optimizer.cooldown_fraction 0.25 -> 0.5"]
+    cosine = json.loads(_wsd_config(4).to_json_best_effort())
+    cosine["optimizer"]["schedule"] = "cosine"
+    longer = _wsd_config(8)
+    longer.optimizer.schedule = "cosine"
+    assert rundir.config_differences(cosine, longer, 33) == ["num_train_steps 4 -> 8"]  # its own length: refused
