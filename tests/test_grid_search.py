@@ -636,14 +636,16 @@ def test_racing_adds_seeds_only_to_tied_candidates_and_stops_at_max_seeds(tmp_pa
 def test_racing_stops_once_nothing_is_tied_with_the_leader(monkeypatch):
     c = grid_config.get_config()
     c.search.max_seeds = 6
-    cands = [trials.Candidate(1.2, 1.05, 1.2), trials.Candidate(1.25, 1.05, 1.2)]
-    rows = _rows({(1.2, 1.05, 1.2, ""): [0.90, 0.91], (1.25, 1.05, 1.2, ""): [0.50, 0.51]}, rung=1)
+    cands = [trials.Candidate(1.25, 1.1, 1.15), trials.Candidate(1.15, 1.15, 1.15)]  # on the default's constraint
+    rows = _rows({(1.25, 1.1, 1.15, ""): [0.90, 0.91], (1.15, 1.15, 1.15, ""): [0.50, 0.51]}, rung=1)
     planned = []
     monkeypatch.setattr(gs.runner, "run", lambda study, plans, *a: planned.extend(plans) or {})
     by_key = {i: r for i, r in enumerate(rows)}
     gs.race(c, None, "", cands, by_key, [40, 120], 10, lambda r: gs.summarize(r, "val_top1"), quiet)
+    summary = gs.summarize(rows, "val_top1")
+    assert gs.judge(summary, gs.pick_best(summary, c.search), c.search)["verdicts"]["(1.15, 1.15, 1.15)"] == "below"
     assert planned == []  # separated at the final seeds: no seed is added
-    close = _rows({(1.2, 1.05, 1.2, ""): [0.90, 0.91], (1.25, 1.05, 1.2, ""): [0.89, 0.92]}, rung=1)
+    close = _rows({(1.25, 1.1, 1.15, ""): [0.90, 0.91], (1.15, 1.15, 1.15, ""): [0.89, 0.92]}, rung=1)
     gs.race(c, None, "", cands, dict(enumerate(close)), [40, 120], 10, lambda r: gs.summarize(r, "val_top1"), quiet)
     assert [p.attrs["seed"] for p in planned] == [2, 2, 3, 3, 4, 4, 5, 5]  # the rows never change: to max_seeds
     assert gs.race_seeds(c, 2) == [2, 3, 4, 5]
