@@ -33,9 +33,11 @@ from effnet_jax.metrics import write_json as write_json  # a run's JSON files: t
 # may be resumed with other values (as experiments.runner's trial identity).
 COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps",
                    "keep_checkpoints", "eval_every_steps", "save_weights")
+# Where a wsd run keeps the state at its cooldown's start: what a longer wsd run of the config continues.
+STABLE_CHECKPOINTS = "stable_checkpoints"
 # What --restart deletes (and nothing else the user may keep in the workdir).
-RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "result.json", "config.json", "weights.safetensors",
-             "ema_weights.safetensors")
+RUN_FILES = ("checkpoints", STABLE_CHECKPOINTS, "tensorboard", "metrics.jsonl", "result.json", "config.json",
+             "weights.safetensors", "ema_weights.safetensors")
 
 
 def check_workdir(workdir: str) -> None:
@@ -123,20 +125,39 @@ def config_differences(old: dict[str, Any], new: ml_collections.ConfigDict, step
     A field missing from the old file (a workdir from before the field existed) counts as its
     default; one missing from the new config (a field since removed) is read by nothing.
     Longer training (num_train_steps / num_epochs) is no difference when both configs have the
-    same positive schedule_steps: the new run continues the old one exactly.
+    same positive schedule_steps (the new run continues the old one exactly), or when both are
+    ``wsd`` runs over their own length (the new run continues the old one's constant phase from
+    its stable checkpoint: ``forks``).
     """
-    b, a = config_fields(_as_json(new)), stored_fields(old)
-    if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
-        b = {k: v for k, v in b.items() if k != "num_epochs"}
-    diff = sorted(k for k in b if a.get(k, _UNSET) != b[k])
+    a, b, diff = _fields_and_diff(old, new)
 
     def steps(c: dict[str, Any]) -> int:
         return to_steps(c.get("num_train_steps", 0), c.get("num_epochs", 0), steps_per_epoch)
 
     same_schedule = b.get("schedule_steps", 0) > 0 and a.get("schedule_steps") == b["schedule_steps"]
-    if diff and set(diff) <= {"num_train_steps", "num_epochs"} and same_schedule and steps(b) >= steps(a):
+    wsd = a.get("optimizer.schedule") == b.get("optimizer.schedule") == "wsd" and not a.get("schedule_steps") \
+        and not b.get("schedule_steps")
+    if diff and set(diff) <= {"num_train_steps", "num_epochs"} and (same_schedule or wsd) and steps(b) >= steps(a):
         diff = []  # a longer run continuing this one
     return describe_differences(a, b, diff, limit)
+
+
+def _fields_and_diff(old: dict[str, Any], new: ml_collections.ConfigDict
+                     ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The old and new configs' fields and the names of those that differ."""
+    b, a = config_fields(_as_json(new)), stored_fields(old)
+    if a.get("num_train_steps") and b.get("num_train_steps"):  # num_epochs is read by neither run
+        b = {k: v for k, v in b.items() if k != "num_epochs"}
+    return a, b, sorted(k for k in b if a.get(k, _UNSET) != b[k])
+
+
+def forks(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether ``workdir`` holds another (shorter) wsd run of this config, which this one continues from its
+    stable checkpoint: that run's own checkpoints (past its cooldown's start) are then no state of this run."""
+    if config.optimizer.schedule != "wsd":
+        return False
+    old = read_json(os.path.join(workdir, "config.json"), workdir)
+    return old is not None and bool(_fields_and_diff(old, config)[2])
 
 
 _UNSET = object()
@@ -157,6 +178,14 @@ def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the finished checkpoints in ``workdir`` (orbax writes a temporary name, then renames)."""
     try:
         return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    except OSError:
+        return []
+
+
+def stable_steps(workdir: str) -> list[int]:
+    """Steps of the finished stable checkpoints (a wsd run's state at its cooldown's start) in ``workdir``."""
+    try:
+        return sorted(int(d) for d in os.listdir(os.path.join(workdir, STABLE_CHECKPOINTS)) if d.isdigit())
     except OSError:
         return []
 

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -103,16 +104,27 @@ def state_packing(kernels: str) -> type[FlatPacking] | type[TreePacking]:
 
 # ------------------------------------------------------------------------- optimizer
 
-SCHEDULES = ("exponential", "cosine", "constant")
+SCHEDULES = ("exponential", "cosine", "constant", "wsd")
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+
+
+def cooldown_steps(o: ml_collections.ConfigDict, span: int) -> int:
+    """Steps of a ``wsd`` schedule's final decay: ``optimizer.cooldown_fraction`` of the span, at least one."""
+    return max(1, round(float(o.get("cooldown_fraction", 0.2)) * span))
 
 
 def learning_rate_schedule(o: ml_collections.ConfigDict, batch_size: int, steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
-    """Linear warmup, then staircase exponential decay (the paper), cosine or constant (``prepare``
-    has checked the name)."""
+    """Linear warmup, then staircase exponential decay (the paper), cosine, constant, or ``wsd``
+    (warmup-stable-decay: constant, then linear to zero over the last ``cooldown_fraction`` of the
+    span; every wsd run of one config shares its constant phase, whatever its length). ``prepare``
+    has checked the name."""
     peak = o.learning_rate * batch_size / 256
     warmup = to_steps(0, o.warmup_epochs, steps_per_epoch, math.floor)
+    if o.schedule == "wsd":
+        cool = cooldown_steps(o, total_steps)
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
+                                     optax.linear_schedule(peak, 0.0, cool)], [warmup, total_steps - cool])
     if o.schedule == "exponential":
         return optax.warmup_exponential_decay_schedule(
             0.0, peak, warmup, max(1, to_steps(0, o.decay_epochs, steps_per_epoch, math.floor)), o.decay_rate,
@@ -286,6 +298,8 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
         if config.optimizer[field] not in allowed:
             raise UserError(f"optimizer.{field} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                             f"got {config.optimizer[field]!r}")
+    if config.optimizer.schedule == "wsd":
+        _check_cooldown(config, total, steps_per_epoch)
     try:
         head_init_fn(config.model.get("head_init", "paper"))
     except ValueError as e:
@@ -293,9 +307,33 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     return Run(config, spec, source, total, steps_per_epoch, dtype, layers)
 
 
+def _check_cooldown(config: ml_collections.ConfigDict, total: int, steps_per_epoch: int) -> None:
+    """A ``wsd`` cooldown is a fraction in (0, 1] that begins after the warmup."""
+    o = config.optimizer
+    f = o.get("cooldown_fraction", 0.2)
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise UserError(f"optimizer.cooldown_fraction must be in (0, 1], got {f!r}")
+    start, warmup = cooldown_start(config, total), to_steps(0, o.warmup_epochs, steps_per_epoch, math.floor)
+    if start < warmup:
+        raise UserError(f"optimizer.cooldown_fraction {f} starts the cooldown at step {start}, inside the "
+                        f"{warmup}-step warmup: lower it, or optimizer.warmup_epochs, or train longer")
+
+
 def schedule_steps(config: ml_collections.ConfigDict, total_steps: int) -> int:
     """Steps the learning-rate schedule spans: ``config.schedule_steps`` if > 0, else the run's own length."""
     return int(config.get("schedule_steps", 0)) or total_steps
+
+
+def cooldown_start(config: ml_collections.ConfigDict, total_steps: int) -> int:
+    """The step where a ``wsd`` schedule's cooldown begins (0: no cooldown, another schedule).
+
+    The state there is saved in ``rundir.STABLE_CHECKPOINTS`` and kept: a longer wsd run of the
+    same config in the same workdir starts from it (``_restore``), so it trains no step twice.
+    """
+    if config.optimizer.schedule != "wsd":
+        return 0
+    span = schedule_steps(config, total_steps)
+    return span - cooldown_steps(config.optimizer, span)
 
 
 def _replicate(tree: Any, sharding: NamedSharding) -> Any:
@@ -335,7 +373,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, run: Run,
     program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
                             steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
                             make_eval_step=make_eval_step)
-    ckpt, state, start = _restore(config, workdir, program.state)
+    ckpt, state, start = _restore(config, workdir, program.state, run.total_steps)
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
     state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir)
 
@@ -375,23 +413,58 @@ def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, run: Run, re
             multihost_utils.sync_global_devices("effnet_jax restart")
     elif (stored := rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)) is not None:
         return stored  # finished by another run while this one waited for the lock
+    elif rundir.forks(config, workdir):
+        _fork(config, workdir, run.total_steps)
     if lead:
         rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     return None
 
 
-def _restore(config: ml_collections.ConfigDict, workdir: str, state: TrainState) -> tuple[Any, TrainState, int]:
-    """The workdir's checkpoint manager, the state (its latest checkpoint, if any) and the step to start at."""
+def _fork(config: ml_collections.ConfigDict, workdir: str, total_steps: int) -> None:
+    """Start a longer wsd run where a shorter one of the same config finished: from the shorter run's stable
+    checkpoint (``_restore``); its checkpoints past that point hold a cooled-down state, not this run's, and go."""
+    start = cooldown_start(config, total_steps)
+    if not any(s <= start for s in rundir.stable_steps(workdir)):
+        raise UserError(f"workdir {workdir} holds a shorter wsd run of this config but no stable checkpoint at or "
+                        f"before step {start} to continue from; use a new --workdir or pass --restart to start over")
+    if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+    if jax.process_count() > 1:  # nobody restores a checkpoint while process 0 deletes it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("effnet_jax fork")
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: str, state: TrainState, total_steps: int
+             ) -> tuple[Any, TrainState, int]:
+    """The workdir's checkpoint manager, the state (its latest checkpoint, if any) and the step to start at.
+
+    Without a checkpoint of its own, a wsd run starts from the latest stable checkpoint at or before
+    its cooldown's start: a shorter wsd run's constant phase, which is this run's too."""
     import orbax.checkpoint as ocp
 
     ckpt = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-    start = ckpt.latest_step() or 0
+    start, source = ckpt.latest_step() or 0, ckpt
+    cool = cooldown_start(config, total_steps)
+    if not start and cool:
+        start = max((s for s in rundir.stable_steps(workdir) if s <= cool), default=0)
+        source = _stable_manager(workdir) if start else ckpt
     if start:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt.restore(start, args=ocp.args.StandardRestore(abstract))
+        state = source.restore(start, args=ocp.args.StandardRestore(abstract))
+        if source is not ckpt:
+            source.close()
     return ckpt, state, start
+
+
+def _stable_manager(workdir: str) -> Any:
+    """The checkpoint manager of ``rundir.STABLE_CHECKPOINTS``: every step kept (one per run length)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, rundir.STABLE_CHECKPOINTS)),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
 
 
 @dataclasses.dataclass
@@ -419,7 +492,7 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
     eval_every = to_steps(config.eval_every_steps, 1, run.steps_per_epoch)
     status, last_loss, t_mark, done = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0, start
     bar = _progress(config, total, start, lead)
-    saved, stop = start, None
+    saved, stop, cool = start, None, cooldown_start(config, total)
     try:
         with signals.deferred():
             batches = run.source.train_batches(start)
@@ -446,6 +519,12 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                         break
                 if done % eval_every == 0 or done == total:
                     writer.write(done, _evaluate(program, state, run.source))
+                if done == cool and cool not in rundir.stable_steps(workdir):  # kept, and complete before any
+                    # later checkpoint is written: a longer run continues from it (a resumed run wrote it already)
+                    stable = _stable_manager(workdir)
+                    stable.save(done, args=ocp.args.StandardSave(state))
+                    stable.wait_until_finished()
+                    stable.close()
                 if done % config.checkpoint_every_steps == 0 or done == total:
                     ckpt.save(done, args=ocp.args.StandardSave(state))
                     saved = done

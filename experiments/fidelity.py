@@ -9,11 +9,14 @@ budget) and reports, for each budget, the rank correlation (Kendall tau, Spearma
 its ranking with the largest budget's and whether the winner changes; ``fidelity.png``
 plots each candidate's score against the budget and tau against the budget.
 
-``fidelity.mode``: ``continued`` (default) stretches every run's learning-rate schedule over
-the largest budget, so a budget-b score is the first b steps of the long run: the proxy that
-the grid search's successive halving uses, and the budgets cost 9b per candidate, not 13b.
-``independent`` gives every budget its own full schedule: the proxy of an exhaustive search
-with short trials. Trials go through the one runner (``experiments.runner``), resumable.
+``fidelity.mode`` is one of the grid search's rung modes (``experiments.strategies.RUNG_MODES``):
+``continued`` (default) stretches every run's learning-rate schedule over the largest budget,
+so a budget-b score is the first b steps of the long run, and the budgets cost 9b per
+candidate, not 13b. ``cooldown`` holds the learning rate constant after the warmup and scores
+each budget after a decay to zero over its last ``search.cooldown_fraction``; the next budget
+continues from before that decay (9b plus the cooldowns). ``independent`` gives every budget
+its own full schedule: the proxy of an exhaustive search with short trials. Trials go through
+the one runner (``experiments.runner``), resumable.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from effnet_jax import trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, runner, stats, trials
 from experiments.constraints import candidates
-from experiments.strategies import check_search
+from experiments.strategies import check_search, rung_mode_for
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
@@ -43,8 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             or sorted(set(budgets)) != budgets:
         raise UserError(f"fidelity.budgets must be >= 2 increasing integers >= 1 (multiples of the trial budget), "
                         f"got {tuple(budgets)}")
-    if f.mode not in ("continued", "independent"):
-        raise UserError(f"fidelity.mode must be continued or independent, got {f.mode!r}")
+    rung_mode_for(config.search, f.mode, "fidelity.mode")
     trials.check_seeds(f.seeds, "fidelity.seeds")
     config.search.strategy = "exhaustive"  # one rung per budget here; the search's own check does the rest
     check_search(config)
@@ -52,22 +54,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_steps: int
           ) -> list[runner.TrialPlan]:
-    """Every (budget, candidate, seed), short budgets first; in ``continued`` mode one directory per
-    (candidate, seed), so that each budget continues the checkpoint of the one before."""
+    """Every (budget, candidate, seed), short budgets first, scored and continued as ``fidelity.mode`` says
+    (in ``continued`` and ``cooldown`` one directory per (candidate, seed): each budget continues the one before)."""
     f = config.fidelity
+    mode = rung_mode_for(config.search, f.mode, "fidelity.mode")
     steps = [base_steps * b for b in f.budgets]
     out = []
-    continued = f.mode == "continued"
-    for b, n in zip(f.budgets, steps):
+    for i, (b, n) in enumerate(zip(f.budgets, steps)):
         for c in cands:
             for seed in f.seeds:
-                cfg = trials.trial_config(config.train, c, config.search.phi, seed=seed, steps=n,
-                                          schedule_steps=steps[-1] if continued else 0)
-                key = f"{c.key}-s{seed}-n{n}" + ("" if continued else "-own")
+                cfg = mode.config(config.train, c, config.search.phi, seed, steps, i)
                 attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "budget": b,
                          "budget_steps": n}
-                out.append(runner.TrialPlan(key, cfg, attrs, directory=f"{c.key}-s{seed}" if continued else key,
-                                            keep_checkpoint=continued and n != steps[-1]))
+                out.append(runner.TrialPlan(mode.key(c, seed, steps, i), cfg, attrs,
+                                            directory=mode.directory(c, seed, steps, i),
+                                            keep_checkpoint=mode.keeps(steps, i)))
     return out
 
 

@@ -16,10 +16,15 @@ checkpoint. ``--local_workers`` starts several worker processes on this machine.
 
 Successive halving (``search.strategy = "halving"``, the default) runs in synchronous
 rungs: every candidate trains ``b`` steps with ``search.seeds``; the best 1/eta of the grid
-points (and the two references) go on to eta·b steps with ``search.final_seeds``. Every
-rung's learning-rate schedule spans the top rung's length (``schedule_steps``), so a
-promoted run *continues* its shorter run's checkpoint instead of training again from
-scratch, and the winner is decided at the largest budget with every final seed.
+points (and the two references) go on to eta·b steps with ``search.final_seeds``.
+``search.rung_mode`` says how a rung is scored (``experiments.strategies.RUNG_MODES``):
+``continued`` (every rung's learning-rate schedule spans the top rung's length, so a promoted
+run *continues* its shorter run's checkpoint), ``cooldown`` (warmup-stable-decay: each rung's
+score is a run that decays to zero over its last ``search.cooldown_fraction``, and a promoted
+run continues from the state before that decay) or ``independent`` (every rung from scratch).
+The winner is decided at the largest budget with every final seed; with ``search.max_seeds``
+the top rung *races*: one more seed at a time for the leader and every candidate still tied
+with it (``judge``'s verdicts), until none is or each has ``max_seeds`` seeds.
 Synchronous rungs rather than Optuna's asynchronous pruners because the survivors are then a
 function of the config alone (the same on every rerun and worker count), and because a
 pruner stops a trial part-way while here the cost that dominates, compiling each network,
@@ -35,6 +40,7 @@ accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -47,7 +53,7 @@ from effnet_jax import cost, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, runner, stats, trials
 from experiments.constraints import MeasuredLatency, candidates, constraint_for, grid_points
-from experiments.strategies import check_search, proposer_for, schedule_for
+from experiments.strategies import check_search, proposer_for, rung_mode_for, schedule_for
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
@@ -69,9 +75,17 @@ def rung_seeds(config: ml_collections.ConfigDict, rung: int, rungs: int) -> list
     return [int(x) for x in (s.final_seeds if last and list(s.final_seeds) else s.seeds)]
 
 
+def race_seeds(config: ml_collections.ConfigDict, rungs: int) -> list[int]:
+    """The seeds racing adds at the top rung, in order: the smallest integers the top rung does not use, up to
+    ``search.max_seeds`` seeds in all (none when 0)."""
+    top = rung_seeds(config, rungs - 1, rungs)
+    extra = max(0, config.search.max_seeds - len(top))
+    return list(itertools.islice((k for k in itertools.count() if k not in top), extra))
+
+
 def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], rung: int, steps: Sequence[int],
-              num_classes: int) -> list[runner.TrialPlan]:
-    """The trials of one rung, longest first.
+              num_classes: int, seeds: Sequence[int] | None = None) -> list[runner.TrialPlan]:
+    """The trials of one rung (with ``seeds``, default the rung's), longest first.
 
     A trial compiles its network unless another trial of the same rounded network came before
     it (the persistent compilation cache), then trains for a time that grows with MACs; the
@@ -87,7 +101,7 @@ def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], run
     top = max(macs.values())
     for c in cands:
         spec, arch = shapes[c]
-        for seed in rung_seeds(config, rung, len(steps)):
+        for seed in rung_seeds(config, rung, len(steps)) if seeds is None else seeds:
             plan = trial_plan(config, c, seed, rung, steps)
             plans.append(plan)
             cost_of[plan.key] = macs[c] / top * steps[rung] / steps[0] + (0.0 if (arch, spec.resolution) in seen
@@ -98,15 +112,13 @@ def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], run
 
 def trial_plan(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung: int, steps: Sequence[int]
                ) -> runner.TrialPlan:
-    """One trial of ``c``: rung ``rung``'s budget, the schedule spanning the top rung, one directory per
-    (candidate, seed) so that a promoted run continues its shorter run's checkpoint."""
-    rungs = len(steps)
-    cfg = trials.trial_config(config.train, c, config.search.phi, seed=seed, steps=steps[rung],
-                              schedule_steps=steps[-1] if rungs > 1 else 0)
+    """One trial of ``c``: rung ``rung``'s budget, scored and continued as ``search.rung_mode`` says."""
+    mode = rung_mode_for(config.search)
+    cfg = mode.config(config.train, c, config.search.phi, seed, steps, rung)
     attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "rung": rung,
              "budget_steps": steps[rung]}
-    return runner.TrialPlan(f"{c.key}-s{seed}-n{steps[rung]}", cfg, attrs, directory=f"{c.key}-s{seed}",
-                            keep_checkpoint=rung < rungs - 1)
+    return runner.TrialPlan(mode.key(c, seed, steps, rung), cfg, attrs,
+                            directory=mode.directory(c, seed, steps, rung), keep_checkpoint=mode.keeps(steps, rung))
 
 
 # ---------------------------------------------------------------------- summary
@@ -340,21 +352,24 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
     schedule = schedule_for(s)
     t0 = time.time()
+    mode = rung_mode_for(s)
     alive, rows = run.proposer.first_rung(cands, _FirstRung(config, study, workdir, steps, num_classes, log))
     for rung in range(1, len(steps)):
         alive = schedule.survivors(summarize(list(rows.values()), s.metric), alive, rung - 1)
         for c in cands:  # the rest never continues: its checkpoints go
             if c not in alive:
                 for seed in rung_seeds(config, rung - 1, len(steps)):
-                    runner.drop_checkpoints(os.path.join(workdir, "trials", f"{c.key}-s{seed}"))
+                    runner.drop_checkpoints(os.path.join(workdir, "trials", mode.directory(c, seed, steps, rung - 1)))
         log(f"rung {rung}: {len(alive)} candidates go on to {steps[rung]} steps with seeds "
             f"{rung_seeds(config, rung, len(steps))}")
         rows.update(runner.run(study, plan_rung(config, alive, rung, steps, num_classes), workdir,
                                trainer.train_and_evaluate, s.metric, log))
+    base_macs = trials.figures(config.train, BASELINE, 0.0, num_classes)["macs"]
+    race(config, study, workdir, alive, rows, steps, num_classes, lambda r: summarize(r, s.metric, base_macs, num_eval),
+         log)
     rows_list = list(rows.values())
     if run.meter is not None:
         _with_latency(rows_list, run.meter)
-    base_macs = trials.figures(config.train, BASELINE, 0.0, num_classes)["macs"]
     summary = summarize(rows_list, s.metric, base_macs, num_eval)
     best = pick_best(summary, s)
     verdict = judge(summary, best, s)
@@ -364,6 +379,40 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     if write:
         write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
     return {"rows": rows_list, "summary": summary, "best": best, "verdict": verdict, **extra}
+
+
+def contenders(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDict, alive: Sequence[Candidate]
+               ) -> list[Candidate]:
+    """The candidates of ``alive`` that racing gives one more seed: the leader and every candidate ``judge``
+    does not separate from it; none once nothing is tied with the leader."""
+    verdicts = judge(summary, pick_best(summary, search), search)["verdicts"]
+    racing = {name for name, v in verdicts.items() if v not in SEPARATED}
+    if len(racing) < 2:
+        return []
+    return [c for c in alive if trials.candidate_name(trials.candidate_attrs(c)) in racing]
+
+
+SEPARATED = ("below", "above best")  # judge's verdicts of a candidate separated from the leader
+
+
+def race(config: ml_collections.ConfigDict, study: Any, workdir: str, alive: Sequence[Candidate],
+         rows: dict[Any, dict[str, Any]], steps: Sequence[int], num_classes: int,
+         summarize_rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], log: Callable[[str], Any]) -> None:
+    """Racing at the top rung (F-race): a seed at a time (``race_seeds``) for the ``contenders`` only, until
+    none is left or the seeds are spent; ``rows`` gains the new trials' rows.
+
+    Each round is decided from the finished rows of the rounds before it, so every worker, and a rerun
+    after a crash, plans the same trials (the runner runs each key once).
+    """
+    top = len(steps) - 1
+    for seed in race_seeds(config, len(steps)):
+        racing = contenders(summarize_rows(list(rows.values())), config.search, alive)
+        if not racing:
+            log("racing: nothing is tied with the leader any more")
+            return
+        log(f"racing: seed {seed} for the {len(racing)} candidates not separated from the leader")
+        rows.update(runner.run(study, plan_rung(config, racing, top, steps, num_classes, seeds=[seed]), workdir,
+                               trainer.train_and_evaluate, config.search.metric, log))
 
 
 def _with_latency(rows: Sequence[dict[str, Any]], meter: MeasuredLatency) -> None:

@@ -491,8 +491,9 @@ def checkpoint_step(directory: str) -> int:
 
 
 def drop_checkpoints(directory: str) -> None:
-    """Delete a finished trial's checkpoints (its weights are not what an experiment keeps)."""
-    shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
+    """Delete a finished trial's checkpoints, stable ones too (its weights are not what an experiment keeps)."""
+    for name in ("checkpoints", rundir.STABLE_CHECKPOINTS):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def latest(trials: Sequence[Any], key: str) -> Any:

@@ -202,6 +202,86 @@ class Halving(Schedule):
 SCHEDULES: dict[str, type[Schedule]] = {s.name: s for s in (Halving, Exhaustive)}
 
 
+# ------------------------------------------------------------------- rung modes
+
+class RungMode:
+    """How a run at one budget of a ladder (halving's rungs, the fidelity study's budgets) is scored, and what
+    a longer run of the same candidate and seed starts from. ``tag`` keeps each mode's trials (keys and
+    directories) apart in one study: the mode is no part of the trial identity."""
+
+    name: ClassVar[str]
+    tag: ClassVar[str]
+
+    def __init__(self, search: ml_collections.ConfigDict) -> None:
+        self.search = search
+
+    def check(self) -> None:
+        """A UserError for a bad field of the search section this mode reads."""
+
+    def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
+               rung: int) -> ml_collections.ConfigDict:
+        """The trainer config of ``c``'s run at budget ``steps[rung]``."""
+        return trials.trial_config(train, c, phi, seed=seed, steps=steps[rung], schedule_steps=0)
+
+    def key(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
+        return f"{c.key}-s{seed}-n{steps[rung]}{self.tag}"
+
+    def directory(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
+        """One per (candidate, seed) where a longer run continues a shorter one's checkpoint."""
+        return f"{c.key}-s{seed}{self.tag}"
+
+    def keeps(self, steps: Sequence[int], rung: int) -> bool:
+        """Whether the run's checkpoints stay for a longer run to continue."""
+        return rung < len(steps) - 1
+
+
+class Continued(RungMode):
+    """Every run's learning-rate schedule spans the largest budget: a shorter budget's score is a snapshot of
+    the long run part-way (at a high learning rate), and a longer run continues its checkpoint."""
+
+    name, tag = "continued", ""  # the keys of searches from before the modes
+
+    def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
+               rung: int) -> ml_collections.ConfigDict:
+        return trials.trial_config(train, c, phi, seed=seed, steps=steps[rung],
+                                   schedule_steps=steps[-1] if len(steps) > 1 else 0)
+
+
+class Cooldown(RungMode):
+    """Warmup-stable-decay (Hagele et al. 2024): a constant learning rate, and each budget's score from a run
+    that decays to zero over its last ``search.cooldown_fraction``; a longer run continues from the state
+    before that cooldown (the trainer's stable checkpoint), so only the cooldowns are trained twice."""
+
+    name, tag = "cooldown", "-cd"
+
+    def check(self) -> None:
+        f = self.search.cooldown_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise UserError(f"search.cooldown_fraction must be in (0, 1) with search.rung_mode=cooldown, got {f!r}")
+
+    def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
+               rung: int) -> ml_collections.ConfigDict:
+        cfg = super().config(train, c, phi, seed, steps, rung)
+        cfg.optimizer.schedule, cfg.optimizer.cooldown_fraction = "wsd", float(self.search.cooldown_fraction)
+        return cfg
+
+
+class Independent(RungMode):
+    """Every budget its own full schedule from scratch, in its own directory: an exhaustive search's short
+    trial, at the cost of training every budget whole."""
+
+    name, tag = "independent", "-own"
+
+    def directory(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
+        return self.key(c, seed, steps, rung)
+
+    def keeps(self, steps: Sequence[int], rung: int) -> bool:
+        return False
+
+
+RUNG_MODES: dict[str, type[RungMode]] = {m.name: m for m in (Continued, Cooldown, Independent)}
+
+
 # ------------------------------------------------------------------- the check
 
 def proposer_for(search: ml_collections.ConfigDict) -> Proposer:
@@ -212,13 +292,26 @@ def schedule_for(search: ml_collections.ConfigDict) -> Schedule:
     return trials.choose(SCHEDULES, search.strategy, "search.strategy")(search)
 
 
+def rung_mode_for(search: ml_collections.ConfigDict, name: str | None = None, field: str = "search.rung_mode"
+                  ) -> RungMode:
+    """The rung mode ``name`` (default ``search.rung_mode``), checked."""
+    mode = trials.choose(RUNG_MODES, search.rung_mode if name is None else name, field)(search)
+    mode.check()
+    return mode
+
+
 def check_search(config: ml_collections.ConfigDict) -> None:
     """Validate the whole search section before the first trial (and before the data is opened)."""
     s = config.search
     schedule_for(s).check()
+    rung_mode_for(s)
     trials.check_metric(s.metric, "search.metric")
     trials.check_seeds(s.seeds, "search.seeds")
     trials.check_seeds(s.final_seeds, "search.final_seeds", empty_ok=True)
+    top = len(s.final_seeds) or len(s.seeds)
+    if isinstance(s.max_seeds, bool) or not isinstance(s.max_seeds, int) or (s.max_seeds != 0 and s.max_seeds < top):
+        raise UserError(f"search.max_seeds must be 0 (no racing) or at least the top rung's {top} seeds "
+                        f"(search.final_seeds, else search.seeds), got {s.max_seeds!r}")
     if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
         raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
     constraint = constraint_for(s)

@@ -52,3 +52,41 @@ def test_bad_fidelity_config_one_line_exit_2(tmp_path, capsys, monkeypatch, over
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and err.startswith("error:")
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("mode", ["cooldown", "independent"])
+def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, mode):
+    """cooldown: each budget is a wsd run scored after its cooldown, the next budget starting from the previous
+    one's stable checkpoint in the same directory; independent: every budget from scratch in its own."""
+    from effnet_jax import rundir
+
+    cache = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+    started = []
+    real = fidelity.trainer.train_and_evaluate
+
+    def spy(cfg, workdir, *a, **k):
+        started.append((os.path.basename(workdir), cfg.num_train_steps, cfg.optimizer.schedule,
+                        rundir.stable_steps(workdir)))
+        return real(cfg, workdir, *a, **k)
+
+    monkeypatch.setattr(fidelity.trainer, "train_and_evaluate", spy)
+    argv = ["prog", f"--workdir={tmp_path / 'fid'}", *GRID, f"--config.train.compile_cache_dir={cache}",
+            "--config.search.alpha=(1.2,1.25)", "--config.fidelity.budgets=(1,2,3)", f"--config.fidelity.mode={mode}",
+            "--config.search.cooldown_fraction=0.5", "--config.train.optimizer.warmup_epochs=0.0", "--local_workers=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    out = fidelity.main(argv)
+    assert len(out["rows"]) == 3 * 3 and all(r["status"] == "ok" and r["steps"] == r["budget_steps"]
+                                             for r in out["rows"])
+    assert [a["budget"] for a in out["agreement"]] == [1, 2]
+    by_dir = {}
+    for name, steps, _, stable in started:
+        by_dir.setdefault(name, []).append((steps, stable))
+    if mode == "cooldown":
+        assert {s[2] for s in started} == {"wsd"} and len(by_dir) == 3
+        # 2 steps fork at 1, 4 at 2, 6 at 3: each budget starts where the one before forked
+        assert all(v == [(2, []), (4, [1]), (6, [1, 2])] for v in by_dir.values())
+    else:
+        assert all(len(v) == 1 and v[0][1] == [] for v in by_dir.values()) and len(by_dir) == 9
+    assert json.loads((tmp_path / "fid" / "fidelity.json").read_text())["mode"] == mode
+    for d in os.listdir(tmp_path / "fid" / "trials"):
+        assert not os.path.exists(tmp_path / "fid" / "trials" / d / rundir.STABLE_CHECKPOINTS)

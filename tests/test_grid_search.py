@@ -115,6 +115,9 @@ def test_macs_constraint_without_a_point_names_the_closest():
     ("halving_eta", 0, "halving_eta"), ("halving_eta", 1, "halving_eta"), ("halving_rungs", 0, "halving_rungs"),
     ("strategy", "random", "strategy"), ("metric", "accuracy", "metric"), ("seeds", (), "seeds"),
     ("final_seeds", (0, 0), "final_seeds"), ("alpha_level", 2.0, "alpha_level"), ("constraint", "flops", "constraint"),
+    ("rung_mode", "snapshot", "search.rung_mode must be continued, cooldown or independent, got 'snapshot'"),
+    ("max_seeds", 1, r"search.max_seeds must be 0 \(no racing\) or at least the top rung's 2 seeds"),
+    ("max_seeds", -1, "search.max_seeds"),
 ])
 def test_whole_search_config_is_checked_before_any_trial(field, value, message):
     c = grid_config.get_config()
@@ -387,7 +390,7 @@ def test_bad_search_config_one_line_exit_2(tmp_path):
 
     wd = tmp_path / "wd"
     for override in ("--config.search.alpha=(1.0,1.1)", "--config.search.halving_eta=0",
-                     "--config.search.nosuch=3"):
+                     "--config.search.nosuch=3", "--config.search.max_seeds=1"):
         proc = subprocess.run([sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}",
                                "--config.search.tolerance=0.0001", override],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -513,3 +516,179 @@ def test_random_proposer_stays_on_the_surface(tmp_path, monkeypatch):
     out = gs.search(c, str(tmp_path / "wd"), log=quiet, write=False)
     assert 1 <= len(out["rows"]) <= 3
     assert all(abs(r["alpha"] * r["beta"] ** 2 * r["gamma"] ** 2 - 2.0) < 0.01 for r in out["rows"])
+
+
+def test_cooldown_fraction_is_checked_only_where_it_is_read():
+    c = grid_config.get_config()
+    c.search.cooldown_fraction = 1.0
+    gs.check_search(c)  # continued: not read
+    c.search.rung_mode = "cooldown"
+    with pytest.raises(UserError, match=r"search.cooldown_fraction must be in \(0, 1\) with search.rung_mode=cooldown"):
+        gs.check_search(c)
+
+
+@pytest.mark.parametrize("mode, tag, schedule, span, shared, keep0", [
+    ("continued", "", "cosine", 120, True, True),  # the keys and directories of searches from before the modes
+    ("cooldown", "-cd", "wsd", 0, True, True),
+    ("independent", "-own", "cosine", 0, False, False),
+])
+def test_each_rung_mode_plans_its_schedule_keys_and_directories(mode, tag, schedule, span, shared, keep0):
+    c = grid_config.get_config()
+    c.search.rung_mode, c.search.cooldown_fraction = mode, 0.25
+    cands = constraints.candidates(c.search)[:2]
+    steps = gs.rung_steps(c, steps_per_epoch=67)
+    low, top = gs.plan_rung(c, cands, 0, steps, 10), gs.plan_rung(c, cands, 1, steps, 10)
+    for p in low + top:
+        assert p.key.endswith(f"-n{p.config.num_train_steps}{tag}") and p.config.optimizer.schedule == schedule
+        assert p.config.schedule_steps == span
+        if mode == "cooldown":
+            assert p.config.optimizer.cooldown_fraction == 0.25
+    assert all(p.keep_checkpoint == keep0 for p in low) and not any(p.keep_checkpoint for p in top)
+    dirs = {p.key.rsplit("-n", 1)[0]: p.directory for p in low}
+    assert all((dirs[p.key.rsplit("-n", 1)[0]] == p.directory) == shared for p in top if p.attrs["seed"] == 0)
+    # the three modes never share a trial: the mode is no part of the study's identity
+    keys = {m: {p.key for p in gs.plan_rung(_with(c, rung_mode=m), cands, 0, steps, 10)} for m in strategies.RUNG_MODES}
+    assert not (keys["continued"] & keys["cooldown"]) and not (keys["cooldown"] & keys["independent"])
+
+
+def _with(c, **search):
+    c = c.copy_and_resolve_references()
+    for k, v in search.items():
+        c.search[k] = v
+    return c
+
+
+@pytest.mark.parametrize("mode", ["cooldown", "independent"])
+def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode):
+    """cooldown: the promoted run starts from rung 0's stable checkpoint (step 1 of 2) and forks its own at step 3
+    of 4; independent: every rung from scratch in its own directory. Nothing is kept at the end."""
+    from effnet_jax import rundir
+
+    c = small_config(cache_dir, steps=2, strategy="halving", halving_eta=2, halving_rungs=2, include_paper=False,
+                     final_seeds=(0,), alpha=(1.2, 1.3), tolerance=0.3, rung_mode=mode, cooldown_fraction=0.3)
+    c.train.optimizer.warmup_epochs = 0.0
+    seen = []
+    real = gs.trainer.train_and_evaluate
+
+    def spy(cfg, workdir, *a, **k):
+        seen.append((os.path.basename(workdir), cfg.num_train_steps, cfg.optimizer.schedule,
+                     rundir.stable_steps(workdir), rundir.checkpoint_steps(workdir)))
+        out = real(cfg, workdir, *a, **k)
+        seen[-1] += (rundir.stable_steps(workdir),)
+        return out
+
+    gs.trainer.train_and_evaluate = spy
+    try:
+        out = gs.search(c, str(tmp_path), log=quiet)
+    finally:
+        gs.trainer.train_and_evaluate = real
+    top = [r for r in out["rows"] if r["rung"] == 1]
+    assert len(top) == 2 and all(r["status"] == "ok" and r["steps"] == 4 for r in top)  # 3 // 2 = 1, and the baseline
+    promoted = [s for s in seen if s[1] == 4]
+    assert len(promoted) == 2 and len(seen) == 4 + 2  # 3 grid points and the baseline at rung 0
+    if mode == "cooldown":
+        assert all(s[2] == "wsd" for s in seen)
+        assert all(s[3] == [1] and s[5] == [1, 3] for s in promoted)  # rung 0 forked at 1; rung 1 continues it
+        assert all(s[0].endswith("-s0-cd") for s in seen)
+    else:
+        assert all(s[3] == [] and s[4] == [] and s[0].endswith("-n4-own") for s in promoted)
+    assert out["best"]["rung"] == 1
+    for d in os.listdir(tmp_path / "trials"):
+        assert not (tmp_path / "trials" / d / "checkpoints").exists()
+        assert not (tmp_path / "trials" / d / rundir.STABLE_CHECKPOINTS).exists()
+
+
+# ------------------------------------------------------------------------ racing
+
+RACE = {(1.2, 1.05): 0.9, (1.25, 1.05): 0.9, (1.2, 1.1): 0.5}  # two candidates tied, the paper far below
+
+
+def race_score(cfg):
+    """A: 0.9 +- 0.001 by seed parity, B the mirror image (tied at every seed count), the paper at 0.5 (separated
+    from both once each has two seeds)."""
+    m = cfg.model
+    sign = (-1) ** cfg.seed * (-1 if m.alpha == 1.25 else 1)
+    return RACE[(m.alpha, m.beta)] + 0.001 * sign
+
+
+def race_config(cache_dir, steps=2):
+    return small_config(cache_dir, steps=steps, include_baseline=False, max_seeds=4)
+
+
+def test_racing_adds_seeds_only_to_tied_candidates_and_stops_at_max_seeds(tmp_path, cache_dir, monkeypatch):
+    real = gs.trainer.train_and_evaluate
+
+    def scored(cfg, workdir, *a, **k):  # the tiny network trains; its score is replaced by a known one
+        return {**real(cfg, workdir, *a, **k), "val_top1": race_score(cfg)}
+
+    monkeypatch.setattr(gs.trainer, "train_and_evaluate", scored)
+    out = gs.search(race_config(cache_dir), str(tmp_path), log=quiet, write=False)
+    seeds = {}
+    for r in out["rows"]:
+        seeds.setdefault((r["alpha"], r["beta"], r["label"]), []).append(r["seed"])
+    # one seed at first: nothing separated, every candidate gets seed 1; then the paper is below and stops
+    assert {k: sorted(v) for k, v in seeds.items()} == {
+        (1.2, 1.05, ""): [0, 1, 2, 3], (1.25, 1.05, ""): [0, 1, 2, 3], (1.2, 1.1, "paper"): [0, 1]}
+    assert out["verdict"]["verdicts"]["(1.2, 1.1, 1.15) (paper)"] == "below"
+    assert len({r["trial_id"] for r in out["rows"]}) == len(out["rows"]) == 10
+
+
+def test_racing_stops_once_nothing_is_tied_with_the_leader(monkeypatch):
+    c = grid_config.get_config()
+    c.search.max_seeds = 6
+    cands = [trials.Candidate(1.25, 1.1, 1.15), trials.Candidate(1.15, 1.15, 1.15)]  # on the default's constraint
+    rows = _rows({(1.25, 1.1, 1.15, ""): [0.90, 0.91], (1.15, 1.15, 1.15, ""): [0.50, 0.51]}, rung=1)
+    planned = []
+    monkeypatch.setattr(gs.runner, "run", lambda study, plans, *a: planned.extend(plans) or {})
+    by_key = {i: r for i, r in enumerate(rows)}
+    gs.race(c, None, "", cands, by_key, [40, 120], 10, lambda r: gs.summarize(r, "val_top1"), quiet)
+    summary = gs.summarize(rows, "val_top1")
+    assert gs.judge(summary, gs.pick_best(summary, c.search), c.search)["verdicts"]["(1.15, 1.15, 1.15)"] == "below"
+    assert planned == []  # separated at the final seeds: no seed is added
+    close = _rows({(1.25, 1.1, 1.15, ""): [0.90, 0.91], (1.15, 1.15, 1.15, ""): [0.89, 0.92]}, rung=1)
+    gs.race(c, None, "", cands, dict(enumerate(close)), [40, 120], 10, lambda r: gs.summarize(r, "val_top1"), quiet)
+    assert [p.attrs["seed"] for p in planned] == [2, 2, 3, 3, 4, 4, 5, 5]  # the rows never change: to max_seeds
+    assert gs.race_seeds(c, 2) == [2, 3, 4, 5]
+
+
+RACE_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]  # this checkout's package, whatever is installed
+from experiments import grid_search as gs
+import test_grid_search as t
+
+real = gs.trainer.train_and_evaluate
+gs.trainer.train_and_evaluate = lambda cfg, wd, *a, **k: {{**real(cfg, wd, *a, **k), "val_top1": t.race_score(cfg)}}
+c = t.race_config({cache!r}, steps=6)
+c.train.checkpoint_every_steps = 1
+gs.search(c, sys.argv[1], log=lambda m: print(m, flush=True), write=False)
+"""
+
+
+def test_racing_resumes_after_sigkill_without_a_duplicate(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import time
+
+    from test_runner import complete_once, trials_by_key
+
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), cache=str(cache_dir)))
+    wd = tmp_path / "wd"
+    proc = subprocess.Popen([sys.executable, str(script), str(wd)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, caught = time.time() + 500, None
+    while time.time() < deadline and caught is None and proc.poll() is None:  # a racing seed's trial mid-way
+        for d in sorted((wd / "trials").iterdir()) if (wd / "trials").exists() else []:
+            if "-s2" in d.name and runner.checkpoint_step(str(d)) and not (d / "result.json").exists():
+                caught = d.name
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert caught is not None, "never caught a racing trial mid-way"
+    rerun = subprocess.run([sys.executable, str(script), str(wd)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    done = complete_once(trials_by_key(None, wd, "grid_search"), expected=10)  # each key once, as uninterrupted
+    assert sorted(k.split("-s")[-1] for k in done) == sorted(["0-n6", "1-n6"] * 3 + ["2-n6", "3-n6"] * 2)
+    assert any(t.user_attrs.get("resumed_from_step") for t in done.values())

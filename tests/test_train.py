@@ -231,3 +231,93 @@ def test_unknown_optimizer_or_schedule_is_one_line_before_anything_is_built(fiel
     c.optimizer[field] = value
     with pytest.raises(UserError, match=rf"^optimizer.{field} must be .+ got '{value}'$"):
         trainer.prepare(c)
+
+
+def _wsd_config(steps):
+    from effnet_jax.configs import digits
+
+    c = digits.get_config()
+    c.model.network, c.progress_bar, c.save_weights, c.compile_cache_dir = "tiny", False, False, CACHE
+    c.num_train_steps, c.log_every_steps, c.checkpoint_every_steps = steps, 1, 100
+    c.optimizer.schedule, c.optimizer.cooldown_fraction, c.optimizer.warmup_epochs = "wsd", 0.25, 0.05
+    return c
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_to_zero_at_each_step():
+    import numpy as np
+
+    from effnet_jax import trainer
+
+    c = _wsd_config(20)
+    o = c.optimizer
+    o.warmup_epochs, spe = 0.4, 10  # 4 warmup steps; cooldown 0.25 * 20 = 5 steps, from step 15
+    peak = o.learning_rate * c.batch_size / 256
+    lr = trainer.learning_rate_schedule(o, c.batch_size, spe, 20)
+    expected = [peak * s / 4 if s < 4 else peak if s <= 15 else peak * (20 - s) / 5 for s in range(21)]
+    assert np.allclose([float(lr(s)) for s in range(21)], expected, rtol=1e-6, atol=1e-12)
+    assert float(lr(20)) == 0.0 and trainer.cooldown_start(c, 20) == 15
+    longer = trainer.learning_rate_schedule(o, c.batch_size, spe, 40)  # every length shares the constant phase
+    assert [float(longer(s)) for s in range(16)] == [float(lr(s)) for s in range(16)]
+    c.optimizer.schedule = "cosine"
+    assert trainer.cooldown_start(c, 20) == 0
+
+
+def test_a_wsd_run_forks_at_its_cooldown_and_a_longer_run_continues_it_bit_equal(tmp_path):
+    """4 steps (cooldown from step 3), then 8 in the same workdir (from the step-3 state), against 8 straight."""
+    from effnet_jax import rundir, trainer
+
+    fork, straight = str(tmp_path / "fork"), str(tmp_path / "straight")
+    short = trainer.train_and_evaluate(_wsd_config(4), fork)
+    assert short["steps"] == 4 and rundir.stable_steps(fork) == [3]  # the state before the cooldown, kept
+    assert rundir.checkpoint_steps(fork) == [4]
+    continued = trainer.train_and_evaluate(_wsd_config(8), fork)
+    assert continued["steps"] == 8 and rundir.stable_steps(fork) == [3, 6]
+    reference = trainer.train_and_evaluate(_wsd_config(8), straight)
+    assert continued["params_sha256"] == reference["params_sha256"]
+    assert short["params_sha256"] != reference["params_sha256"]
+    assert [r["step"] for r in read_rows(fork) if "loss" in r] == list(range(1, 9))  # steps 4.. logged once
+
+
+def test_a_longer_wsd_run_without_the_stable_checkpoint_is_refused(tmp_path):
+    import shutil
+
+    from effnet_jax import rundir, trainer
+    from effnet_jax.errors import UserError
+
+    wd = str(tmp_path / "wd")
+    trainer.train_and_evaluate(_wsd_config(4), wd)
+    shutil.rmtree(os.path.join(wd, rundir.STABLE_CHECKPOINTS))
+    with pytest.raises(UserError, match="no stable checkpoint at or before step 6"):
+        trainer.train_and_evaluate(_wsd_config(8), wd)
+
+
+@pytest.mark.parametrize("fraction, warmup, message", [
+    (0.0, 0.05, r"cooldown_fraction must be in \(0, 1\], got 0.0"),
+    (1.5, 0.05, r"cooldown_fraction must be in \(0, 1\]"),
+    (0.9, 0.5, "inside the 16-step warmup"),
+])
+def test_a_bad_cooldown_is_one_line_before_anything_is_built(fraction, warmup, message):
+    from effnet_jax import trainer
+    from effnet_jax.errors import UserError
+
+    c = _wsd_config(20)
+    c.optimizer.cooldown_fraction, c.optimizer.warmup_epochs = fraction, warmup
+    with pytest.raises(UserError, match=message):
+        trainer.prepare(c)
+
+
+def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is():
+    from effnet_jax import rundir
+
+    old = json.loads(_wsd_config(4).to_json_best_effort())
+    assert rundir.config_differences(old, _wsd_config(8), 33) == []
+    assert rundir.config_differences(old, _wsd_config(2), 33) == ["num_train_steps 4 -> 2"]
+    other = _wsd_config(8)
+    other.optimizer.cooldown_fraction = 0.5
+    assert rundir.config_differences(old, other, 33) == ["num_train_steps 4 -> 8",
+                                                          "optimizer.cooldown_fraction 0.25 -> 0.5"]
+    cosine = json.loads(_wsd_config(4).to_json_best_effort())
+    cosine["optimizer"]["schedule"] = "cosine"
+    longer = _wsd_config(8)
+    longer.optimizer.schedule = "cosine"
+    assert rundir.config_differences(cosine, longer, 33) == ["num_train_steps 4 -> 8"]  # its own length: refused

@@ -64,7 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "rmsprop"  # TF-style RMSProp (official), "sgd" (momentum) or "adamw"
     o.learning_rate = 0.016  # per 256 images, scaled linearly with batch_size
-    o.schedule = "exponential"  # "exponential" (staircase), "cosine" or "constant"
+    o.schedule = "exponential"  # "exponential" (staircase), "cosine", "constant" or "wsd" (warmup-stable-decay)
+    # wsd: constant after the warmup, then linear to zero over this fraction of the run; the state where the
+    # decay starts is kept (stable_checkpoints/), and a longer wsd run in the same workdir continues from it
+    o.cooldown_fraction = 0.2
     o.warmup_epochs = 5.0
     o.decay_rate = 0.97
     o.decay_epochs = 2.4

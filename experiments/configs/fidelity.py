@@ -24,7 +24,9 @@ def get_config(preset: str = "grid_search") -> ml_collections.ConfigDict:
     c = PRESETS[preset].get_config()
     c.fidelity = f = ml_collections.ConfigDict()
     f.budgets = (1, 3, 9)  # multiples of the trial budget (train.num_epochs / num_train_steps)
-    f.mode = "continued"  # or "independent" (every budget its own full learning-rate schedule)
+    # a rung mode (experiments.strategies.RUNG_MODES): "continued", "cooldown" (search.cooldown_fraction) or
+    # "independent" (every budget its own full learning-rate schedule)
+    f.mode = "continued"
     f.seeds = (0,)
     if preset == "fashion_mnist":
         c.train.num_train_steps = 31

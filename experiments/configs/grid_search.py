@@ -63,8 +63,17 @@ def get_config() -> ml_collections.ConfigDict:
     s.strategy = "halving"  # successive halving in synchronous rungs, or "exhaustive" (one rung)
     s.halving_eta = 3  # keep the best 1/eta of the grid points per rung, train them eta times longer
     s.halving_rungs = 2
+    # How a rung below the top is scored (experiments.strategies.RUNG_MODES): "continued" (every rung's schedule
+    # spans the top rung; a promoted run continues the checkpoint), "cooldown" (warmup-stable-decay: constant
+    # learning rate, each rung scored after a decay to zero over cooldown_fraction of its steps; a promoted run
+    # continues from before that decay) or "independent" (every rung its own full schedule from scratch)
+    s.rung_mode = "continued"
+    s.cooldown_fraction = 0.2
     s.seeds = (0,)  # seeds of every rung below the top
     s.final_seeds = (0, 1)  # seeds of the top rung (the one that decides); () = the same as `seeds`
+    # Racing: at the top rung, one more seed at a time for the leader and every candidate still tied with it,
+    # up to max_seeds each, until none is (0: the top rung's seeds only, no racing)
+    s.max_seeds = 0
     s.metric = "val_top1"  # what picks the winner ("ema_val_top1" also works)
     s.alpha_level = 0.05  # Welch's t-test level for "tied with best" / "below"
     return c
