@@ -432,8 +432,8 @@ def limit_line(proxies: Sequence[Mapping[str, Any]], ceiling: Mapping[str, Any],
         if p.get("tau") is None or p.get("ci") is None:
             parts.append(f"{p['name']}: no tau (constant scores)")
         elif p["ci"][1] >= lo:
-            parts.append(f"{p['name']} (tau {p['tau']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]) reaches the "
-                         "ceiling: limited by seed noise at the long budget, not by the proxy")
+            parts.append(f"{p['name']} (tau {p['tau']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]) cannot be told from "
+                         "the ceiling: limited by seed noise at the long budget (as far as these candidates show)")
         else:
             parts.append(f"{p['name']} (tau {p['tau']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]) is limited by the "
                          "proxy: a second long run agrees better")
