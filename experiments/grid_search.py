@@ -25,9 +25,20 @@ function of the config alone (the same on every rerun and worker count), and bec
 pruner stops a trial part-way while here the cost that dominates, compiling each network,
 is paid before the first step either way.
 
+The answer: before any verdict each candidate and the baseline are tested against chance (the
+validation split's majority-class rate); when the baseline or every candidate is not above it, the
+trials did not learn at this budget: best.json says ``"answer": false`` with the reason (scale_up and
+``model.constants`` refuse it) and the search exits 2 with one ``error:`` line naming what to raise
+(``search.require_learning = False``: exit 0). Otherwise the winner and its contender set: every
+candidate not separated from it by ``search.test`` (``pooled``: seed noise estimated over every
+candidate at the top rung, comparisons paired by seed, ``experiments.stats``; ``welch``) at
+``search.alpha_level``. Each cheap rung's Kendall tau against the top rung carries a bootstrap
+interval, and the top rung's seed-to-seed tau (the noise ceiling) says what limits it.
+
 Outputs in --workdir: study.journal (the study), results.csv (one row per trial), best.json
-(alpha, beta, gamma, the interval, the verdict and the whole search config: what
-``experiments.scale_up`` and ``config.model.constants`` read), grid.png,
+(answer, alpha, beta, gamma, the interval, the contenders with the test, alpha level and seeds
+behind them, the verdict, tau intervals, the noise ceiling, provenance and the whole search config:
+what ``experiments.scale_up`` and ``config.model.constants`` read), grid.png,
 accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study file.
 """
 
@@ -434,7 +445,8 @@ def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLaten
 def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
            study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True
            ) -> dict[str, Any]:
-    """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", ...}.
+    """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", "learning",
+    "rung_agreement", "noise_ceiling", "ceiling_line", ...} (``learning["learned"]`` False: no answer).
 
     Several processes may call this at once on one storage: they share the trials.
     """
