@@ -317,6 +317,10 @@ def sentence(info: Mapping[str, Any]) -> str:
     if not parts:
         return f"{lead} is the only candidate at the deciding budget: nothing to compare."
     out = f"{lead} is " + " and ".join(parts) + f" by {name}, alpha {alpha:g}."
+    levene_p = info.get("levene_p")
+    if info.get("test_key") == POOLED and levene_p is not None and levene_p < alpha:
+        out += (f" The candidates' seed spreads differ (Levene p = {levene_p:.3f}): search.test=welch does not "
+                "pool them.")
     contenders = info.get("contenders")
     if contenders is not None:
         others = [c for c in contenders if c != winner]

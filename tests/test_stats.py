@@ -286,3 +286,11 @@ def test_limit_line_names_what_limits_a_proxy():
     assert "limited by the proxy" in stats.limit_line([{"name": "rung 0", "tau": 0.1, "ci": [-0.2, 0.4]}], high,
                                                        "120 steps", "")
     assert "unknown" in stats.limit_line([], {"tau": None, "ci": None}, "120 steps", "")
+
+
+def test_pooled_sentence_warns_when_seed_spreads_differ():
+    rows = [{"key": f"c{i}", "values": [0.8 - i / 100 + d for d in (0.0, 0.001, -0.001)]} for i in range(4)]
+    rows.append({"key": "wild", "values": [0.2, 0.9, 0.5]})
+    v = stats.verdicts(rows)
+    assert v["levene_p"] < 0.05 and "Levene" in v["sentence"] and "search.test=welch" in v["sentence"]
+    assert "Levene" not in stats.verdicts(rows[:4])["sentence"]
