@@ -84,11 +84,15 @@ def as_by_seed(values: Sequence[float] | Mapping[Any, float], seeds: Sequence[An
 def fit_seed_model(groups: Sequence[Mapping[Any, float]]) -> SeedModel:
     """The two-way (candidate + seed) model over the candidates that share two or more seeds.
 
-    The block is every candidate holding all the seeds that every non-empty candidate shares.
+    The block is every candidate holding all the seeds that every non-empty candidate shares; candidates
+    with identical scores on every seed (one network reached from two grid points) count once.
     Without such a block (fewer than two shared seeds or candidates) the seed spread is pooled
     one way (each candidate's own seeds, sum(n_i - 1) degrees of freedom) and nothing is paired.
     """
-    groups = [dict(g) for g in groups if g]
+    # a network trained twice (two grid points that round to one network) scores the same on every seed: it is
+    # one candidate's evidence, not two, and counting it twice would invent degrees of freedom
+    unique = {tuple(sorted(g.items(), key=lambda kv: str(kv[0]))): dict(g) for g in groups if g}
+    groups = list(unique.values())
     shared = set.intersection(*(set(g) for g in groups)) if groups else set()
     seeds = tuple(sorted(shared, key=str))
     k, m = len(groups), len(seeds)
@@ -267,12 +271,14 @@ def verdicts(rows: Sequence[Mapping[str, Any]], alpha: float = 0.05, reference: 
 
 
 def levene(groups: Sequence[Sequence[float]]) -> float | None:
-    """Levene's p-value for equal seed spreads across the groups with two or more values (None: untestable).
+    """Levene's p-value for equal seed spreads across the groups with three or more values (None: untestable).
 
     The pooled test assumes seed noise of a similar size for every candidate; a small p says it is not."""
     from scipy import stats as st
 
-    usable = [list(g) for g in groups if len(g) >= 2]
+    # two values per group are degenerate: both lie equally far from their median, so every group's spread of
+    # deviations is zero and any difference reads as p ~ 0; three or more per group are needed
+    usable = [list(g) for g in groups if len(g) >= 3]
     if len(usable) < 2 or all(statistics.pvariance(g) == 0 for g in usable):
         return None
     with warnings.catch_warnings():

@@ -195,7 +195,7 @@ def test_pooled_test_separates_what_welch_cannot_with_two_seeds():
     assert pooled["test"] == stats.TEST_NAME and pooled["test_key"] == "pooled" and welch["test"] == stats.WELCH_NAME
     assert f"Contender set: {len(pooled['contenders'])} of 11 candidates" in pooled["sentence"]
     assert stats.TEST_NAME in pooled["sentence"] and pooled["seed_model"]["residual_dof"] == 10
-    assert pooled["levene_p"] is not None and 0 <= pooled["levene_p"] <= 1
+    assert pooled["levene_p"] is None  # two seeds per candidate: Levene cannot test the spreads
 
 
 def test_seed_model_against_a_hand_computed_two_way_anova():
@@ -217,6 +217,11 @@ def test_seed_model_against_a_hand_computed_two_way_anova():
     d = (y[0] - y[1]).mean()
     assert c["paired"] and c["diff"] == pytest.approx(d)
     assert c["p_value"] == pytest.approx(2 * st.t.sf(abs(d) / math.sqrt(2 * ms_res / m), 4))
+    # the same network reached twice counts once
+    twice = stats.fit_seed_model([dict(enumerate(r)) for r in y] + [dict(enumerate(y[0]))])
+    assert twice == model
+    # Levene needs three seeds per candidate: with two, every spread of deviations is zero
+    assert stats.levene([[0.1, 0.2], [0.5, 0.9], [0.3, 0.31]]) is None
     # a candidate missing a seed stays out of the block, and is compared over the seeds it shares
     model2 = stats.fit_seed_model([dict(enumerate(r)) for r in y] + [{0: 0.5}])
     assert model2.seeds == (0,) and model2.residual_var is None  # only seed 0 is shared by all: one-way pooling
