@@ -97,7 +97,8 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str, resamples: int = stats.
     line = stats.limit_line(
         [{"name": f"{a['budget']}x", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement],
         ceilings[top], f"{top}x the trial budget",
-        "raise the budgets (fidelity.budgets or train.num_train_steps) or use the fashion_mnist preset")
+        "raise the budgets (fidelity.budgets or train.num_train_steps) or use the fashion_mnist preset "
+        "(--config=experiments/configs/fidelity.py:fashion_mnist)")
     return {"means": means, "agreement": agreement, "ceilings": ceilings, "ceiling_line": line}
 
 
