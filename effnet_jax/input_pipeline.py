@@ -68,6 +68,10 @@ class ArraySource:
     def num_eval(self) -> int:
         return len(self.eval_labels)
 
+    def eval_label_counts(self) -> np.ndarray:
+        """Examples per class in the eval split (what ``majority_rate`` reads)."""
+        return np.bincount(np.asarray(self.eval_labels, dtype=np.int64), minlength=self.num_classes)
+
     @property
     def steps_per_epoch(self) -> int:
         return self.num_train // self.global_batch
@@ -97,6 +101,17 @@ class ArraySource:
             rows = np.minimum(rows, n - 1)
             rows, mask = self._local(rows), self._local(mask)
             yield {"image": self.eval_images[rows], "label": self.eval_labels[rows], "mask": mask}
+
+
+def majority_rate(source: Any) -> float | None:
+    """The share of the eval split's largest class: the accuracy of always answering it, so the score a
+    trial that learned nothing about the images reaches at most (by chance, within sampling noise).
+    None when the source cannot count its eval labels."""
+    counts = getattr(source, "eval_label_counts", None)
+    if counts is None:
+        return None
+    c = np.asarray(counts())
+    return float(c.max() / c.sum()) if c.sum() else None
 
 
 def _random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:

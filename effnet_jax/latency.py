@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from effnet_jax.provenance import cpu_model
 
 KINDS = ("train", "infer")
 
@@ -46,17 +47,6 @@ def device_key() -> str:
     if jax.default_backend() == "cpu":
         key += f":{cpu_model()}:{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
     return key
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str, steps_per_epoch: int = 1000

@@ -155,6 +155,8 @@ def read_constants_file(path: str | os.PathLike) -> tuple[dict[str, float], dict
         raise UserError(f"cannot read constants file {path}: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"constants file {path} must hold a JSON object")
+    if data.get("answer") is False:  # a search whose trials did not learn marks its best.json so
+        raise UserError(f"{path} is no answer: {data.get('reason') or 'its search marked it so'}")
     try:
         return check_constants(data), data
     except UserError as e:

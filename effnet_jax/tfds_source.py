@@ -55,6 +55,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
@@ -140,6 +141,13 @@ class TfdsSource:
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         return iter(tfds.as_numpy(self.train_dataset(start_step)))
+
+    def eval_label_counts(self) -> np.ndarray:
+        """Examples per class in this process's part of the eval split: the labels alone, images never decoded."""
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for labels in tfds.as_numpy(self.eval.records.map(_plain(lambda image, label: label)).batch(8192)):
+            counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        return counts
 
     def eval_batches(self) -> Iterator[Batch]:
         return iter(tfds.as_numpy(self.eval_dataset()))

@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import cost, input_pipeline, metrics, rundir, scaling, signals, sources
+from effnet_jax import cost, input_pipeline, metrics, provenance, rundir, scaling, signals, sources
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import Interrupted, UserError
@@ -573,7 +573,8 @@ def _stop_requested(step: int, every: int) -> bool:
 
 
 def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> dict[str, Any]:
-    """What was trained, for result.json: the network's size and cost, the data, the hardware."""
+    """What was trained, for result.json: the network's size and cost, the data, the hardware and software
+    (``provenance``: what makes the same config score differently on another machine)."""
     spec, source, arch = run.spec, run.source, program.arch
     return {
         "model": spec.name, "network": config.model.network, **cost.figures(spec, arch, source.num_classes),
@@ -581,6 +582,7 @@ def _run_info(config: ml_collections.ConfigDict, run: Run, program: Program) -> 
         "num_classes": source.num_classes, "batch_size": config.batch_size, "total_steps": run.total_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "dtype": jnp.dtype(run.dtype).name,
         "kernels": run.layers.kernels, "scan_blocks": bool(config.model.get("scan_blocks", False)),
+        "provenance": provenance.provenance(),
     }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import trainer
+from effnet_jax import provenance, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, runner, stats, trials
 from experiments.constraints import candidates
@@ -72,23 +72,35 @@ def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_st
     return out
 
 
-def analyse(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Mean score per (budget, candidate); each budget's rank agreement with the largest budget's."""
+def analyse(rows: Sequence[dict[str, Any]], metric: str, resamples: int = stats.BOOTSTRAP_RESAMPLES
+            ) -> dict[str, Any]:
+    """Mean score per (budget, candidate); each budget's rank agreement with the largest budget's (Kendall tau
+    with a bootstrap interval over candidates); at every budget with two or more seeds, the noise ceiling
+    (seed-to-seed tau, ``stats.noise_ceiling``), and one line on what limits the cheap budgets."""
     scores: dict[int, dict[str, list[float]]] = {}
+    by_seed: dict[int, dict[str, dict[Any, float]]] = {}
     for r in rows:
         if r["status"] == "ok" and r.get(metric) is not None:
             name = trials.candidate_name(r)
             scores.setdefault(r["budget"], {}).setdefault(name, []).append(r[metric])
+            by_seed.setdefault(r["budget"], {}).setdefault(name, {})[r.get("seed")] = r[metric]
     means = {b: {k: sum(v) / len(v) for k, v in by.items()} for b, by in sorted(scores.items())}
     if not means:
-        return {"means": {}, "agreement": []}
+        return {"means": {}, "agreement": [], "ceilings": {}, "ceiling_line": None}
     top = max(means)
     agreement = []
     for b, m in means.items():
         if b != top and len(set(m) & set(means[top])) >= 2:
-            agreement.append({"budget": b, "top_budget": top, **stats.rank_agreement(m, means[top]),
+            agreement.append({"budget": b, "top_budget": top,
+                              **stats.rank_agreement(m, means[top], resamples=resamples),
                               "winner": max(m, key=m.get), "top_winner": max(means[top], key=means[top].get)})
-    return {"means": means, "agreement": agreement}
+    ceilings = {b: stats.noise_ceiling(by, resamples=resamples) for b, by in sorted(by_seed.items())}
+    line = stats.limit_line(
+        [{"name": f"{a['budget']}x", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement],
+        ceilings[top], f"{top}x the trial budget",
+        "raise the budgets (fidelity.budgets or train.num_train_steps) or use the fashion_mnist preset "
+        "(--config=experiments/configs/fidelity.py:fashion_mnist)")
+    return {"means": means, "agreement": agreement, "ceilings": ceilings, "ceiling_line": line}
 
 
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
@@ -113,6 +125,8 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
     report.write_json(os.path.join(workdir, "fidelity.json"), {
         "metric": config.search.metric, "mode": config.fidelity.mode, "base_steps": base_steps,
         "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
+        "ceilings": {str(b): c for b, c in out["ceilings"].items()}, "ceiling_line": out["ceiling_line"],
+        "provenance": provenance.provenance(),
         "config": config.to_dict(), "created": report.now()})
     from experiments import plots
 
@@ -121,13 +135,28 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
 
 
 def format_agreement(out: dict[str, Any]) -> str:
-    lines = [f"{'budget':>6} {'steps':>6} {'Kendall tau':>11} {'Spearman':>8} {'n':>3}  winner"]
+    """Each budget's tau (with its bootstrap interval) against the largest budget, the seed-to-seed ceiling
+    at each budget that ran two or more seeds, and the line on what limits the cheap budgets."""
+    lines = [f"{'budget':>6} {'steps':>6} {'Kendall tau [95%]':>20} {'Spearman':>8} {'n':>3}  winner"]
     for a in out["agreement"]:
         changed = "same winner" if a["same_winner"] else f"{a['winner']} (at {a['top_budget']}x: {a['top_winner']})"
-        tau, rho = (f"{v:.3f}" if v is not None else "n/a" for v in (a["kendall_tau"], a["spearman_rho"]))
+        rho = f"{a['spearman_rho']:.3f}" if a["spearman_rho"] is not None else "n/a"
         steps = a["budget"] * out["base_steps"]
-        lines.append(f"{a['budget']:>5}x {steps:>6} {tau:>11} {rho:>8} {a['n']:>3}  {changed}")
+        lines.append(f"{a['budget']:>5}x {steps:>6} {_tau_text(a['kendall_tau'], a.get('kendall_ci')):>20} {rho:>8} "
+                     f"{a['n']:>3}  {changed}")
+    for b, c in (out.get("ceilings") or {}).items():
+        if c["tau"] is not None:
+            lines.append(f"noise ceiling at {b}x ({b * out['base_steps']} steps, seeds {c['seeds']}): seed-to-seed "
+                         f"Kendall tau {_tau_text(c['tau'], c['ci'])} over {c['n']} candidates")
+    if out.get("ceiling_line"):
+        lines.append(out["ceiling_line"])
     return "\n".join(lines)
+
+
+def _tau_text(tau: float | None, ci: Sequence[float] | None) -> str:
+    if tau is None:
+        return "n/a"
+    return f"{tau:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 @exit_on_user_error

@@ -30,9 +30,20 @@ function of the config alone (the same on every rerun and worker count), and bec
 pruner stops a trial part-way while here the cost that dominates, compiling each network,
 is paid before the first step either way.
 
+The answer: before any verdict each candidate and the baseline are tested against chance (the
+validation split's majority-class rate); when the baseline or every candidate is not above it, the
+trials did not learn at this budget: best.json says ``"answer": false`` with the reason (scale_up and
+``model.constants`` refuse it) and the search exits 2 with one ``error:`` line naming what to raise
+(``search.require_learning = False``: exit 0). Otherwise the winner and its contender set: every
+candidate not separated from it by ``search.test`` (``pooled``: seed noise estimated over every
+candidate at the top rung, comparisons paired by seed, ``experiments.stats``; ``welch``) at
+``search.alpha_level``. Each cheap rung's Kendall tau against the top rung carries a bootstrap
+interval, and the top rung's seed-to-seed tau (the noise ceiling) says what limits it.
+
 Outputs in --workdir: study.journal (the study), results.csv (one row per trial), best.json
-(alpha, beta, gamma, the interval, the verdict and the whole search config: what
-``experiments.scale_up`` and ``config.model.constants`` read), grid.png,
+(answer, alpha, beta, gamma, the interval, the contenders with the test, alpha level and seeds
+behind them, the verdict, tau intervals, the noise ceiling, provenance and the whole search config:
+what ``experiments.scale_up`` and ``config.model.constants`` read), grid.png,
 accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study file.
 """
 
@@ -49,7 +60,7 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, trainer
+from effnet_jax import cost, input_pipeline, provenance, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, runner, stats, trials
 from experiments.constraints import MeasuredLatency, candidates, constraint_for, grid_points
@@ -57,6 +68,7 @@ from experiments.strategies import check_search, proposer_for, rung_mode_for, sc
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
+CONTENDER_WORDS = ("best", "tied with best", "above best")
 CSV_FIELDS = ("trial_id", "trial_number", "state", "label", "alpha", "beta", "gamma", "product", "phi", "seed",
               "rung", *runner.RESULT_FIELDS, "latency_train", "latency_infer")
 
@@ -123,24 +135,41 @@ def trial_plan(config: ml_collections.ConfigDict, c: Candidate, seed: int, rung:
 
 # ---------------------------------------------------------------------- summary
 
+def seed_models(rows: Sequence[dict[str, Any]], metric: str) -> dict[int, stats.SeedModel]:
+    """{rung: the seed noise over every candidate's finished trials at that rung} (the pooled test's)."""
+    groups: dict[int, dict[tuple[Any, ...], dict[Any, float]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get(metric) is not None:
+            by = groups.setdefault(r["rung"], {}).setdefault((r["alpha"], r["beta"], r["gamma"], r["label"]), {})
+            by[r.get("seed", len(by))] = r[metric]
+    return {rung: stats.fit_seed_model(list(g.values())) for rung, g in groups.items()}
+
+
 def summarize(rows: Sequence[dict[str, Any]], metric: str, base_macs: int | None = None,
-              num_eval: int | None = None) -> list[dict[str, Any]]:
-    """One entry per candidate at the highest rung it reached: mean, 95% interval, MACs / baseline."""
+              num_eval: int | None = None, test: str = stats.POOLED) -> list[dict[str, Any]]:
+    """One entry per candidate at the highest rung it reached: mean, 95% interval, MACs / baseline.
+
+    ``test``: ``pooled`` intervals use the seed noise of every candidate at that rung (``stats.interval``
+    with ``seed_models``); ``welch`` each candidate's own seeds plus the validation sample's binomial error.
+    """
     by_cand: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         by_cand.setdefault((r["alpha"], r["beta"], r["gamma"], r["label"]), []).append(r)
+    models = seed_models(rows, metric) if test == stats.POOLED else {}
     out = []
     for group in by_cand.values():
         top = max(r["rung"] for r in group)
         group = [r for r in group if r["rung"] == top]
         ok = [r for r in group if r["status"] == "ok" and r.get(metric) is not None]
+        ok = sorted(ok, key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
         values = [r[metric] for r in ok]
         first = ok[0] if ok else group[0]
-        ci = stats.interval(values, n_val=num_eval) if values else {}
+        ci = stats.interval(values, n_val=num_eval, model=models.get(top)) if values else {}
         out.append({
             "label": first["label"], "alpha": first["alpha"], "beta": first["beta"], "gamma": first["gamma"],
             "product": first["product"], "rung": top, "seeds": len(group), "ok": len(ok),
             "status": "ok" if ok else group[0]["status"], "values": values,
+            "seed_ids": [r.get("seed", i) for i, r in enumerate(ok)],
             "mean": ci.get("mean"), "std": ci.get("std"), "half": ci.get("half"),
             **{k: first.get(k) for k in cost.FIGURES},
             "macs_ratio": (first["macs"] / base_macs) if base_macs and first.get("macs") else None,
@@ -163,24 +192,43 @@ def pick_best(summary: Sequence[dict[str, Any]], search: ml_collections.ConfigDi
 
 def judge(summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, search: ml_collections.ConfigDict
           ) -> dict[str, Any]:
-    """Verdicts at the top rung: each candidate against the winner (Welch's t-test over seeds)."""
+    """Verdicts at the top rung: each candidate against the winner (``search.test``), and the contender set.
+
+    The pooled test's seed noise comes from every candidate at the top rung (the baseline too), as the
+    intervals' does; ``contender_set`` lists the winner and every candidate not separated from it.
+    """
     constraint = constraint_for(search)
     top = max((s["rung"] for s in summary), default=0)
     pool = [s for s in summary if s["rung"] == top and s["mean"] is not None
             and (s is best or s["label"] == "paper" or constraint.satisfies(s))]
+    test = search.get("test", stats.POOLED)
     if best is None or not pool:
-        return {"verdicts": {}, "sentence": "no constraint-satisfying candidate finished: nothing to judge"}
+        return {"verdicts": {}, "contenders": [], "contender_set": [], "test": stats.TESTS[test],
+                "sentence": "no constraint-satisfying candidate finished: nothing to judge"}
     name = {id(s): trials.candidate_name(s) for s in pool}
     ranked = [best] + [s for s in pool if s is not best]
-    return stats.verdicts([{"key": name[id(s)], "values": s["values"]} for s in ranked], alpha=search.alpha_level,
-                          reference=next((name[id(s)] for s in pool if s["label"] == "paper"), None))
+    everyone = [dict(zip(_seed_ids(s), s["values"])) for s in summary if s["rung"] == top and s["values"]]
+    out = stats.verdicts([{"key": name[id(s)], "values": s["values"], "seeds": _seed_ids(s)} for s in ranked],
+                         alpha=search.alpha_level, test=test, pool=everyone,
+                         reference=next((name[id(s)] for s in pool if s["label"] == "paper"), None))
+    chosen = set(out["contenders"])
+    out["contender_set"] = [{"alpha": s["alpha"], "beta": s["beta"], "gamma": s["gamma"], "label": s["label"],
+                             "mean": s["mean"]} for s in ranked if name[id(s)] in chosen]
+    out["seeds"] = sorted({x for s in ranked for x in _seed_ids(s)}, key=str)
+    return out
 
 
-def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[str, str] | None = None) -> str:
-    """The search's table: one row per candidate, best first, with its interval and verdict."""
+def _seed_ids(s: dict[str, Any]) -> list[Any]:
+    return list(s.get("seed_ids") or range(len(s["values"])))
+
+
+def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[str, str] | None = None,
+                 test: str = stats.POOLED) -> str:
+    """The search's table: one row per candidate, best first, with its interval, verdict and contender mark."""
     verdicts = verdicts or {}
     columns: list[report.Column] = [
         ("", 1, lambda s: {"paper": "P", "baseline": "B"}.get(s["label"], "")),
+        ("C", 1, lambda s: "*" if verdicts.get(trials.candidate_name(s)) in CONTENDER_WORDS else ""),
         ("alpha", 5, lambda s: f"{s['alpha']:.2f}"), ("beta", 5, lambda s: f"{s['beta']:.2f}"),
         ("gamma", 5, lambda s: f"{s['gamma']:.2f}"), ("a*b2*g2", 7, lambda s: f"{s['product']:.3f}"),
         ("res", 4, lambda s: str(s["resolution"] or 0)), ("blocks", 6, lambda s: str(s["blocks"] or 0)),
@@ -195,17 +243,21 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str, verdicts: dict[
     ]
     return report.format_table(summary, columns, [
         "P = the paper's constants, B = unscaled B0 (phi = 0); xMACs = MACs / unscaled B0's; xTrain / xInfer = "
-        "measured train-step / inference time / unscaled B0's on this device; "
-        "±95%: t interval over seeds with the validation sample's binomial error"])
+        "measured train-step / inference time / unscaled B0's on this device; C * = the contender set (the winner "
+        "and every candidate not separated from it); "
+        + ("±95%: t interval with the seed noise pooled over the rung's candidates (on this validation split)"
+           if test == stats.POOLED else "±95%: t interval over seeds with the validation sample's binomial error")])
 
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Rank agreement (Kendall tau, Spearman) of each rung's scores with the top rung's, over the candidates
-    that reached the top rung: does the cheap proxy rank them as the long budget does?"""
+def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str,
+                   resamples: int = stats.BOOTSTRAP_RESAMPLES) -> list[dict[str, Any]]:
+    """Rank agreement (Kendall tau with a bootstrap interval over candidates, Spearman) of each rung's scores
+    with the top rung's, over the candidates that reached the top rung: does the cheap proxy rank them as the
+    long budget does?"""
     by_rung: dict[int, dict[str, list[float]]] = {}
     for r in summary_rows:
         if r["status"] == "ok" and r.get(metric) is not None:
@@ -221,7 +273,68 @@ def rung_agreement(summary_rows: Sequence[dict[str, Any]], metric: str) -> list[
             continue
         scores = {k: sum(v) / len(v) for k, v in by_rung[rung].items() if k in final}
         if len(scores) >= 2:
-            out.append({"rung": rung, "top_rung": top, **stats.rank_agreement(scores, final)})
+            out.append({"rung": rung, "top_rung": top, **stats.rank_agreement(scores, final, resamples=resamples)})
+    return out
+
+
+def noise_ceiling(rows: Sequence[dict[str, Any]], metric: str, resamples: int = stats.BOOTSTRAP_RESAMPLES
+                  ) -> dict[str, Any]:
+    """Seed-to-seed rank agreement at the top rung (``stats.noise_ceiling``): how far any cheap rung can
+    agree with it. tau None when the top rung ran one seed."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    top = max((r["rung"] for r in ok), default=0)
+    scores: dict[str, dict[Any, float]] = {}
+    for r in ok:
+        if r["rung"] == top:
+            scores.setdefault(f"{r['alpha']}-{r['beta']}-{r['gamma']}-{r['label']}", {})[r.get("seed")] = r[metric]
+    return {"rung": top, **stats.noise_ceiling(scores, resamples=resamples)}
+
+
+def ceiling_line(agreement: Sequence[dict[str, Any]], ceiling: dict[str, Any], steps: Sequence[int]) -> str:
+    """``stats.limit_line`` for the search: each cheap rung against the top rung's noise ceiling."""
+    top = ceiling["rung"]
+    budget = f"rung {top} ({steps[top]} steps)" if top < len(steps) else f"rung {top}"
+    remedy = ("raise the top rung's budget (train.num_train_steps or search.halving_eta) or use a preset whose "
+              "candidates differ by more than seed noise (--config=experiments/configs/fashion_mnist.py)")
+    proxies = [{"name": f"rung {a['rung']}", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement]
+    return stats.limit_line(proxies, ceiling, budget, remedy)
+
+
+def learning_check(summary: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], chance: float | None,
+                   num_eval: int | None, config: ml_collections.ConfigDict, steps: Sequence[int] = ()
+                   ) -> dict[str, Any]:
+    """Did the trials learn? Each candidate (at its highest rung) and the baseline against chance, the
+    validation split's majority-class rate (``stats.above_chance``), before any verdict is trusted.
+
+    Not learned: the baseline is not above chance, or no other candidate is. Returns {"learned" (None when
+    chance is unknown), "chance", "above": {name: bool}, "reason": one line naming what to raise, or None}.
+    """
+    s = config.search
+    out: dict[str, Any] = {"learned": None, "chance": chance, "above": {}, "reason": None}
+    if chance is None or not num_eval:
+        return out
+    models = seed_models(rows, s.metric) if s.get("test", stats.POOLED) == stats.POOLED else {}
+    tests = {trials.candidate_name(e): (e, stats.above_chance(e["values"], chance, num_eval, models.get(e["rung"]),
+                                                              s.alpha_level))
+             for e in summary if e["values"]}
+    out["above"] = {k: t["above"] for k, (_, t) in tests.items()}
+    base = next(((k, e, t) for k, (e, t) in tests.items() if e["label"] == "baseline"), None)
+    others = [(k, e, t) for k, (e, t) in tests.items() if e["label"] != "baseline"]
+    out["learned"] = bool(others) and any(t["above"] for _, _, t in others) and (base is None or base[2]["above"])
+    if out["learned"]:
+        return out
+    what = []
+    if base is not None and not base[2]["above"]:
+        what.append(f"unscaled B0 scored {base[2]['mean']:.4f} (one-sided p = {base[2]['p_value']:.2f})")
+    if others and not any(t["above"] for _, _, t in others):
+        top = max(others, key=lambda x: x[2]["mean"])
+        what.append(f"no candidate is above it (best {top[2]['mean']:.4f}, p = {top[2]['p_value']:.2f})")
+    t = config.train
+    out["reason"] = (f"the trials did not learn at this budget: against chance {chance:.4f} (the majority class of "
+                     f"{t.data.name}'s {num_eval} validation images) " + " and ".join(what or ["no trial finished"])
+                     + f"; raise train.num_train_steps (the rungs trained {'/'.join(map(str, steps)) or '?'} steps) or "
+                     "train.optimizer.learning_rate "
+                     f"(now {t.optimizer.learning_rate:g}), or check the labels")
     return out
 
 
@@ -232,12 +345,18 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
     report.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
     if best is not None:
         metric = config.search.metric
+        learning = extra.get("learning") or {}
+        answer = learning.get("learned") is not False
         report.write_json(os.path.join(workdir, "best.json"), {
+            "answer": answer, **({} if answer else {"reason": learning.get("reason")}),
             "alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"], "product": best["product"],
             metric: best["mean"], f"{metric}_std": best["std"], f"{metric}_ci95_half": best["half"],
             f"{metric}_values": best["values"], "seeds": best["ok"], "rung": best["rung"],
             **{k: best[k] for k in (*cost.FIGURES, "macs_ratio", "latency_train", "latency_infer")},
-            "verdict": verdict, **extra, "config": config.to_dict(), "created": report.now()})
+            "contenders": verdict.get("contender_set", []), "test": verdict.get("test"),
+            "alpha_level": config.search.alpha_level, "test_seeds": verdict.get("seeds"),
+            "verdict": verdict, **extra, "provenance": provenance.provenance(), "config": config.to_dict(),
+            "created": report.now()})
     from experiments import plots
 
     top = max((s["rung"] for s in summary), default=0)
@@ -342,7 +461,8 @@ def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLaten
 def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
            study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True
            ) -> dict[str, Any]:
-    """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", ...}.
+    """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", "learning",
+    "rung_agreement", "noise_ceiling", "ceiling_line", ...} (``learning["learned"]`` False: no answer).
 
     Several processes may call this at once on one storage: they share the trials.
     """
@@ -365,16 +485,22 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
         rows.update(runner.run(study, plan_rung(config, alive, rung, steps, num_classes), workdir,
                                trainer.train_and_evaluate, s.metric, log))
     base_macs = trials.figures(config.train, BASELINE, 0.0, num_classes)["macs"]
-    race(config, study, workdir, alive, rows, steps, num_classes, lambda r: summarize(r, s.metric, base_macs, num_eval),
-         log)
+    test = s.get("test", stats.POOLED)
+    race(config, study, workdir, alive, rows, steps, num_classes,
+         lambda r: summarize(r, s.metric, base_macs, num_eval, test=test), log)
     rows_list = list(rows.values())
     if run.meter is not None:
         _with_latency(rows_list, run.meter)
-    summary = summarize(rows_list, s.metric, base_macs, num_eval)
+    summary = summarize(rows_list, s.metric, base_macs, num_eval, test=test)
     best = pick_best(summary, s)
+    learning = learning_check(summary, rows_list, input_pipeline.majority_rate(prepared.source), num_eval, config,
+                              steps)
     verdict = judge(summary, best, s)
+    agreement = rung_agreement(rows_list, s.metric)
+    ceiling = noise_ceiling(rows_list, s.metric)
     extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
-             "rung_steps": steps, "rung_agreement": rung_agreement(rows_list, s.metric),
+             "rung_steps": steps, "rung_agreement": agreement, "noise_ceiling": ceiling,
+             "ceiling_line": ceiling_line(agreement, ceiling, steps), "learning": learning,
              "macs_warnings": run.constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
     if write:
         write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
@@ -465,7 +591,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return out
     _print_summary(out, config, workdir, time.time() - t0)
     best = out["best"]
-    if phis and best is not None:
+    if out["learning"].get("learned") is False and config.search.get("require_learning", True):
+        raise UserError(out["learning"]["reason"])  # best.json says it is no answer; scale_up refuses it
+    if phis and best is not None and out["learning"].get("learned") is not False:
         from experiments import scale_up
 
         scale_up.scale_up(os.path.join(workdir, "best.json"), phis,
@@ -475,20 +603,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def _print_summary(out: dict[str, Any], config: ml_collections.ConfigDict, workdir: str, took: float) -> None:
     metric = config.search.metric
-    print(format_table(out["summary"], metric, out["verdict"].get("verdicts", {})))
+    print(format_table(out["summary"], metric, out["verdict"].get("verdicts", {}),
+                       config.search.get("test", stats.POOLED)))
     for w in out["macs_warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     for a in out["rung_agreement"]:
+        ci = a.get("kendall_ci")
         print(f"rung {a['rung']} vs rung {a['top_rung']} ranking over {a['n']} candidates: Kendall tau "
-              f"{_num(a['kendall_tau'])}, Spearman {_num(a['spearman_rho'])}"
-              + ("" if a["same_winner"] else " (the winner changed)"))
+              f"{_num(a['kendall_tau'])}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+              + f", Spearman {_num(a['spearman_rho'])}" + ("" if a["same_winner"] else " (the winner changed)"))
+    print(out["ceiling_line"])
     best = out["best"]
     if best is None:
         print("no constraint-satisfying candidate finished; nothing written to best.json")
+    elif out["learning"].get("learned") is False:
+        print(f"no answer ({os.path.join(workdir, 'best.json')} is marked as none): {out['learning']['reason']}")
     else:
         print(f"winner: alpha={best['alpha']} beta={best['beta']} gamma={best['gamma']} "
               f"({metric} {report.score_text(best)}, {best['ok']} seeds) -> {os.path.join(workdir, 'best.json')}")
-    print(out["verdict"]["sentence"])
+    if out["learning"].get("learned") is not False:
+        print(out["verdict"]["sentence"])
     share = out["training_share"]
     print(f"grid search took {took:.0f} s" + (f" ({share:.0%} of trial time in training steps)" if share else "")
           + f"; results in {workdir}")

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 import ml_collections
 
 from effnet_jax.errors import UserError
-from experiments import trials
+from experiments import stats, trials
 from experiments.constraints import candidates, constraint_for
 from experiments.trials import Candidate
 
@@ -312,6 +312,10 @@ def check_search(config: ml_collections.ConfigDict) -> None:
     if isinstance(s.max_seeds, bool) or not isinstance(s.max_seeds, int) or (s.max_seeds != 0 and s.max_seeds < top):
         raise UserError(f"search.max_seeds must be 0 (no racing) or at least the top rung's {top} seeds "
                         f"(search.final_seeds, else search.seeds), got {s.max_seeds!r}")
+    if s.get("test", stats.POOLED) not in stats.TESTS:
+        raise UserError(f"search.test must be {' or '.join(stats.TESTS)}, got {s.test!r}")
+    if not isinstance(s.get("require_learning", True), bool):
+        raise UserError(f"search.require_learning must be True or False, got {s.require_learning!r}")
     if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
         raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
     constraint = constraint_for(s)

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import fidelity
@@ -35,7 +36,28 @@ def test_fidelity_end_to_end_on_the_tiny_network(tmp_path, monkeypatch):
         assert os.path.getsize(wd / name) > 0, name
     saved = json.loads((wd / "fidelity.json").read_text())
     assert saved["mode"] == "continued" and len(saved["agreement"]) == 2
+    assert all("kendall_ci" in a for a in saved["agreement"]) and saved["provenance"]["jax"]
+    # one seed per budget: no ceiling anywhere, and the line says that proxy taus cannot be told from seed noise
+    assert all(c["tau"] is None for c in saved["ceilings"].values()) and "unknown" in saved["ceiling_line"]
     assert not any((wd / "trials" / d / "checkpoints").exists() for d in os.listdir(wd / "trials"))
+
+
+def test_analyse_reports_tau_intervals_and_the_ceiling_at_every_budget_with_seeds():
+    rng = np.random.default_rng(0)
+    rows = [{"status": "ok", "label": "", "alpha": 1 + i / 20, "beta": 1.1, "gamma": 1.15, "budget": b, "seed": seed,
+             "val_top1": 0.5 + 0.05 * i + float(rng.normal(0, noise))}
+            for b, noise in ((1, 1.0), (3, 0.002)) for i in range(20) for seed in (0, 1, 2)]
+    out = fidelity.analyse(rows, "val_top1")
+    (a,) = out["agreement"]
+    assert a["kendall_ci"][0] <= a["kendall_tau"] <= a["kendall_ci"][1] and a["kendall_ci"][1] - a["kendall_ci"][0] > 0
+    top, cheap = out["ceilings"][3], out["ceilings"][1]
+    assert top["tau"] == pytest.approx(1.0) and top["pairs"] == 3 and cheap["tau"] < top["tau"]
+    assert "1x (tau" in out["ceiling_line"] and "limited by the proxy" in out["ceiling_line"]  # noisy 1x, exact 3x
+    out["base_steps"] = 40
+    text = fidelity.format_agreement(out)
+    assert "noise ceiling at 3x (120 steps, seeds [0, 1, 2])" in text and out["ceiling_line"] in text
+    again = fidelity.analyse(rows, "val_top1")
+    assert again["ceilings"] == out["ceilings"] and again["agreement"] == out["agreement"]  # seeded bootstrap
 
 
 @pytest.mark.parametrize("override, message", [

@@ -9,7 +9,7 @@ import pytest
 
 from effnet_jax import create_model, from_constants, load_constants
 from effnet_jax.errors import UserError
-from experiments import constraints, runner, strategies, trials
+from experiments import constraints, runner, stats, strategies, trials
 from experiments import grid_search as gs
 from experiments.configs import grid_search as grid_config
 
@@ -118,6 +118,7 @@ def test_macs_constraint_without_a_point_names_the_closest():
     ("rung_mode", "snapshot", "search.rung_mode must be continued, cooldown or independent, got 'snapshot'"),
     ("max_seeds", 1, r"search.max_seeds must be 0 \(no racing\) or at least the top rung's 2 seeds"),
     ("max_seeds", -1, "search.max_seeds"),
+    ("test", "student", "search.test"),
 ])
 def test_whole_search_config_is_checked_before_any_trial(field, value, message):
     c = grid_config.get_config()
@@ -206,7 +207,17 @@ def test_verdicts_separated_tied_and_one_seed():
     assert v["verdicts"][trials.candidate_name(best)] == "best"
     assert v["verdicts"]["(1.15, 1.15, 1.15)"] == "tied with best"
     assert v["verdicts"]["(1.15, 1.25, 1.05)"] == "below"
-    assert "Welch" in v["sentence"]
+    assert stats.TEST_NAME in v["sentence"] and "Contender set: 2 of 4" in v["sentence"]
+    assert [(c["alpha"], c["beta"], c["gamma"]) for c in v["contender_set"]] == [win[:3], tie[:3]]
+    assert v["seeds"] == [0, 1, 2] and v["seed_model"]["residual_dof"] == 6
+    table = gs.format_table(summary, "val_top1", v["verdicts"])
+    marked = [ln for ln in table.splitlines() if ln[2:3] == "*"]  # the C column
+    assert len(marked) == 2 and "contender set" in table
+    s.test = "welch"
+    welch = gs.summarize(rows, "val_top1", num_eval=360, test="welch")
+    w = gs.judge(welch, gs.pick_best(welch, s), s)
+    assert "Welch" in w["sentence"] and w["verdicts"] == v["verdicts"]
+    s.test = "pooled"
     one = gs.summarize(_rows({win: [0.9], low: [0.5]}), "val_top1")
     v1 = gs.judge(one, gs.pick_best(one, s), s)
     assert "one seed" in v1["sentence"].lower() or "nothing" in v1["sentence"].lower()
@@ -223,6 +234,27 @@ def test_rung_agreement_between_rungs():
     assert agree["kendall_tau"] == pytest.approx(-1.0) and not agree["same_winner"]
 
 
+def test_rung_taus_carry_intervals_and_the_top_rung_its_noise_ceiling():
+    cands = [(1.0 + i / 20, 1.1, 1.15, "") for i in range(8)]
+    rng = np.random.default_rng(0)
+    rows = _rows({c: [0.1 * i] for i, c in enumerate(cands)}, rung=0)
+    rows += _rows({c: [0.5 + 0.05 * i + float(rng.normal(0, 0.005)) for _ in range(2)] for i, c in enumerate(cands)}, 1)
+    (agree,) = gs.rung_agreement(rows, "val_top1")
+    assert agree["kendall_tau"] == pytest.approx(1.0) and agree["kendall_ci"] == [1.0, 1.0]
+    ceiling = gs.noise_ceiling(rows, "val_top1")
+    assert ceiling["rung"] == 1 and ceiling["tau"] == pytest.approx(1.0) and ceiling["seeds"] == [0, 1]
+    assert "limited by seed noise" in gs.ceiling_line([agree], ceiling, [40, 120])
+    # seeds that disagree at the top rung: within seed noise, and the line says what to raise
+    noisy = _rows({c: [0.1 * i] for i, c in enumerate(cands)}, rung=0) + _rows(
+        {c: [0.8 + float(rng.normal(0, 0.01)) for _ in range(2)] for c in cands}, 1)
+    ceiling = gs.noise_ceiling(noisy, "val_top1")
+    assert ceiling["ci"][0] <= 0 and ceiling["ci"][0] <= ceiling["tau"] <= ceiling["ci"][1]
+    line = gs.ceiling_line(gs.rung_agreement(noisy, "val_top1"), ceiling, [40, 120])
+    assert "within seed noise" in line and "120 steps" in line and "num_train_steps" in line
+    # one seed at the top rung: the ceiling is unknown, and the line says so
+    assert "unknown" in gs.ceiling_line([], gs.noise_ceiling(rows[:8], "val_top1"), [40])
+
+
 def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     c = small_config(cache_dir)
     out = gs.search(c, str(tmp_path), log=quiet)
@@ -235,11 +267,14 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["config"]["search"]["target"] == 2.0 and best["config"]["train"]["model"]["network"] == "tiny"
     assert best["num_classes"] == 10 and best["dataset"] == "digits" and "sentence" in best["verdict"]
-    constants = load_constants(tmp_path / "best.json")
-    assert constants == {"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]}
-    spec = from_constants(**constants, phi=1, base_resolution=32, resolution_multiple=1)
-    model = create_model(spec, num_classes=10)
-    assert model.arch.blocks and spec.resolution == best["resolution"]
+    # two steps of the tiny network learn nothing: every score sits at the majority class's rate, and best.json
+    # says that it is no answer (what the user's constants loader refuses); the answer's round trip: below
+    chance = best["learning"]["chance"]
+    assert 0.09 < chance < 0.12 and all(abs(v - chance) < 0.05 for r in rows for v in [r["val_top1"]])
+    assert best["answer"] is False and "did not learn" in best["reason"] and "num_train_steps" in best["reason"]
+    with pytest.raises(UserError, match="is no answer: the trials did not learn"):
+        load_constants(tmp_path / "best.json")
+    assert best["provenance"]["jax"] and best["provenance"]["device_count"] >= 1 and "noise_ceiling" in best
     row = rows[0]
     for key in ("alpha", "beta", "gamma", "product", "resolution", "width", "depth", "blocks", "params", "macs",
                 "val_top1", "train_loss", "wall_time_s", "train_img_per_s", "status", "seed"):
@@ -257,6 +292,28 @@ def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     finally:
         gs.trainer.train_and_evaluate = real
     assert [r["val_top1"] for r in again["rows"]] == [r["val_top1"] for r in rows]
+
+
+def test_a_search_that_learned_writes_an_answer_with_its_contender_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(gs.trainer, "train_and_evaluate", _fake_training)  # scores far above chance
+    c = small_config(tmp_path / "cache", alpha=(1.1, 1.3), tolerance=0.3)
+    c.search.seeds = (0, 1)
+    out = gs.search(c, str(tmp_path / "wd"), log=quiet)
+    assert out["learning"]["learned"] and all(out["learning"]["above"].values())
+    best = json.loads((tmp_path / "wd" / "best.json").read_text())
+    assert best["answer"] is True and "reason" not in best
+    assert best["test"] == stats.TEST_NAME and best["alpha_level"] == 0.05 and best["test_seeds"] == [0, 1]
+    # equal seeds: no seed noise, so any difference separates; the contender set is the winner alone
+    assert [(x["alpha"], x["beta"], x["gamma"]) for x in best["contenders"]] == [(best["alpha"], best["beta"],
+                                                                                  best["gamma"])]
+    assert best["contenders"][0]["mean"] == best["val_top1"] and "Contender set: 1 of" in best["verdict"]["sentence"]
+    for key in ("jax", "jaxlib", "flax", "optax", "device_kind", "device_count", "cpu", "effnet_jax", "commit"):
+        assert key in best["provenance"], key
+    constants = load_constants(tmp_path / "wd" / "best.json")
+    assert constants == {"alpha": best["alpha"], "beta": best["beta"], "gamma": best["gamma"]}
+    spec = from_constants(**constants, phi=1, base_resolution=32, resolution_multiple=1)
+    model = create_model(spec, num_classes=10)
+    assert model.arch.blocks and spec.resolution == best["resolution"]
 
 
 def test_search_on_real_macs_picks_a_winner_on_that_constraint(tmp_path, cache_dir):
@@ -349,11 +406,12 @@ def test_failed_trial_is_a_row_not_a_crash_and_a_rerun_retries_it(tmp_path, cach
     assert len(calls) == len(statuses) + 1 and {r["status"] for r in again["rows"]} == {"ok"}
 
 
-def _folder(root, classes=7, per_class=6):
+def _folder(root, classes=7, per_class=6, val_per_class=2):
+    """An image folder of random images: its labels say nothing about its pixels (nothing to learn)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", 2)):
+    for split, n in (("train", per_class), ("val", val_per_class)):
         for k in range(classes):
             os.makedirs(root / split / f"c{k}")
             for i in range(n):
@@ -361,28 +419,64 @@ def _folder(root, classes=7, per_class=6):
                     root / split / f"c{k}" / f"{i}.png")
 
 
-def test_scale_up_trains_with_the_searchs_dataset_and_classes(tmp_path, cache_dir, capsys):
+def _on_folder(c, root):
+    c.train.data.name, c.train.data.train_split, c.train.data.eval_split = f"folder:{root}", "train", "val"
+    c.train.batch_size = 8
+    return c
+
+
+def test_scale_up_trains_with_the_searchs_dataset_and_classes(tmp_path, cache_dir, capsys, monkeypatch):
     pytest.importorskip("tensorflow_datasets", reason="image folders need TFDS: pip install -e '.[data]'")
     from experiments import scale_up
 
     _folder(tmp_path / "data")
-    c = small_config(cache_dir, include_baseline=False, include_paper=False)
-    c.train.data.name, c.train.data.train_split, c.train.data.eval_split = f"folder:{tmp_path / 'data'}", "train", "val"
-    c.train.batch_size = 8
-    out = gs.search(c, str(tmp_path / "grid"), log=quiet)
+    c = _on_folder(small_config(cache_dir, include_baseline=False, include_paper=False), tmp_path / "data")
+    with monkeypatch.context() as m:  # the search's scores: an answer (random images teach nothing); its data: real
+        m.setattr(gs.trainer, "train_and_evaluate", _fake_training)
+        out = gs.search(c, str(tmp_path / "grid"), log=quiet)
     assert out["best"] is not None and out["num_classes"] == 7
+    assert out["learning"]["chance"] == pytest.approx(1 / 7)  # two validation images per class
     rows = scale_up.main(["prog", f"--constants={tmp_path / 'grid' / 'best.json'}", "--phi=1", "--train",
                           f"--workdir={tmp_path / 'scaled'}"])
     printed = capsys.readouterr().out
     assert "7 classes" in printed and f"folder:{tmp_path / 'data'}" in printed
     assert rows[0]["status"] == "ok" and rows[0]["num_classes"] == 7
     result = json.loads((tmp_path / "scaled" / "phi1" / "result.json").read_text())
-    assert result["num_classes"] == 7
+    assert result["num_classes"] == 7 and result["provenance"]["jax"]
     assert rows[0]["params"] == result["params"]  # the table counted the real head (7 classes)
     # "--constants PATH" (no "="): the same models, already trained, so nothing trains again
     again = scale_up.main(["prog", "--constants", str(tmp_path / "grid" / "best.json"), "--phi=1", "--train",
                            f"--workdir={tmp_path / 'scaled'}"])
     assert again[0]["status"] == "ok" and again[0]["wall_time_s"] == result["wall_time_s"]  # the stored result
+
+
+def test_a_search_on_random_labels_says_its_trials_did_not_learn(tmp_path, cache_dir, capsys, monkeypatch):
+    pytest.importorskip("tensorflow_datasets", reason="image folders need TFDS: pip install -e '.[data]'")
+    from experiments import scale_up
+
+    _folder(tmp_path / "data", val_per_class=6)
+    wd = tmp_path / "grid"
+    argv = ["prog", f"--workdir={wd}", "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
+            f"--config.train.compile_cache_dir={cache_dir}", "--config.search.strategy=exhaustive",
+            "--config.search.final_seeds=()", f"--config.train.data.name=folder:{tmp_path / 'data'}",
+            "--config.train.data.train_split=train", "--config.train.data.eval_split=val",
+            "--config.train.batch_size=8", *(f"--config.search.{k}={v}" for k, v in SMALL.items())]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        gs.main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if not ln.startswith("warning: ")]
+    assert len(err) == 1 and err[0].startswith("error: the trials did not learn at this budget"), captured.err
+    assert "chance 0.1429" in err[0] and "num_train_steps" in err[0] and "learning_rate" in err[0]
+    assert "no answer" in captured.out and "winner:" not in captured.out
+    best = json.loads((wd / "best.json").read_text())
+    assert best["answer"] is False and best["learning"]["learned"] is False
+    with pytest.raises(SystemExit) as e:
+        scale_up.main(["prog", f"--constants={wd / 'best.json'}", "--phi=1"])
+    assert e.value.code == 2
+    refusal = capsys.readouterr().err.strip()
+    assert refusal.startswith("error:") and "is no answer" in refusal and "\n" not in refusal
 
 
 def test_bad_search_config_one_line_exit_2(tmp_path):

@@ -63,7 +63,8 @@ LATENCY_GRID = ["--config.search.constraint=latency", "--config.search.alpha=(1.
                 "--config.search.latency_rounds=2", "--config.search.include_paper=False",
                 "--config.search.strategy=exhaustive", "--config.search.final_seeds=()",
                 "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
-                f"--config.train.compile_cache_dir={CACHE}", "--local_workers=1"]
+                f"--config.train.compile_cache_dir={CACHE}", "--local_workers=1",
+                "--config.search.require_learning=False"]  # two tiny steps learn nothing: latency is under test
 
 
 def test_a_search_on_measured_latency_admits_trains_and_reuses_its_measurements(tmp_path):

@@ -75,5 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     # up to max_seeds each, until none is (0: the top rung's seeds only, no racing)
     s.max_seeds = 0
     s.metric = "val_top1"  # what picks the winner ("ema_val_top1" also works)
-    s.alpha_level = 0.05  # Welch's t-test level for "tied with best" / "below"
+    # "pooled": seed noise estimated once over every candidate at the deciding rung (two-way candidate + seed
+    # model, comparisons paired by seed; experiments/stats.py); "welch": Welch's t-test over each pair's own seeds
+    s.test = "pooled"
+    # Trials whose baseline, or every candidate, is not above chance (the validation split's majority class) did
+    # not learn: best.json is then marked "answer": false (scale_up refuses it) and, with require_learning, the
+    # search exits 2 with one error line; False (a run that only exercises the machinery) says so and exits 0.
+    s.require_learning = True
+    s.alpha_level = 0.05  # the test's level for "tied with best" / "below" (the contender set) and for chance
     return c
