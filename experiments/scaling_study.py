@@ -425,11 +425,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     constants = check_config(config)
     base_cfg = trials.trial_config(config.train, BASELINE, seed=int(config.study.seeds[0]), schedule_steps=0)
     prepared = trainer.prepare(base_cfg)  # validates the train config, writes nothing
+    num_classes = prepared.source.num_classes
+    points = plan(config, constants, num_classes) if config.study.match == "macs" else None  # a miss writes nothing
     study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                                storage or workdir)
-    meter = latency_meter(config, prepared, study_, log) if config.study.match == "latency" else None
-    num_classes = prepared.source.num_classes
-    return study_, plan(config, constants, num_classes, meter), num_classes
+    if points is None:  # matched on time: measured here, kept in the study
+        points = plan(config, constants, num_classes, latency_meter(config, prepared, study_, log))
+    return study_, points, num_classes
 
 
 @exit_on_user_error
