@@ -231,3 +231,38 @@ def test_unknown_optimizer_or_schedule_is_one_line_before_anything_is_built(fiel
     c.optimizer[field] = value
     with pytest.raises(UserError, match=rf"^optimizer.{field} must be .+ got '{value}'$"):
         trainer.prepare(c)
+
+
+def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process_trains(tmp_path):
+    """Seeds and rungs of one network in one process share the compiled steps (no trace, lowering or
+    compile: ``timings.program_cache`` "hit"), and the reused program trains bit-identically to a fresh
+    process. The learning-rate schedule is baked into the step, so another span is another program."""
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    def config(seed, steps, span):
+        c = digits.get_config()
+        c.model.network, c.progress_bar, c.save_weights, c.checkpoint_every_steps = "tiny", False, False, 100
+        c.seed, c.num_train_steps, c.schedule_steps = seed, steps, span
+        c.optimizer.warmup_epochs = 0.05  # one step: the cosine decay's span shows from step 2
+        return c
+
+    trainer.clear_program_cache()
+    first = trainer.train_and_evaluate(config(0, 3, 6), str(tmp_path / "s0"))
+    assert first["timings"]["program_cache"] == "miss" and first["timings"]["train_compile_s"] > 0
+    second = trainer.train_and_evaluate(config(1, 3, 6), str(tmp_path / "s1"))  # another seed
+    longer = trainer.train_and_evaluate(config(1, 6, 6), str(tmp_path / "s1-6"))  # a longer rung, same schedule
+    for r in (second, longer):
+        assert r["timings"]["program_cache"] == "hit" and "train_compile_s" not in r["timings"]
+        assert r["timings"]["eval_compile_s"] == 0.0
+    assert second["params_sha256"] != first["params_sha256"]  # the seed still reaches the weights
+    other = trainer.train_and_evaluate(config(1, 3, 12), str(tmp_path / "span12"))
+    assert other["timings"]["program_cache"] == "miss" and other["params_sha256"] != second["params_sha256"]
+
+    run_train(tmp_path / "fresh", "--config.seed=1", "--config.num_train_steps=3", "--config.schedule_steps=6",
+              "--config.save_weights=False", "--config.checkpoint_every_steps=100",
+              "--config.optimizer.warmup_epochs=0.05")
+    fresh = json.loads((tmp_path / "fresh" / "result.json").read_text())
+    assert fresh["timings"]["program_cache"] == "miss"
+    for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert second[key] == fresh[key], key
