@@ -287,8 +287,9 @@ def _eval_batch_like(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStr
     return like
 
 
-# Programs this process built, by ``program_key``: a few, as each holds compiled executables.
-PROGRAM_CACHE_SIZE = 4
+# Programs this process built, by ``program_key``, the least recently built dropped first (each holds its
+# compiled executables: some MB of machine code on a CPU).
+PROGRAM_CACHE_SIZE = 8  # a worker of the default search trains ~6 networks at rung 0
 _PROGRAMS: collections.OrderedDict[tuple[Any, ...], Steps] = collections.OrderedDict()
 # Config fields the jitted steps do not read. The seed is state (initial weights, the dropout key), the run's
 # length reaches the program only through the schedule's span (``schedule_steps`` below, in the key).
