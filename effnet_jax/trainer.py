@@ -287,7 +287,7 @@ def _eval_batch_like(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStr
     return like
 
 
-# Programs this process built, by ``program_key``, the least recently built dropped first (each holds its
+# Programs this process built, by ``program_key``, the least recently used dropped first (each holds its
 # compiled executables: some MB of machine code on a CPU).
 PROGRAM_CACHE_SIZE = 8  # a worker of the default search trains ~6 networks at rung 0
 _PROGRAMS: collections.OrderedDict[tuple[Any, ...], Steps] = collections.OrderedDict()
