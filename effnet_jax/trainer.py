@@ -208,8 +208,10 @@ class Steps:
     next trial of the same program: a worker's second seed or rung of an architecture skips trace, lowering
     and the compile (or cache load) of both steps.
 
-    ``train`` holds the train step's executable per input signature; ``eval`` the eval step's, compiled on a
-    background thread while the train step compiles and trains (it is needed only at the first evaluation).
+    ``train`` holds the train step's executable per input signature; ``eval`` the eval step's. On an
+    accelerator the eval step compiles on a background thread while the train step compiles and trains (the
+    host CPU is otherwise idle then; it is needed only at the first evaluation); on a CPU backend, where
+    XLA's compile and the steps already use every core, at the first evaluation (``BACKGROUND_EVAL_COMPILE``).
     """
 
     def __init__(self, train_step: Callable, eval_step: Callable):
@@ -230,7 +232,8 @@ class Steps:
             t1 = time.perf_counter()
             lowered = traced.lower()
             t2 = time.perf_counter()
-            self.start_eval(state.weights, _eval_batch_like(batch))  # overlaps the train compile
+            if _background_eval_compile():
+                self.start_eval(state.weights, _eval_batch_like(batch))  # overlaps the train compile
             t3 = time.perf_counter()
             self.train[sig] = lowered.compile()
             times.update(train_trace_s=t1 - t0, train_lower_s=t2 - t1, train_compile_s=time.perf_counter() - t3)
@@ -248,11 +251,17 @@ class Steps:
         return self.eval_step.trace(weights, batch).lower().compile(), time.perf_counter() - t0
 
     def compiled_eval(self, weights: Any, batch: dict[str, jax.Array], times: dict[str, Any]) -> Callable:
-        """The eval step's executable for these inputs (waiting for the background compile, timed), or
-        the jitted step when none was started for this signature (a batch of another shape)."""
-        future = self.eval.get(_signature(weights, batch))
+        """The eval step's executable for these inputs: the background compile's (waited for, timed), this
+        process's earlier one, or compiled now (a CPU backend, or a batch of another shape) and kept."""
+        sig = _signature(weights, batch)
+        future = self.eval.get(sig)
         if future is None:
-            return self.eval_step
+            executable, seconds = self._compile_eval(weights, batch)
+            self.eval[sig] = done = concurrent.futures.Future()
+            done.set_result((executable, seconds))
+            for k in ("eval_compile_s", "eval_compile_wait_s"):  # the evaluation waited for all of it
+                times[k] = times.get(k, 0.0) + seconds
+            return executable
         if not future.done():
             t0 = time.perf_counter()
             concurrent.futures.wait([future])
@@ -263,6 +272,16 @@ class Steps:
 
 
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+# None: compile the eval step in the background on accelerators only. On the 2-core CPU, compiling it beside
+# the train step made the train step's compile slower by more than the eval compile it hid
+# (docs/benchmarks.md, 2026-12-03).
+BACKGROUND_EVAL_COMPILE: bool | None = None
+
+
+def _background_eval_compile() -> bool:
+    if BACKGROUND_EVAL_COMPILE is None:
+        return jax.default_backend() != "cpu"
+    return BACKGROUND_EVAL_COMPILE
 
 
 def _background() -> concurrent.futures.ThreadPoolExecutor:

@@ -529,20 +529,28 @@ def row_of(t: Any) -> dict[str, Any]:
             "timings": t.user_attrs.get("timings")}
 
 
-PHASES = (("compile", ("train_trace_s", "train_lower_s", "train_compile_s", "eval_compile_wait_s")),
-          ("evaluation", ("eval_s",)), ("setup", ("prepare_s", "build_s", "restore_s")),
-          ("checkpoints", ("checkpoint_s",)), ("writing", ("write_s",)))
+def phases(timings: Mapping[str, Any]) -> dict[str, float]:
+    """A trial's seconds per phase from the trainer's ``timings``; the evaluation's wait for its step's compile
+    counts as compile."""
+    t = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    wait = t.get("eval_compile_wait_s", 0.0)
+    return {"training steps": t.get("train_s", 0.0),
+            "compile": t.get("train_trace_s", 0.0) + t.get("train_lower_s", 0.0) + t.get("train_compile_s", 0.0)
+            + wait,
+            "evaluation": t.get("eval_s", 0.0) - wait,
+            "setup": t.get("prepare_s", 0.0) + t.get("build_s", 0.0) + t.get("restore_s", 0.0),
+            "checkpoints": t.get("checkpoint_s", 0.0), "writing": t.get("write_s", 0.0)}
 
 
 def phase_line(rows: Sequence[Mapping[str, Any]]) -> str:
     """Where the trials' time went, from their ``timings``: 'compile 41%, evaluation 9%, ...' of the summed
-    wall time of the trials that report them (the rest: training steps and the first step)."""
+    wall time of the trials that report them (the rest: the first step's run, logging, the data)."""
     timed = [r for r in rows if isinstance(r.get("timings"), Mapping) and r.get("wall_time_s")]
     wall = sum(r["wall_time_s"] for r in timed)
     if wall <= 0:
         return ""
-    parts = [f"{name} {sum(r['timings'].get(k) or 0.0 for r in timed for k in keys) / wall:.0%}"
-             for name, keys in (("training steps", ("train_s",)), *PHASES)]
+    per = [phases(r["timings"]) for r in timed]
+    parts = [f"{name} {sum(p[name] for p in per) / wall:.0%}" for name in per[0]]
     hits = sum(r["timings"].get("program_cache") == "hit" for r in timed)
     return (f"trial time by phase ({len(timed)} trials, {wall:.0f} s): " + ", ".join(parts)
             + f"; {hits} reused a program compiled by an earlier trial in the same process")

@@ -266,3 +266,24 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
     assert fresh["timings"]["program_cache"] == "miss"
     for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
         assert second[key] == fresh[key], key
+
+
+def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch):
+    """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
+    the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    c = digits.get_config()
+    c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
+        "tiny", False, False, 3, 100
+    results = {}
+    for background in (False, True):
+        monkeypatch.setattr(trainer, "BACKGROUND_EVAL_COMPILE", background)
+        trainer.clear_program_cache()
+        results[background] = trainer.train_and_evaluate(c, str(tmp_path / str(background)))
+        assert results[background]["timings"]["eval_compile_s"] > 0
+    inline, threaded = results[False], results[True]
+    assert inline["timings"]["eval_compile_wait_s"] == inline["timings"]["eval_compile_s"]
+    for key in ("params_sha256", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert inline[key] == threaded[key], key
