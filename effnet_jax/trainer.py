@@ -24,6 +24,8 @@ from; a diverged run returns status "diverged".
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -31,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -212,6 +215,137 @@ def classification_eval_step(packing: FlatPacking | TreePacking, num_classes: in
     return eval_step
 
 
+class Steps:
+    """A program's jitted steps and what was compiled of them, kept in this process (``_PROGRAMS``) for the
+    next trial of the same program: a worker's second seed or rung of an architecture skips trace, lowering
+    and the compile (or cache load) of both steps.
+
+    ``train`` holds the train step's executable per input signature; ``eval`` the eval step's. On an
+    accelerator the eval step compiles on a background thread while the train step compiles and trains (the
+    host CPU is otherwise idle then; it is needed only at the first evaluation); on a CPU backend, where
+    XLA's compile and the steps already use every core, at the first evaluation (``BACKGROUND_EVAL_COMPILE``).
+    """
+
+    def __init__(self, train_step: Callable, eval_step: Callable):
+        self.train_step, self.eval_step = train_step, eval_step
+        self.train: dict[Any, Any] = {}  # signature -> jax.stages.Compiled
+        self.eval: dict[Any, concurrent.futures.Future] = {}  # signature -> Future[(Compiled, seconds)]
+        self._lock = threading.Lock()
+
+    def compiled_train(self, state: TrainState, batch: dict[str, jax.Array], times: dict[str, Any]) -> Callable:
+        """The train step's executable for these inputs, compiled now (timed into ``times``) unless this
+        process already holds it; starts compiling the eval step for the matching eval batch meanwhile."""
+        sig = _signature(state, batch)
+        hit = sig in self.train
+        times["program_cache"] = "hit" if hit else "miss"
+        if not hit:
+            t0 = time.perf_counter()
+            traced = self.train_step.trace(state, batch)
+            t1 = time.perf_counter()
+            lowered = traced.lower()
+            t2 = time.perf_counter()
+            if _background_eval_compile():
+                self.start_eval(state.weights, _eval_batch_like(batch))  # overlaps the train compile
+            t3 = time.perf_counter()
+            self.train[sig] = lowered.compile()
+            times.update(train_trace_s=t1 - t0, train_lower_s=t2 - t1, train_compile_s=time.perf_counter() - t3)
+        return self.train[sig]
+
+    def start_eval(self, weights: Any, batch: dict[str, Any]) -> None:
+        """Trace, lower and compile the eval step for ``batch``'s signature on the background thread."""
+        sig = _signature(weights, batch)
+        with self._lock:
+            if sig not in self.eval:
+                self.eval[sig] = _background().submit(self._compile_eval, weights, batch)
+
+    def _compile_eval(self, weights: Any, batch: dict[str, Any]) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        return self.eval_step.trace(weights, batch).lower().compile(), time.perf_counter() - t0
+
+    def compiled_eval(self, weights: Any, batch: dict[str, jax.Array], times: dict[str, Any]) -> Callable:
+        """The eval step's executable for these inputs: the background compile's (waited for, timed), this
+        process's earlier one, or compiled now (a CPU backend, or a batch of another shape) and kept."""
+        sig = _signature(weights, batch)
+        future = self.eval.get(sig)
+        if future is None:
+            executable, seconds = self._compile_eval(weights, batch)
+            self.eval[sig] = done = concurrent.futures.Future()
+            done.set_result((executable, seconds))
+            for k in ("eval_compile_s", "eval_compile_wait_s"):  # the evaluation waited for all of it
+                times[k] = times.get(k, 0.0) + seconds
+            return executable
+        if not future.done():
+            t0 = time.perf_counter()
+            concurrent.futures.wait([future])
+            times["eval_compile_wait_s"] = times.get("eval_compile_wait_s", 0.0) + time.perf_counter() - t0
+        executable, seconds = future.result()
+        times.setdefault("eval_compile_s", seconds if times.get("program_cache") == "miss" else 0.0)
+        return executable
+
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+# None: compile the eval step in the background on accelerators only. On the 2-core CPU, compiling it beside
+# the train step made the train step's compile slower by more than the eval compile it hid
+# (docs/benchmarks.md, 2026-12-03).
+BACKGROUND_EVAL_COMPILE: bool | None = None
+
+
+def _background_eval_compile() -> bool:
+    if BACKGROUND_EVAL_COMPILE is None:
+        return jax.default_backend() != "cpu"
+    return BACKGROUND_EVAL_COMPILE
+
+
+def _background() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread for background compiles: XLA releases the GIL while it compiles."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="effnet-compile")
+    return _EXECUTOR
+
+
+def _signature(*trees: Any) -> tuple[Any, ...]:
+    """What an executable is specialised to: the trees' structure and each leaf's shape, dtype and sharding."""
+    leaves, treedef = jax.tree.flatten(trees)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def _eval_batch_like(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The eval batch a train batch implies (every source: the same image and label, plus a float mask)."""
+    like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    label = batch["label"]
+    like["mask"] = jax.ShapeDtypeStruct(label.shape, jnp.float32, sharding=label.sharding)
+    return like
+
+
+# Programs this process built, by ``program_key``, the least recently used dropped first (each holds its
+# compiled executables: some MB of machine code on a CPU).
+PROGRAM_CACHE_SIZE = 8  # a worker of the default search trains ~6 networks at rung 0
+_PROGRAMS: collections.OrderedDict[tuple[Any, ...], Steps] = collections.OrderedDict()
+# Config fields the jitted steps do not read. The seed is state (initial weights, the dropout key), the run's
+# length reaches the program only through the schedule's span (``schedule_steps`` below, in the key).
+NOT_IN_PROGRAM = ("seed", "num_train_steps", "num_epochs", "schedule_steps", *rundir.COSMETIC_FIELDS)
+
+
+def program_key(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, arch: Architecture,
+                num_classes: int, steps_per_epoch: int, total_steps: int,
+                make_eval_step: Callable[[Any, int], EvalStep]) -> tuple[Any, ...]:
+    """Everything the jitted steps bake in as constants, so that equal keys mean one program: every config
+    field but ``NOT_IN_PROGRAM``, the learning-rate schedule's inputs (steps per epoch and its span), the
+    network, the classes, the evaluation and the devices. Seeds are not in it (trials that differ only in
+    seed share a program); a new field is in it unless listed in ``NOT_IN_PROGRAM``."""
+    fields = {k: v for k, v in json.loads(config.to_json_best_effort()).items() if k not in NOT_IN_PROGRAM}
+    derived = {"steps_per_epoch": steps_per_epoch, "schedule_span": schedule_steps(config, total_steps),
+               "num_classes": num_classes, "devices": [(d.platform, d.id) for d in jax.devices()]}
+    return (json.dumps(fields, sort_keys=True, default=str), json.dumps(derived, sort_keys=True), repr(spec),
+            repr(arch), make_eval_step)
+
+
+def clear_program_cache() -> None:
+    """Forget the programs this process built (a test's fresh start)."""
+    _PROGRAMS.clear()
+
+
 @dataclasses.dataclass
 class Program:
     """A model's train state and the jitted steps over it: what the training loop runs
@@ -223,13 +357,15 @@ class Program:
     eval_step: Callable  # jitted (weights, batch) -> sums, and their count (see classification_eval_step)
     data_sharding: NamedSharding  # how a global batch is laid out over the devices
     arch: Architecture
+    steps: Steps | None = None  # the steps and their executables, shared with every trial of this program
 
 
 def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, num_classes: int, *,
                   layers: Layers, dtype: Any, steps_per_epoch: int, total_steps: int,
                   make_eval_step: Callable[[Any, int], EvalStep] = classification_eval_step) -> Program:
     """The model per ``config`` (``config.model.init_from`` loaded), its initial train state,
-    replicated over a mesh of every device, and the jitted train and eval steps."""
+    replicated over a mesh of every device, and the jitted train and eval steps (those of an earlier
+    program of the same ``program_key`` in this process, with what they compiled)."""
     model = create_model(spec, num_classes, config.seed, dtype=dtype, network=scaling.network(config.model),
                          drop_path_rate=config.model.drop_path_rate, dropout=spec.dropout, kernels=layers,
                          head_init=config.model.get("head_init", "paper"),
@@ -249,10 +385,20 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    train_step = make_train_step(packing, tx, schedule, config, num_classes)
-    p_train = jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    p_eval = jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding), out_shardings=repl)
-    return Program(packing, _replicate(state, repl), p_train, p_eval, data_sharding, model.arch)
+    key = program_key(config, spec, model.arch, num_classes, steps_per_epoch, total_steps, make_eval_step)
+    steps = _PROGRAMS.get(key)
+    if steps is None:
+        train_step = make_train_step(packing, tx, schedule, config, num_classes)
+        steps = Steps(jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
+                              donate_argnums=0),
+                      jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding),
+                              out_shardings=repl))
+        _PROGRAMS[key] = steps
+        while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+            _PROGRAMS.popitem(last=False)
+    _PROGRAMS.move_to_end(key)
+    return Program(packing, _replicate(state, repl), steps.train_step, steps.eval_step, data_sharding, model.arch,
+                   steps)
 
 
 # ----------------------------------------------------------------------- the run
@@ -360,33 +506,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run: Run
     A diverged run (non-finite loss) returns ``status`` "diverged". ``make_eval_step(packing,
     num_classes)`` swaps the evaluation (``classification_eval_step`` says the contract).
     """
+    t0 = time.perf_counter()
     workdir, run = os.fspath(workdir), run or prepare(config)
+    times = {"prepare_s": time.perf_counter() - t0}  # validation and opening the data (0: the caller's run)
     with contextlib.ExitStack() as held:  # the workdir's lock, until the result is written
         stored = _claim_workdir(config, workdir, run, restart, held)
-        return stored if stored is not None else _run(config, workdir, run, make_eval_step)
+        return stored if stored is not None else _run(config, workdir, run, make_eval_step, times)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str, run: Run,
-         make_eval_step: Callable[[Any, int], EvalStep]) -> dict[str, Any]:
-    """Build the program, restore the workdir's checkpoint, train, and write result.json."""
+         make_eval_step: Callable[[Any, int], EvalStep], times: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the program, restore the workdir's checkpoint, train, and write result.json (with ``timings``:
+    seconds per phase, so that a search can say where its trials' time went)."""
     t_start, lead = time.time(), jax.process_index() == 0
-    program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
-                            steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
-                            make_eval_step=make_eval_step)
-    ckpt, state, start = _restore(config, workdir, program.state, run.total_steps)
+    times = times if times is not None else {}
+    with _timed(times, "build_s"):
+        program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
+                                steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
+                                make_eval_step=make_eval_step)
+    with _timed(times, "restore_s"):
+        ckpt, state, start = _restore(config, workdir, program.state, run.total_steps)
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
-    state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir)
+    state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir, times)
 
+    t_write = time.perf_counter()
     final.update(_run_info(config, run, program))
     final["params_sha256"] = params_digest(state.weights.params)
     if lead and final["status"] == "ok" and config.save_weights:
         final["weights"] = _save_weights(program.packing, state, run.spec, workdir)
-    final.update({"epochs": final["steps"] / run.steps_per_epoch, "wall_time_s": time.time() - t_start,
-                  "compile_s": timing.compile_s, "train_img_per_s": timing.img_per_s(config.batch_size)})
     writer.close()
+    times["train_s"], times["write_s"] = timing.seconds, time.perf_counter() - t_write
+    final.update({"epochs": final["steps"] / run.steps_per_epoch, "wall_time_s": time.time() - t_start,
+                  "compile_s": timing.compile_s, "train_img_per_s": timing.img_per_s(config.batch_size),
+                  "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in times.items()}})
     if lead:
         rundir.write_json(os.path.join(workdir, "result.json"), final)
     return final
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, Any], name: str) -> Any:
+    """Add the block's wall time to ``times[name]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, run: Run, restart: bool,
@@ -480,7 +645,8 @@ class _Timing:
 
 
 def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state: TrainState, start: int,
-           ckpt: Any, writer: MetricsWriter, workdir: str) -> tuple[TrainState, dict[str, Any], _Timing]:
+           ckpt: Any, writer: MetricsWriter, workdir: str, times: dict[str, Any] | None = None
+           ) -> tuple[TrainState, dict[str, Any], _Timing]:
     """The loop: steps, logs, evaluations and checkpoints from ``start``, then the final evaluation.
 
     A stop signal (Ctrl-C, SIGTERM: ``effnet_jax.signals``) is seen between two steps: the state is
@@ -492,7 +658,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
     eval_every = to_steps(config.eval_every_steps, 1, run.steps_per_epoch)
     status, last_loss, t_mark, done = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0, start
     bar = _progress(config, total, start, lead)
-    saved, stop, cool = start, None, cooldown_start(config, total)
+    saved, stop, cool, step_fn = start, None, cooldown_start(config, total), None
+    times = times if times is not None else {}
     try:
         with signals.deferred():
             batches = run.source.train_batches(start)
@@ -501,7 +668,10 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                     break
                 batch = _global_batch(next(batches), program.data_sharding)
                 t0 = time.time()
-                state, metrics_ = program.train_step(state, batch)
+                if step_fn is None:  # compiled here (timed per phase), or this process's earlier trial's
+                    step_fn = program.steps.compiled_train(state, batch, times) if program.steps else \
+                        program.train_step
+                state, metrics_ = step_fn(state, batch)
                 if step == start:
                     jax.block_until_ready(metrics_)
                     timing.compile_s, t_mark = time.time() - t0, time.time()
@@ -518,7 +688,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                         status = "diverged"
                         break
                 if done % eval_every == 0 or done == total:
-                    writer.write(done, _evaluate(program, state, run.source))
+                    with _timed(times, "eval_s"):
+                        writer.write(done, _evaluate(program, state, run.source, times))
                 if done == cool and cool not in rundir.stable_steps(workdir):  # kept, and complete before any
                     # later checkpoint is written: a longer run continues from it (a resumed run wrote it already)
                     stable = _stable_manager(workdir)
@@ -526,7 +697,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                     stable.wait_until_finished()
                     stable.close()
                 if done % config.checkpoint_every_steps == 0 or done == total:
-                    ckpt.save(done, args=ocp.args.StandardSave(state))
+                    with _timed(times, "checkpoint_s"):
+                        ckpt.save(done, args=ocp.args.StandardSave(state))
                     saved = done
                 bar.update(1)
             bar.close()
@@ -534,11 +706,13 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                 stop = signals.requested()
                 if saved != done:
                     ckpt.save(done, args=ocp.args.StandardSave(state), force=True)
-            ckpt.wait_until_finished()
+            with _timed(times, "checkpoint_s"):
+                ckpt.wait_until_finished()
             if stop is None:
                 final = {"status": status, "steps": int(jax.device_get(state.step)), "train_loss": last_loss}
                 if status == "ok":
-                    final.update(_evaluate(program, state, run.source))
+                    with _timed(times, "eval_s"):
+                        final.update(_evaluate(program, state, run.source, times))
     except KeyboardInterrupt as e:  # a second Ctrl-C (it does not wait for the loop)
         stop = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         ckpt.wait_until_finished()  # a save in flight completes: it is where the rerun resumes
@@ -555,7 +729,8 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                "start over (no checkpoint was saved yet)")
         raise Interrupted(f"{signals.describe(stop)} at step {done} of {total}; rerun the same command to {how}",
                           stop)
-    ckpt.close()
+    with _timed(times, "checkpoint_s"):
+        ckpt.close()
     return state, final, timing
 
 
@@ -620,15 +795,20 @@ def params_digest(params: nnx.State) -> str:
     return h.hexdigest()
 
 
-def _evaluate(program: Program, state: TrainState, source: input_pipeline.Source) -> dict[str, float]:
+def _evaluate(program: Program, state: TrainState, source: input_pipeline.Source,
+              times: dict[str, Any] | None = None) -> dict[str, float]:
     """The eval step's sums over the eval split, each divided by the example count, for the raw weights
     (``val_<name>``) and, when kept, the EMA weights (``ema_val_<name>``)."""
     variants = [("val", state.weights)] + ([("ema_val", state.ema)] if state.ema is not None else [])
     sums: dict[str, dict[str, float]] = {prefix: {} for prefix, _ in variants}
+    eval_fn = None
     for batch in source.eval_batches():
         batch = _global_batch(batch, program.data_sharding)
+        if eval_fn is None:  # the background compile's executable (see Steps), or the jitted step
+            eval_fn = program.steps.compiled_eval(state.weights, batch, {} if times is None else times) \
+                if program.steps else program.eval_step
         for prefix, weights in variants:
-            for k, v in jax.device_get(program.eval_step(weights, batch)).items():
+            for k, v in jax.device_get(eval_fn(weights, batch)).items():
                 sums[prefix][k] = sums[prefix].get(k, 0.0) + float(v)
     out = {}
     for prefix, s in sums.items():

@@ -626,6 +626,9 @@ def _print_summary(out: dict[str, Any], config: ml_collections.ConfigDict, workd
     share = out["training_share"]
     print(f"grid search took {took:.0f} s" + (f" ({share:.0%} of trial time in training steps)" if share else "")
           + f"; results in {workdir}")
+    phases = runner.phase_line(out["rows"])
+    if phases:
+        print(phases)
 
 
 def _num(x: float | None) -> str:

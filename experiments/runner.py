@@ -309,8 +309,21 @@ def _requeue(study: Study, t: Any) -> None:
     study.study.enqueue_trial(dict(t.params), user_attrs={**keep, "retry_of": t.number})
 
 
+# The programs (``program_group``) this process has trained: the trainer keeps them compiled in memory.
+_RAN_GROUPS: set[str] = set()
+NOT_IN_GROUP = ("seed", "num_train_steps", "num_epochs")
+
+
+def program_group(config: ml_collections.ConfigDict) -> str:
+    """What trials that may share one compiled program have in common: the trial identity without its seed
+    and length (seeds and rungs of one network; the trainer's own key decides whether they do)."""
+    return json.dumps({k: v for k, v in identity(config).items() if k not in NOT_IN_GROUP}, sort_keys=True,
+                      default=str)
+
+
 def _claim(study: Any, trials: Sequence[Any], plans: Sequence[TrialPlan]) -> Any | None:
-    """Move one WAITING trial of ours to RUNNING (the storage grants it to one process); plan order first.
+    """Move one WAITING trial of ours to RUNNING (the storage grants it to one process); plan order first,
+    after the trials of a network this process has trained already (its program is still compiled here).
 
     A plan whose directory an earlier plan shares (a longer run continuing a shorter one) waits until
     that one is done: one run at a time in a directory, the shorter first.
@@ -325,8 +338,10 @@ def _claim(study: Any, trials: Sequence[Any], plans: Sequence[TrialPlan]) -> Any
             blocked.add(p.key)
         if not _done(trials, p.key):
             seen.add(directory)
+    mine = {p.key for p in plans if program_group(p.config) in _RAN_GROUPS}
     waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order
-                      and t.user_attrs["key"] not in blocked), key=lambda t: (order[t.user_attrs["key"]], t.number))
+                      and t.user_attrs["key"] not in blocked),
+                     key=lambda t: (t.user_attrs["key"] not in mine, order[t.user_attrs["key"]], t.number))
     for t in waiting:
         try:
             if study.set_state(t, optuna.trial.TrialState.RUNNING):
@@ -394,6 +409,7 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
     log(f"trial {plan.key} (#{t.number})" + (f" from its step-{resumed} checkpoint" if resumed else "") + " ...")
     beat = _Heartbeat(study, t)
     start = time.time()
+    _RAN_GROUPS.add(program_group(plan.config))
     try:
         result = train_fn(plan.config, directory)
     except UserError:
@@ -416,6 +432,8 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
         result = {"status": "failed", "reason": _first_line(e)[:300], "wall_time_s": time.time() - start}
     beat.stop()
     row = {k: result.get(k) for k in RESULT_FIELDS}
+    if isinstance(result.get("timings"), dict):  # seconds per phase (the trainer's), for the search's summary
+        study.set_attr(t, "timings", finite_or_none(result["timings"]))
     if row["status"] == "diverged":
         row["reason"] = "non-finite training loss"
     score = row.get(metric)
@@ -508,12 +526,155 @@ def row_of(t: Any) -> dict[str, Any]:
     result = dict(t.user_attrs.get("result") or {})
     result.setdefault("status", {"FAIL": "failed"}.get(_state_name(t), _state_name(t).lower()))
     return {"trial_id": t.user_attrs["key"], "trial_number": t.number, "state": _state_name(t),
-            **t.user_attrs.get("attrs", {}), **{k: result.get(k) for k in RESULT_FIELDS}}
+            **t.user_attrs.get("attrs", {}), **{k: result.get(k) for k in RESULT_FIELDS},
+            "timings": t.user_attrs.get("timings")}
+
+
+def phases(timings: Mapping[str, Any]) -> dict[str, float]:
+    """A trial's seconds per phase from the trainer's ``timings``; the evaluation's wait for its step's compile
+    counts as compile."""
+    t = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    wait = t.get("eval_compile_wait_s", 0.0)
+    return {"training steps": t.get("train_s", 0.0),
+            "compile": t.get("train_trace_s", 0.0) + t.get("train_lower_s", 0.0) + t.get("train_compile_s", 0.0)
+            + wait,
+            "evaluation": t.get("eval_s", 0.0) - wait,
+            "setup": t.get("prepare_s", 0.0) + t.get("build_s", 0.0) + t.get("restore_s", 0.0),
+            "checkpoints": t.get("checkpoint_s", 0.0), "writing": t.get("write_s", 0.0)}
+
+
+def phase_line(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Where the trials' time went, from their ``timings``: 'compile 41%, evaluation 9%, ...' of the summed
+    wall time of the trials that report them (the rest: the first step's run, logging, the data)."""
+    timed = [r for r in rows if isinstance(r.get("timings"), Mapping) and r.get("wall_time_s")]
+    wall = sum(r["wall_time_s"] for r in timed)
+    if wall <= 0:
+        return ""
+    per = [phases(r["timings"]) for r in timed]
+    parts = [f"{name} {sum(p[name] for p in per) / wall:.0%}" for name in per[0]]
+    hits = sum(r["timings"].get("program_cache") == "hit" for r in timed)
+    return (f"trial time by phase ({len(timed)} trials, {wall:.0f} s): " + ", ".join(parts)
+            + f"; {hits} reused a program compiled by an earlier trial in the same process")
 
 
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+# ----------------------------------------------------------------- progress line
+
+def progress_counts(trials: Sequence[Any]) -> tuple[int, int, int | None]:
+    """(trials done, trials planned, the rung being worked) of a study, counting each planned key once
+    (its retries and duplicates are one trial); the rung is the highest among the unfinished trials'."""
+    keys = {t.user_attrs["key"] for t in trials if "key" in t.user_attrs}
+    done = sum(_done(trials, k) for k in keys)
+    keyed = [t for t in trials if "key" in t.user_attrs]
+    active = [t for t in keyed if _state_name(t) in ("WAITING", "RUNNING")] or keyed
+    rungs = [r for t in active if isinstance(r := (t.user_attrs.get("attrs") or {}).get("rung"), int)]
+    return done, len(keys), max(rungs) if rungs else None
+
+
+class ProgressLine:
+    """One updating line on stderr (tqdm): trials done / planned, the current rung, elapsed time and an ETA.
+
+    Read from the study every POLL_S on a daemon thread, so it counts the trials of every worker and machine.
+    Entirely off (no thread, no output) when ``file`` is not a terminal: logs and CI stay clean.
+    """
+
+    def __init__(self, file: Any = None):
+        from tqdm import tqdm
+
+        # smoothing=0: the ETA from this run's mean pace (trials differ too much for a recent-rate estimate)
+        self.bar = tqdm(total=0, file=file or sys.stderr, disable=None, unit="trial", dynamic_ncols=True,
+                        leave=False, desc="search", mininterval=0, smoothing=0,
+                        bar_format="{desc}: {n}/{total} trials{postfix} [{elapsed} elapsed, ETA {remaining}]")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = False
+
+    @property
+    def enabled(self) -> bool:
+        return not self.bar.disable
+
+    def update(self, trials: Sequence[Any]) -> None:
+        """Show the study's counts; trials already done when the line started count as its start, not its
+        rate (the ETA is from this run's pace)."""
+        done, planned, rung = progress_counts(trials)
+        if not self.enabled:
+            return
+        if not self._started:
+            self._started = True
+            self.bar.reset(total=planned)
+            self.bar.initial = self.bar.n = done
+        self.bar.total = planned
+        if rung is not None:
+            self.bar.set_postfix_str(f"rung {rung}", refresh=False)
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+        else:
+            self.bar.refresh()
+
+    def start(self, load: Callable[[], Sequence[Any] | None]) -> ProgressLine:
+        """Poll ``load()`` (the study's trials; None: no study yet) until ``close``."""
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, args=(load,), daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self, load: Callable[[], Sequence[Any] | None]) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                trials = load()
+            except Exception:  # the storage hiccuped, or the study is being created: the next poll tries again
+                continue
+            if trials is not None:
+                self.update(trials)
+
+    def write(self, message: str) -> None:
+        """A log line above the progress line (plain print when there is none)."""
+        if self.enabled:
+            self.bar.write(message, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.bar.close()
+
+
+_LINE: ProgressLine | None = None  # the search's progress line while ``serve`` runs (log lines go above it)
+
+
+def _say(message: str) -> None:
+    if _LINE is not None:
+        _LINE.write(message)
+    else:
+        print(message, flush=True)
+
+
+def _study_trials(storage: str | None, workdir: str, name: str) -> Callable[[], Sequence[Any] | None]:
+    """A reader of the study's trials for the progress line: None until the study exists (it never creates
+    a journal, so the experiment's own checks of a workdir stay first)."""
+    held: list[Any] = []
+
+    def load() -> Sequence[Any] | None:
+        import optuna
+
+        if not held:
+            if not storage and not os.path.exists(os.path.join(workdir, "study.journal")):
+                return None
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            try:
+                held.append(optuna.load_study(study_name=name, storage=storage_for(storage, workdir)))
+            except KeyError:  # not created yet
+                return None
+        return held[0].get_trials(deepcopy=False)
+
+    return load
 
 
 # ----------------------------------------------------------------- local workers
@@ -640,10 +801,12 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
     if fv.storage or os.path.exists(os.path.join(workdir, "study.journal")):  # one error line, before workers
         open_study(storage_for(fv.storage, workdir), fv.study_name, ident, where)  # (a new journal cannot fail)
     children: list[subprocess.Popen] = []
+    global _LINE
+    _LINE = ProgressLine().start(_study_trials(fv.storage, workdir, fv.study_name))
     try:
         if len(envs) > 1:
             if prepare is not None:
-                prepare(lambda m: print(m, flush=True))
+                prepare(_say)
             children = [_spawn_worker(module, argv, workdir, env) for env in envs]
             with signals.deferred():
                 while any(c.poll() is None for c in children) and signals.requested() is None:
@@ -653,7 +816,7 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
             if failed:
                 print(f"warning: {failed} worker process(es) failed; this process finishes what they left",
                       file=sys.stderr, flush=True)
-        return job(lambda m: print(m, flush=True), True)
+        return job(_say, True)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         _stop(children)
@@ -661,6 +824,9 @@ def serve(fv: Any, argv: Sequence[str], module: str, workdir: str, ident: Mappin
         cmd = redact(" ".join(["python -m", module, *argv[1:]]))
         raise Interrupted(f"{signals.describe(signum)}; finished trials are kept and the interrupted ones resume "
                           f"from their last checkpoints: rerun `{cmd}`", signum) from None
+    finally:
+        line, _LINE = _LINE, None
+        line.close()
 
 
 def _exit_now(code: int) -> None:
@@ -706,13 +872,18 @@ def _spawn_worker(module: str, argv: Sequence[str], workdir: str, env: dict[str,
 
     with warnings.catch_warnings():  # jax warns on any fork; this one execs at once
         warnings.simplefilter("ignore", RuntimeWarning)
+        # Under a progress line a worker's stdout comes through us too, so that its lines go above the line.
+        piped = subprocess.PIPE if _LINE is not None and _LINE.enabled else None
         child = subprocess.Popen(cmd, preexec_fn=die_with_parent, env={**os.environ, **env}, stderr=subprocess.PIPE,
-                                 text=True, errors="replace")
-    threading.Thread(target=_relay, args=(child,), daemon=True).start()
+                                 stdout=piped, text=True, errors="replace")
+    threading.Thread(target=_relay, args=(child, child.stderr, f"[{child.pid}] "), daemon=True).start()
+    if piped:
+        threading.Thread(target=_relay, args=(child, child.stdout, ""), daemon=True).start()
     return child
 
 
-def _relay(child: subprocess.Popen) -> None:
-    """A worker's stderr, line by line, onto our stdout: stderr is the parent's, for its one error line."""
-    for line in child.stderr:
-        print(f"[{child.pid}] {line.rstrip()}", flush=True)
+def _relay(child: subprocess.Popen, stream: Any, prefix: str) -> None:
+    """A worker's stderr (or stdout), line by line, onto our stdout: stderr is the parent's, for its one
+    error line."""
+    for line in stream:
+        _say(f"{prefix}{line.rstrip()}")

@@ -4,12 +4,14 @@ PostgreSQL tests need a server: `.ci/run` starts Debian's `postgresql` (`.ci/pos
 sets EFFNET_TEST_POSTGRES_URL; without one they skip, saying so.
 """
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -206,3 +208,51 @@ def test_two_local_workers_run_the_fidelity_and_scaling_studies_each_trial_once(
     name = module.split(".")[1]
     done = complete_once(trials_by_key(None, wd, name), expected=expected)
     assert len({t.user_attrs["owner"]["pid"] for t in done.values()}) == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _trial(number, state, key=None, rung=None):
+    attrs = {"key": key, "attrs": {"rung": rung}} if key else {}
+    return SimpleNamespace(number=number, state=SimpleNamespace(name=state), user_attrs=attrs)
+
+
+def test_progress_line_counts_each_planned_trial_once_and_is_silent_off_a_terminal():
+    trials = [_trial(0, "COMPLETE", "a", 0), _trial(1, "FAIL", "b", 0), _trial(2, "COMPLETE", "b", 0),
+              _trial(3, "PRUNED", "c", 0), _trial(4, "RUNNING", "d", 1), _trial(5, "WAITING", "e", 1),
+              _trial(6, "FAIL", "f", 1), _trial(7, "WAITING", "f", 1), _trial(8, "COMPLETE")]  # last: no plan
+    # a retried trial (b) and a requeued one (f) count once; done = a, b, c; the rung is the unfinished ones'
+    assert runner.progress_counts(trials) == (3, 6, 1)
+    assert runner.progress_counts(trials[:4]) == (3, 3, 0)
+
+    quiet = io.StringIO()
+    line = runner.ProgressLine(file=quiet).start(lambda: pytest.fail("a disabled line polls nothing"))
+    assert not line.enabled
+    line.update(trials)
+    line.close()
+    assert quiet.getvalue() == ""
+
+    shown = _Terminal()
+    line = runner.ProgressLine(file=shown)
+    line.update(trials[:2])  # a, b done when the line starts
+    line.update(trials)
+    line.close()
+    out = shown.getvalue()
+    assert "2/2 trials, rung 0" in out and "3/6 trials, rung 1" in out and "ETA" in out, out
+
+
+def test_phase_line_sums_each_phase_over_the_trials_that_report_timings():
+    rows = [{"wall_time_s": 10.0, "timings": {"train_s": 4.0, "train_trace_s": 1.0, "train_compile_s": 2.0,
+                                              "eval_s": 2.0, "eval_compile_wait_s": 1.0, "build_s": 0.5,
+                                              "program_cache": "miss"}},
+            {"wall_time_s": 10.0, "timings": {"train_s": 8.0, "eval_s": 1.0, "checkpoint_s": 0.5,
+                                              "program_cache": "hit"}},
+            {"wall_time_s": 99.0, "timings": None}]  # a trial from before timings were recorded: left out
+    line = runner.phase_line(rows)
+    assert line.startswith("trial time by phase (2 trials, 20 s): training steps 60%, compile 20%, evaluation 10%, "
+                           "setup 2%, checkpoints 2%, writing 0%"), line
+    assert line.endswith("; 1 reused a program compiled by an earlier trial in the same process")
+    assert runner.phase_line(rows[2:]) == ""

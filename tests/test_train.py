@@ -321,3 +321,59 @@ def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is()
     longer = _wsd_config(8)
     longer.optimizer.schedule = "cosine"
     assert rundir.config_differences(cosine, longer, 33) == ["num_train_steps 4 -> 8"]  # its own length: refused
+
+
+def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process_trains(tmp_path):
+    """Seeds and rungs of one network in one process share the compiled steps (no trace, lowering or
+    compile: ``timings.program_cache`` "hit"), and the reused program trains bit-identically to a fresh
+    process. The learning-rate schedule is baked into the step, so another span is another program."""
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    def config(seed, steps, span):
+        c = digits.get_config()
+        c.model.network, c.progress_bar, c.save_weights, c.checkpoint_every_steps = "tiny", False, False, 100
+        c.seed, c.num_train_steps, c.schedule_steps = seed, steps, span
+        c.optimizer.warmup_epochs = 0.05  # one step: the cosine decay's span shows from step 2
+        return c
+
+    trainer.clear_program_cache()
+    first = trainer.train_and_evaluate(config(0, 3, 6), str(tmp_path / "s0"))
+    assert first["timings"]["program_cache"] == "miss" and first["timings"]["train_compile_s"] > 0
+    second = trainer.train_and_evaluate(config(1, 3, 6), str(tmp_path / "s1"))  # another seed
+    longer = trainer.train_and_evaluate(config(1, 6, 6), str(tmp_path / "s1-6"))  # a longer rung, same schedule
+    for r in (second, longer):
+        assert r["timings"]["program_cache"] == "hit" and "train_compile_s" not in r["timings"]
+        assert r["timings"]["eval_compile_s"] == 0.0
+    assert second["params_sha256"] != first["params_sha256"]  # the seed still reaches the weights
+    other = trainer.train_and_evaluate(config(1, 3, 12), str(tmp_path / "span12"))
+    assert other["timings"]["program_cache"] == "miss" and other["params_sha256"] != second["params_sha256"]
+
+    run_train(tmp_path / "fresh", "--config.seed=1", "--config.num_train_steps=3", "--config.schedule_steps=6",
+              "--config.save_weights=False", "--config.checkpoint_every_steps=100",
+              "--config.optimizer.warmup_epochs=0.05")
+    fresh = json.loads((tmp_path / "fresh" / "result.json").read_text())
+    assert fresh["timings"]["program_cache"] == "miss"
+    for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert second[key] == fresh[key], key
+
+
+def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch):
+    """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
+    the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    c = digits.get_config()
+    c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
+        "tiny", False, False, 3, 100
+    results = {}
+    for background in (False, True):
+        monkeypatch.setattr(trainer, "BACKGROUND_EVAL_COMPILE", background)
+        trainer.clear_program_cache()
+        results[background] = trainer.train_and_evaluate(c, str(tmp_path / str(background)))
+        assert results[background]["timings"]["eval_compile_s"] > 0
+    inline, threaded = results[False], results[True]
+    assert inline["timings"]["eval_compile_wait_s"] == inline["timings"]["eval_compile_s"]
+    for key in ("params_sha256", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert inline[key] == threaded[key], key
