@@ -12,6 +12,7 @@ on the ratio has to cover.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import statistics
 import time
@@ -107,17 +108,33 @@ def interleaved(runs: Mapping[str, Callable[[int], None]], reference: str, round
 
 def measure(configs: Mapping[str, ml_collections.ConfigDict], num_classes: int, reference: str,
             kinds: tuple[str, ...] = KINDS, rounds: int = 5, steps: int = 2,
-            log: Callable[[str], Any] = lambda m: None, steps_per_epoch: int = 1000
+            log: Callable[[str], Any] = lambda m: None, steps_per_epoch: int = 1000, group: int = 6
             ) -> dict[str, dict[str, dict[str, float]]]:
-    """{name: {kind: Cost as a dict}} for every trainer config in ``configs``, against ``configs[reference]``."""
+    """{name: {kind: Cost as a dict}} for every trainer config in ``configs``, against ``configs[reference]``.
+
+    Networks are timed ``group`` at a time beside the reference (each ratio is taken within one round, so
+    groups need not share a round) and each group's programs are released before the next is built: a
+    grid's worth of compiled programs at once exhausts host memory (LLVM's section allocator fails first).
+    """
+    if reference not in configs:
+        raise ValueError(f"reference {reference!r} is not among the networks to time")
+    others = [name for name in configs if name != reference]
+    groups = [others[i:i + max(1, group)] for i in range(0, len(others), max(1, group))] or [[]]
     out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in configs}
     for kind in kinds:
-        runs = {}
-        for name, config in configs.items():
-            t0 = time.perf_counter()
-            runs[name] = step_runner(config, num_classes, kind, steps_per_epoch)
-            log(f"latency: built {kind} step of {name} in {time.perf_counter() - t0:.1f} s")
-        for name, cost in interleaved(runs, reference, rounds, steps).items():
-            out[name][kind] = cost.as_dict()
-        del runs
+        reference_costs = []
+        for members in groups:
+            runs = {}
+            for name in [reference, *members]:
+                t0 = time.perf_counter()
+                runs[name] = step_runner(configs[name], num_classes, kind, steps_per_epoch)
+                log(f"latency: built {kind} step of {name} in {time.perf_counter() - t0:.1f} s")
+            costs = interleaved(runs, reference, rounds, steps)
+            del runs
+            gc.collect()
+            reference_costs.append(costs.pop(reference))
+            for name, cost in costs.items():
+                out[name][kind] = cost.as_dict()
+        seconds = statistics.median(c.seconds for c in reference_costs)
+        out[reference][kind] = Cost(ratio=1.0, spread=0.0, seconds=seconds).as_dict()
     return out

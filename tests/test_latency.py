@@ -28,6 +28,34 @@ def test_interleaved_takes_per_round_ratios_and_their_spread(monkeypatch):
     assert costs["slow"].seconds == pytest.approx(3.0)
 
 
+def test_measure_times_a_few_networks_at_a_time_beside_the_reference(monkeypatch):
+    # a grid's worth of compiled programs at once exhausted host memory; each group is released first
+    live, peak, built = set(), [0], []
+
+    class Runner:
+        def __init__(self, name, kind):
+            self.name = name
+            live.add(id(self))
+            peak[0] = max(peak[0], len(live))
+            built.append((kind, name))
+
+        def __call__(self, steps):
+            pass
+
+        def __del__(self):
+            live.discard(id(self))
+
+    monkeypatch.setattr(latency, "step_runner", lambda config, nc, kind, spe: Runner(config, kind))
+    configs = {name: name for name in ["ref", *"abcde"]}
+    out = latency.measure(configs, 10, "ref", rounds=3, steps=1, group=2)
+    assert peak[0] == 3  # the reference and two others
+    assert [name for kind, name in built if kind == "train"] == ["ref", "a", "b", "ref", "c", "d", "ref", "e"]
+    assert set(out) == set(configs) and all(set(costs) == set(latency.KINDS) for costs in out.values())
+    assert out["ref"]["train"]["ratio"] == 1.0
+    with pytest.raises(ValueError, match="reference"):
+        latency.measure(configs, 10, "missing")
+
+
 def test_a_bigger_input_measures_slower_on_the_device_at_hand():
     def config(resolution):
         c = digits.get_config()
