@@ -241,6 +241,12 @@ def train_view(model: EfficientNet) -> EfficientNet:
     return nnx.view(model, deterministic=False, use_running_average=False)
 
 
+# The tag of the model's dropout and drop-path streams, which is what ``nnx.reseed`` matches: create_model's
+# ``nnx.Rngs(seed)`` holds only a default stream, and each ``nnx.Dropout`` forks it (its "dropout" collection
+# falls back to "default"). Reseeding "dropout" instead touches nothing and every step reuses one mask.
+DROPOUT_STREAM = "default"
+
+
 def seed_free(rest: nnx.State) -> nnx.State:
     """The dropout streams' state with every key one fixed key and every counter zero.
 

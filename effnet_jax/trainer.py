@@ -54,7 +54,7 @@ from effnet_jax.configs import to_steps
 from effnet_jax.errors import Interrupted, UserError
 from effnet_jax.layers import KERNELS, Layers, head_init_fn
 from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import create_model, layers_for
+from effnet_jax.model import DROPOUT_STREAM, create_model, layers_for
 
 if TYPE_CHECKING:
     from effnet_jax.flat_state import FlatPacking
@@ -170,7 +170,8 @@ def make_train_step(packing: FlatPacking | TreePacking, tx: optax.GradientTransf
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             model = packing.merge(params, state.weights.stats)
-            nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), step))
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), step)
+            nnx.reseed(model, **{DROPOUT_STREAM: key})  # fresh masks at every step, per seed
             logits = model(batch["image"])
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), o.label_smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()

@@ -51,3 +51,26 @@ def test_train_step_program_does_not_depend_on_the_seed():
         batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
         texts.append(jax.jit(train_step).lower(state, batch).as_text())
     assert texts[0] == texts[1]
+
+
+def test_train_step_draws_new_dropout_masks_at_every_step_and_for_every_seed():
+    """The same weights and batch give another loss at another step or dropout key (dropout 0.5 on the
+    head, drop path 0.2): the masks come from the state, not from a key compiled into the step."""
+    c = digits.get_config()
+    c.model.network, c.model.drop_path_rate, c.batch_size = "tiny", 0.2, 8
+    model = create_model("b0", 10, 0, network=TINY, drop_path_rate=0.2, dropout=0.5)
+    packing, params, stats = FlatPacking.create(model)
+    schedule = trainer.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
+    tx = trainer.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
+    weights = trainer.Weights(params, stats)
+    train_step = jax.jit(trainer.make_train_step(packing, tx, schedule, c, 10))
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
+
+    def loss(step, seed):
+        state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), weights=weights, opt=tx.init(params),
+                                   dropout_key=jax.random.key_data(jax.random.key(seed)), ema=None)
+        return float(train_step(state, batch)[1]["loss"])
+
+    assert loss(0, 0) == loss(0, 0)  # a function of (key, step): a resumed run redraws the same masks
+    assert loss(0, 0) != loss(1, 0)
+    assert loss(0, 0) != loss(0, 1)
