@@ -552,10 +552,12 @@ def _with_latency(rows: Sequence[dict[str, Any]], meter: MeasuredLatency) -> Non
             r[f"latency_{kind}"] = cost[kind]["ratio"] if cost else None
 
 
-def training_share(rows: Sequence[dict[str, Any]], t0: float) -> float | None:
-    """Share of the trials' wall time spent in timed training steps (the rest: compile, eval, data, saves)."""
-    train_s = sum(r["steps"] * r["batch_size"] / r["train_img_per_s"] for r in rows
-                  if r.get("train_img_per_s") and r.get("steps") and r.get("batch_size"))
+def training_share(rows: Sequence[dict[str, Any]], t0: float = 0.0) -> float | None:
+    """Share of the trials' wall time spent in timed training steps (the rest: compile, eval, data, saves): the
+    trainer's ``timings.train_s``, the steps this trial ran. (``steps`` is where a run ended, so a trial that
+    continued another's checkpoint would count the steps it did not train.)"""
+    train_s = sum(r["timings"]["train_s"] for r in rows
+                  if isinstance(r.get("timings"), dict) and isinstance(r["timings"].get("train_s"), (int, float)))
     wall = sum(r.get("wall_time_s") or 0.0 for r in rows)
     return train_s / wall if wall > 0 and train_s > 0 else None
 

@@ -255,6 +255,17 @@ def test_rung_taus_carry_intervals_and_the_top_rung_its_noise_ceiling():
     assert "unknown" in gs.ceiling_line([], gs.noise_ceiling(rows[:8], "val_top1"), [40])
 
 
+def test_training_share_counts_the_steps_each_trial_trained():
+    """A rung-1 trial that continued a 40-step checkpoint to 120 trained 80 steps: its share is its own
+    timed steps over its wall time, not where its run ended (the figure once read 50% for a true 43%)."""
+    rows = [{"steps": 40, "batch_size": 16, "train_img_per_s": 64.0, "wall_time_s": 50.0, "timings": {"train_s": 10.0}},
+            {"steps": 120, "batch_size": 16, "train_img_per_s": 64.0, "wall_time_s": 30.0,
+             "timings": {"train_s": 20.0}},
+            {"steps": 120, "batch_size": 16, "wall_time_s": 20.0, "timings": None}]  # an old row: wall time only
+    assert gs.training_share(rows) == pytest.approx(30.0 / 100.0)
+    assert gs.training_share([{"wall_time_s": 5.0, "timings": {}}]) is None
+
+
 def test_search_writes_outputs_and_best_json_round_trips(tmp_path, cache_dir):
     c = small_config(cache_dir)
     out = gs.search(c, str(tmp_path), log=quiet)
