@@ -323,6 +323,7 @@ def _eval_batch_like(batch: dict[str, jax.Array]) -> dict[str, jax.ShapeDtypeStr
 # compiled executables: some MB of machine code on a CPU).
 PROGRAM_CACHE_SIZE = 8  # a worker of the default search trains ~6 networks at rung 0
 _PROGRAMS: collections.OrderedDict[tuple[Any, ...], Steps] = collections.OrderedDict()
+_PROGRAMS_LOCK = threading.Lock()
 # Config fields the jitted steps do not read. The seed is state (initial weights, the dropout key), the run's
 # length reaches the program only through the schedule's span (``schedule_steps`` below, in the key).
 NOT_IN_PROGRAM = ("seed", "num_train_steps", "num_epochs", "schedule_steps", *rundir.COSMETIC_FIELDS)
@@ -344,7 +345,32 @@ def program_key(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, ar
 
 def clear_program_cache() -> None:
     """Forget the programs this process built (a test's fresh start)."""
-    _PROGRAMS.clear()
+    with _PROGRAMS_LOCK:
+        _PROGRAMS.clear()
+
+
+def compile_ahead(config: ml_collections.ConfigDict,
+                  make_eval_step: Callable[[Any, int], EvalStep] = classification_eval_step) -> dict[str, Any]:
+    """Build ``config``'s program and compile its train and eval steps into this process's program cache, so
+    that a later ``train_and_evaluate`` of a config with the same ``program_key`` starts training at once.
+
+    For a search on an accelerator: while the device trains one trial, the host CPU is idle, and the next
+    trial's compile can happen then (``experiments.runner``'s compile-ahead). Writes nothing; the batch
+    signatures are those of the source's first train and eval batches. Returns the phases' seconds.
+    """
+    times: dict[str, Any] = {}
+    with _timed(times, "prepare_s"):
+        run = prepare(config)
+    with _timed(times, "build_s"):
+        program = build_program(config, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
+                                steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps,
+                                make_eval_step=make_eval_step)
+    assert program.steps is not None
+    program.steps.compiled_train(program.state, _global_batch(next(run.source.train_batches(0)),
+                                                              program.data_sharding), times)
+    program.steps.compiled_eval(program.state.weights, _global_batch(next(run.source.eval_batches()),
+                                                                     program.data_sharding), times)
+    return times
 
 
 @dataclasses.dataclass
@@ -387,17 +413,18 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     key = program_key(config, spec, model.arch, num_classes, steps_per_epoch, total_steps, make_eval_step)
-    steps = _PROGRAMS.get(key)
-    if steps is None:
-        train_step = make_train_step(packing, tx, schedule, config, num_classes)
-        steps = Steps(jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
-                              donate_argnums=0),
-                      jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding),
-                              out_shardings=repl))
-        _PROGRAMS[key] = steps
-        while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
-            _PROGRAMS.popitem(last=False)
-    _PROGRAMS.move_to_end(key)
+    with _PROGRAMS_LOCK:  # a compile-ahead thread (compile_ahead) builds programs beside the training loop
+        steps = _PROGRAMS.get(key)
+        if steps is None:
+            train_step = make_train_step(packing, tx, schedule, config, num_classes)
+            steps = Steps(jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
+                                  donate_argnums=0),
+                          jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding),
+                                  out_shardings=repl))
+            _PROGRAMS[key] = steps
+            while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+                _PROGRAMS.popitem(last=False)
+        _PROGRAMS.move_to_end(key)
     return Program(packing, _replicate(state, repl), steps.train_step, steps.eval_step, data_sharding, model.arch,
                    steps)
 

@@ -30,6 +30,7 @@ is used (``Study``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -311,6 +312,12 @@ def _requeue(study: Study, t: Any) -> None:
 
 # The programs (``program_group``) this process has trained: the trainer keeps them compiled in memory.
 _RAN_GROUPS: set[str] = set()
+# Compile ahead (--compile_ahead): while this process trains one trial, a thread builds and compiles the program
+# of the trial it will claim next (``trainer.compile_ahead``). "auto": on accelerators, where the host CPU idles
+# while the device trains; a CPU's cores are already busy compiling or training. {program_group: its build}
+COMPILE_AHEAD = "auto"
+AHEAD_MODES = ("auto", "on", "off")
+_AHEAD: dict[str, concurrent.futures.Future] = {}
 NOT_IN_GROUP = ("seed", "num_train_steps", "num_epochs")
 
 
@@ -338,7 +345,7 @@ def _claim(study: Any, trials: Sequence[Any], plans: Sequence[TrialPlan]) -> Any
             blocked.add(p.key)
         if not _done(trials, p.key):
             seen.add(directory)
-    mine = {p.key for p in plans if program_group(p.config) in _RAN_GROUPS}
+    mine = {p.key for p in plans if program_group(p.config) in _RAN_GROUPS or program_group(p.config) in _AHEAD}
     waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order
                       and t.user_attrs["key"] not in blocked),
                      key=lambda t: (t.user_attrs["key"] not in mine, order[t.user_attrs["key"]], t.number))
@@ -388,7 +395,59 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
             study.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             continue
         plan = by_key[t.user_attrs["key"]]
+        if ahead_enabled():
+            _start_ahead(study.get_trials(), plans, plan, log)
         _run_one(study, t, plan, workdir, train_fn, metric, log)
+
+
+def ahead_enabled() -> bool:
+    """``COMPILE_AHEAD``: "on", "off", or "auto" (on where the default backend is not the CPU)."""
+    if COMPILE_AHEAD == "auto":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    return COMPILE_AHEAD == "on"
+
+
+def _start_ahead(trials: Sequence[Any], plans: Sequence[TrialPlan], current: TrialPlan,
+                 log: Callable[[str], None]) -> None:
+    """Compile, on a thread, the program of the first waiting plan (in claim order) whose program this process
+    has neither trained nor built: the trial it will most likely claim after ``current``. One at a time."""
+    if any(not f.done() for f in _AHEAD.values()):
+        return
+    order = {p.key: i for i, p in enumerate(plans)}
+    skip = {program_group(current.config), *_RAN_GROUPS, *_AHEAD}
+    waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order),
+                     key=lambda t: (order[t.user_attrs["key"]], t.number))
+    by_key = {p.key: p for p in plans}
+    nxt = next((by_key[t.user_attrs["key"]] for t in waiting
+                if program_group(by_key[t.user_attrs["key"]].config) not in skip), None)
+    if nxt is None:
+        return
+    from effnet_jax import trainer
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def build() -> None:
+        try:
+            future.set_result(trainer.compile_ahead(nxt.config))
+        except BaseException as e:  # noqa: BLE001 - the trial then compiles for itself and meets the error
+            future.set_exception(e)
+
+    _AHEAD[program_group(nxt.config)] = future
+    threading.Thread(target=build, name="effnet-compile-ahead", daemon=True).start()
+    log(f"compiling ahead: {nxt.key}")
+
+
+def _wait_ahead(plan: TrialPlan, log: Callable[[str], None]) -> None:
+    """A trial whose program a compile-ahead thread is building waits for it instead of compiling it twice."""
+    future = _AHEAD.get(program_group(plan.config))
+    if future is None:
+        return
+    try:
+        future.result()
+    except Exception as e:  # noqa: BLE001
+        log(f"  compile ahead failed ({_first_line(e)}): the trial compiles for itself")
 
 
 def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callable[..., dict[str, Any]],
@@ -409,6 +468,7 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
     log(f"trial {plan.key} (#{t.number})" + (f" from its step-{resumed} checkpoint" if resumed else "") + " ...")
     beat = _Heartbeat(study, t)
     start = time.time()
+    _wait_ahead(plan, log)
     _RAN_GROUPS.add(program_group(plan.config))
     try:
         result = train_fn(plan.config, directory)
@@ -694,6 +754,9 @@ def define_flags(fv: Any, study_name: str) -> None:
                          "halve a CPU run. On a GPU each worker gets its own devices", flag_values=fv)
     flags.DEFINE_integer("devices_per_trial", 1, "GPUs per worker (each trial runs data-parallel on them)",
                          flag_values=fv)
+    flags.DEFINE_enum("compile_ahead", "auto", AHEAD_MODES, "while a trial trains, compile the next trial's "
+                      "program on a thread (auto: on accelerators, where the host CPU is otherwise idle)",
+                      flag_values=fv)
     flags.DEFINE_bool("worker", False, "internal: run trials only, no report (a local worker)", flag_values=fv)
 
 
@@ -730,6 +793,8 @@ def begin(argv: Sequence[str] | None, module: str, default_config: str, check: C
 
     config, fv = cli.parse_config_flags(argv, default_config, define)
     cli.enable_compile_cache(config.train.compile_cache_dir)
+    global COMPILE_AHEAD
+    COMPILE_AHEAD = fv.compile_ahead
     workdir = fv.workdir or trials.default_workdir(name)
     check(config)
     rundir.check_workdir(workdir)

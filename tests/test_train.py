@@ -358,6 +358,29 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
         assert second[key] == fresh[key], key
 
 
+def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_path):
+    """``trainer.compile_ahead`` (what a search worker on an accelerator runs on a thread while the device
+    trains the trial before) leaves both steps compiled: the trial then compiles nothing, and trains and
+    evaluates exactly what a trial that compiled for itself does."""
+    from effnet_jax import trainer
+    from effnet_jax.configs import digits
+
+    c = digits.get_config()
+    c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
+        "tiny", False, False, 3, 100
+    trainer.clear_program_cache()
+    itself = trainer.train_and_evaluate(c, str(tmp_path / "itself"))
+    assert itself["timings"]["program_cache"] == "miss"
+    trainer.clear_program_cache()
+    times = trainer.compile_ahead(c)
+    assert times["program_cache"] == "miss" and times["eval_compile_s"] > 0
+    ahead = trainer.train_and_evaluate(c, str(tmp_path / "ahead"))
+    assert ahead["timings"]["program_cache"] == "hit" and "train_compile_s" not in ahead["timings"]
+    assert ahead["timings"]["eval_compile_s"] == 0.0
+    for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert ahead[key] == itself[key], key
+
+
 def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch):
     """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
     the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
