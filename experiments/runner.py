@@ -468,9 +468,9 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
     log(f"trial {plan.key} (#{t.number})" + (f" from its step-{resumed} checkpoint" if resumed else "") + " ...")
     beat = _Heartbeat(study, t)
     start = time.time()
-    _wait_ahead(plan, log)
     _RAN_GROUPS.add(program_group(plan.config))
     try:
+        _wait_ahead(plan, log)  # inside: a stop while waiting queues the trial again like one while training
         result = train_fn(plan.config, directory)
     except UserError:
         beat.stop()

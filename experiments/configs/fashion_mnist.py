@@ -20,6 +20,8 @@ Why these choices (the measured run is in the README):
   run and what it cost). The fidelity study on the same candidates
   (experiments/configs/fidelity.py:fashion_mnist) found rung 0 a weak proxy against 279 steps:
   with time to spare, search.halving_eta=2 or search.strategy=exhaustive at 282 steps.
+- **Cost columns.** ``search.measure_latency``: every candidate's train-step and inference time over unscaled
+  B0's on this machine, beside its MACs, so the table shows what "2x" costs here.
 """
 
 import ml_collections
@@ -43,4 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.constraint, s.macs_tolerance = "macs", 0.1
     s.alpha = s.beta = s.gamma = (1.0, 1.25)
     s.final_seeds = (0, 1, 2)
+    # What each candidate costs here in time, beside xMACs (xTrain, xInfer: effnet_jax/latency.py). Timed before
+    # the trials, whose compiles then load from the cache that timing filled (README: what it costs).
+    s.measure_latency = True
     return c
