@@ -412,8 +412,9 @@ def ahead_enabled() -> bool:
 def _start_ahead(trials: Sequence[Any], plans: Sequence[TrialPlan], current: TrialPlan,
                  log: Callable[[str], None]) -> None:
     """Compile, on a thread, the program of the first waiting plan (in claim order) whose program this process
-    has neither trained nor built: the trial it will most likely claim after ``current``. One at a time."""
-    if any(not f.done() for f in _AHEAD.values()):
+    has neither trained nor built: the trial it will most likely claim after ``current``. One at a time, besides
+    ``current``'s own build (which the trial is about to wait for)."""
+    if any(not f.done() for g, f in _AHEAD.items() if g != program_group(current.config)):
         return
     order = {p.key: i for i, p in enumerate(plans)}
     skip = {program_group(current.config), *_RAN_GROUPS, *_AHEAD}

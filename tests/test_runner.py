@@ -146,28 +146,21 @@ def test_two_local_workers_share_one_grid(tmp_path):
     assert (wd / "best.json").exists()
 
 
-def test_compile_ahead_builds_the_next_network_while_a_trial_trains_and_changes_no_result(tmp_path):
+def test_compile_ahead_builds_the_next_network_while_a_trial_trains(tmp_path):
     """--compile_ahead=on (the accelerator default, forced on this CPU): while one trial trains, a thread
-    compiles the next waiting trial's program, which that trial then finds compiled ("hit"); every trial
-    trains and scores as with --compile_ahead=off."""
+    compiles the next waiting trial's program, which that trial then finds compiled ("hit"). That such a
+    trial trains and scores as one that compiled for itself: tests/test_train.py."""
     import json
 
-    results = {}
-    for mode in ("off", "on"):
-        wd = tmp_path / mode
-        proc = subprocess.run(command(wd, "--config.train.num_train_steps=2", "--config.search.include_baseline=True",
-                                      f"--compile_ahead={mode}"), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert ("compiling ahead:" in proc.stdout) == (mode == "on")
-        results[mode] = {p.parent.name: json.loads(p.read_text()) for p in (wd / "trials").glob("*/result.json")}
-    assert len(results["on"]) == 3 and results["on"].keys() == results["off"].keys()
-    caches = sorted(r["timings"]["program_cache"] for r in results["on"].values())
-    assert caches == ["hit", "hit", "miss"]  # the first trial compiled for itself, the next two were ahead
-    assert sorted(r["timings"]["program_cache"] for r in results["off"].values()).count("miss") >= 2
-    for name, r in results["on"].items():
-        for key in ("params_sha256", "val_top1", "val_loss"):
-            assert r[key] == results["off"][name][key], (name, key)
+    wd = tmp_path / "ahead"
+    proc = subprocess.run(command(wd, "--config.train.num_train_steps=2", "--config.search.include_baseline=True",
+                                  "--compile_ahead=on"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiling ahead:") == 2, proc.stdout
+    results = [json.loads(p.read_text()) for p in (wd / "trials").glob("*/result.json")]
+    # three trials of three programs: the first compiled for itself, the next two were compiled ahead
+    assert sorted(r["timings"]["program_cache"] for r in results) == ["hit", "hit", "miss"]
+    assert all(r["status"] == "ok" for r in results)
 
 
 def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
