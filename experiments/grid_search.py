@@ -290,12 +290,14 @@ def noise_ceiling(rows: Sequence[dict[str, Any]], metric: str, resamples: int = 
     return {"rung": top, **stats.noise_ceiling(scores, resamples=resamples)}
 
 
-def ceiling_line(agreement: Sequence[dict[str, Any]], ceiling: dict[str, Any], steps: Sequence[int]) -> str:
+def ceiling_line(agreement: Sequence[dict[str, Any]], ceiling: dict[str, Any], steps: Sequence[int],
+                 dataset: str = "digits") -> str:
     """``stats.limit_line`` for the search: each cheap rung against the top rung's noise ceiling."""
     top = ceiling["rung"]
     budget = f"rung {top} ({steps[top]} steps)" if top < len(steps) else f"rung {top}"
-    remedy = ("raise the top rung's budget (train.num_train_steps or search.halving_eta) or use a preset whose "
-              "candidates differ by more than seed noise (--config=experiments/configs/fashion_mnist.py)")
+    remedy = "raise the top rung's budget (train.num_train_steps or search.halving_eta)" + (
+        " or use a preset whose candidates differ by more than seed noise "
+        "(--config=experiments/configs/fashion_mnist.py)" if dataset == "digits" else " or its seeds")
     proxies = [{"name": f"rung {a['rung']}", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement]
     return stats.limit_line(proxies, ceiling, budget, remedy)
 
@@ -500,7 +502,7 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     ceiling = noise_ceiling(rows_list, s.metric)
     extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
              "rung_steps": steps, "rung_agreement": agreement, "noise_ceiling": ceiling,
-             "ceiling_line": ceiling_line(agreement, ceiling, steps), "learning": learning,
+             "ceiling_line": ceiling_line(agreement, ceiling, steps, config.train.data.name), "learning": learning,
              "macs_warnings": run.constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
     if write:
         write_outputs(workdir, config, rows_list, summary, best, verdict, extra)

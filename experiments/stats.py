@@ -332,8 +332,8 @@ def sentence(info: Mapping[str, Any]) -> str:
         others = [c for c in contenders if c != winner]
         n = len(info.get("rows") or [])
         out += (f" Contender set: {len(contenders)} of {n} candidates ("
-                + (f"the winner and {', '.join(others)}" if others else "the winner alone")
-                + ", none separated from the winner).")
+                + (f"the winner and {', '.join(others)}, none separated from the winner" if others
+                   else "the winner alone: every other candidate is separated from it") + ").")
     return out
 
 
@@ -421,6 +421,10 @@ def noise_ceiling(scores: Mapping[str, Mapping[Any, float]], resamples: int = BO
     return out
 
 
+# A ceiling whose interval reaches 0 with a point estimate this high is too few candidates, not seed noise.
+AGREE = 0.5
+
+
 def limit_line(proxies: Sequence[Mapping[str, Any]], ceiling: Mapping[str, Any], budget: str, remedy: str) -> str:
     """One line: is a cheap proxy limited by itself or by seed noise at the long budget?
 
@@ -434,6 +438,11 @@ def limit_line(proxies: Sequence[Mapping[str, Any]], ceiling: Mapping[str, Any],
                 "proxy taus cannot be told from seed noise")
     lo, hi = ceiling["ci"]
     head = f"noise ceiling at {budget}: seed-to-seed Kendall tau {ceiling['tau']:.2f} [{lo:.2f}, {hi:.2f}]"
+    if lo <= 0 and ceiling["tau"] >= AGREE:
+        n = ceiling.get("n")
+        return (f"{head}: the seeds mostly agree, but over {n if n else 'these'} candidates the interval reaches 0, so "
+                "the ceiling cannot be told from zero and no proxy can be judged against it; the fidelity study "
+                "(python -m experiments.fidelity) measures it over every candidate")
     if lo <= 0:
         return (f"{head}: at this budget the candidates are within seed noise, so no cheap rung can rank them; "
                 f"{remedy}")

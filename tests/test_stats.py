@@ -291,6 +291,9 @@ def test_limit_line_names_what_limits_a_proxy():
     assert "limited by the proxy" in stats.limit_line([{"name": "rung 0", "tau": 0.1, "ci": [-0.2, 0.4]}], high,
                                                        "120 steps", "")
     assert "unknown" in stats.limit_line([], {"tau": None, "ci": None}, "120 steps", "")
+    # seeds that mostly agree over too few candidates (the Fashion-MNIST preset's 4 finalists): not "noise"
+    few = stats.limit_line([], {"tau": 0.78, "ci": [-0.33, 1.0], "n": 4}, "282 steps", "raise X")
+    assert "cannot be told from zero" in few and "4 candidates" in few and "within seed noise" not in few
 
 
 def test_pooled_sentence_warns_when_seed_spreads_differ():
