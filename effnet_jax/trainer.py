@@ -461,6 +461,18 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     source = sources.create_source(config.data, spec.resolution, config.batch_size, config.seed,
                                           jax.process_index(), jax.process_count())
     steps_per_epoch = max(1, source.num_train // config.batch_size)
+    total = check_schedule(config, steps_per_epoch)
+    try:
+        head_init_fn(config.model.get("head_init", "paper"))
+    except ValueError as e:
+        raise UserError(f"model.{e}") from None
+    return Run(config, spec, source, total, steps_per_epoch, dtype, layers)
+
+
+def check_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The run's length, optimizer and learning-rate schedule are valid for an epoch of ``steps_per_epoch``
+    (UserError otherwise); returns the run's length in steps. Needs no data: an experiment checks every trial
+    it plans with it before training any."""
     total = to_steps(config.num_train_steps, config.num_epochs, steps_per_epoch)
     if total <= 0:
         raise UserError("num_train_steps / num_epochs give no training steps")
@@ -474,11 +486,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
                             f"got {config.optimizer[field]!r}")
     if config.optimizer.schedule == "wsd":
         _check_cooldown(config, total, steps_per_epoch)
-    try:
-        head_init_fn(config.model.get("head_init", "paper"))
-    except ValueError as e:
-        raise UserError(f"model.{e}") from None
-    return Run(config, spec, source, total, steps_per_epoch, dtype, layers)
+    return total
 
 
 def _check_cooldown(config: ml_collections.ConfigDict, total: int, steps_per_epoch: int) -> None:

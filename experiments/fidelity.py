@@ -72,8 +72,8 @@ def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_st
     return out
 
 
-def analyse(rows: Sequence[dict[str, Any]], metric: str, resamples: int = stats.BOOTSTRAP_RESAMPLES
-            ) -> dict[str, Any]:
+def analyse(rows: Sequence[dict[str, Any]], metric: str, dataset: str = "digits",
+            resamples: int = stats.BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """Mean score per (budget, candidate); each budget's rank agreement with the largest budget's (Kendall tau
     with a bootstrap interval over candidates); at every budget with two or more seeds, the noise ceiling
     (seed-to-seed tau, ``stats.noise_ceiling``), and one line on what limits the cheap budgets."""
@@ -98,8 +98,9 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str, resamples: int = stats.
     line = stats.limit_line(
         [{"name": f"{a['budget']}x", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement],
         ceilings[top], f"{top}x the trial budget",
-        "raise the budgets (fidelity.budgets or train.num_train_steps) or use the fashion_mnist preset "
-        "(--config=experiments/configs/fidelity.py:fashion_mnist)")
+        "raise the budgets (fidelity.budgets or train.num_train_steps)" + (
+            " or use the fashion_mnist preset (--config=experiments/configs/fidelity.py:fashion_mnist)"
+            if dataset == "digits" else " or the seeds (fidelity.seeds)"))
     return {"means": means, "agreement": agreement, "ceilings": ceilings, "ceiling_line": line}
 
 
@@ -112,11 +113,12 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
     prepared = trainer.prepare(base)  # validates the train config; writes nothing
     cands = candidates(config.search, config.train, prepared.source.num_classes)
     base_steps = trials.budget_steps(config.train, prepared.steps_per_epoch)
+    planned = plans(config, cands, base_steps)
+    trials.check_trials(((p.key, p.config) for p in planned), prepared.steps_per_epoch)
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir)
-    rows = list(runner.run(study, plans(config, cands, base_steps), workdir, trainer.train_and_evaluate,
-                           config.search.metric, log).values())
-    out = {"rows": rows, **analyse(rows, config.search.metric), "base_steps": base_steps}
+    rows = list(runner.run(study, planned, workdir, trainer.train_and_evaluate, config.search.metric, log).values())
+    out = {"rows": rows, **analyse(rows, config.search.metric, config.train.data.name), "base_steps": base_steps}
     if not write:
         return out
     report.write_csv(os.path.join(workdir, "fidelity.csv"), rows,

@@ -415,13 +415,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, storage: str | None =
     prepared = trainer.prepare(base)  # validates the train config and opens the data: writes nothing
     num_classes = prepared.source.num_classes
     constraint = constraint_for(s, config.train, num_classes)
+    steps = rung_steps(config, prepared.steps_per_epoch)
+    trials.check_trials(((p.key, p.config) for p in (trial_plan(config, BASELINE, int(s.seeds[0]), r, steps)
+                                                     for r in range(len(steps)))), prepared.steps_per_epoch)
     _refuse_old_workdir(workdir, storage)
     proposer = proposer_for(s)
     study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
                               storage or workdir, sampler=proposer.sampler())
     meter = constraint if isinstance(constraint, MeasuredLatency) else (
         MeasuredLatency(s, config.train, num_classes) if s.measure_latency else None)
-    steps = rung_steps(config, prepared.steps_per_epoch)
     if meter is constraint:
         meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), prepared, steps, log)
     cands = candidates(s, config.train, num_classes, constraint)

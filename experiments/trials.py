@@ -112,6 +112,18 @@ def figures(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, n
     return cost.figures(*network(train_config, c, phi), num_classes)
 
 
+def check_trials(configs: Iterable[tuple[str, ml_collections.ConfigDict]], steps_per_epoch: int) -> None:
+    """Every planned trial's schedule is valid (``trainer.check_schedule``) before any trains: a budget whose
+    cooldown falls inside the warmup, say, is one error line naming the trial, not a failure mid-run."""
+    from effnet_jax import trainer
+
+    for name, cfg in configs:
+        try:
+            trainer.check_schedule(cfg, steps_per_epoch)
+        except UserError as e:
+            raise UserError(f"trial {name}: train.{e}") from None
+
+
 def budget_steps(train_config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     """The trial budget in steps: ``num_train_steps``, else ``num_epochs`` of the training split."""
     return max(1, to_steps(train_config.num_train_steps, train_config.num_epochs, steps_per_epoch))

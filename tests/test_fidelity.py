@@ -64,9 +64,11 @@ def test_analyse_reports_tau_intervals_and_the_ceiling_at_every_budget_with_seed
     ("--config.fidelity.budgets=(3,1)", "fidelity.budgets"),
     ("--config.fidelity.budgets=(1,)", "fidelity.budgets"),
     ("--config.fidelity.mode=fast", "fidelity.mode"),
+    # the 2-step budget's cooldown would start inside digits' 16-step warmup: refused before any trial trains
+    ("--config.fidelity.mode=cooldown --config.train.num_train_steps=2", "inside the 16-step warmup"),
 ])
 def test_bad_fidelity_config_one_line_exit_2(tmp_path, capsys, monkeypatch, override, message):
-    argv = ["prog", f"--workdir={tmp_path / 'wd'}", override]
+    argv = ["prog", f"--workdir={tmp_path / 'wd'}", *override.split()]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         fidelity.main(argv)

@@ -632,6 +632,17 @@ def test_cooldown_fraction_is_checked_only_where_it_is_read():
         gs.check_search(c)
 
 
+def test_a_rung_whose_cooldown_falls_inside_the_warmup_is_refused_before_the_study(tmp_path):
+    """Every rung's trial schedule is checked when the search starts: rung 0's 2 steps would begin their cooldown
+    inside digits' 16-step warmup, which used to surface as a failed trial mid-run."""
+    c = grid_config.get_config()
+    c.train.model.network, c.train.num_train_steps, c.search.rung_mode = "tiny", 2, "cooldown"
+    with pytest.raises(UserError, match=r"trial a1.000-b1.000-g1.000-phi0-s0-n2-cd: train.optimizer.cooldown_fraction "
+                                        r"0.2 starts the cooldown at step 1, inside the 16-step warmup"):
+        gs.setup(c, str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
 @pytest.mark.parametrize("mode, tag, schedule, span, shared, keep0", [
     ("continued", "", "cosine", 120, True, True),  # the keys and directories of searches from before the modes
     ("cooldown", "-cd", "wsd", 0, True, True),
