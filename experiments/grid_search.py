@@ -215,6 +215,12 @@ def judge(summary: Sequence[dict[str, Any]], best: dict[str, Any] | None, search
     out["contender_set"] = [{"alpha": s["alpha"], "beta": s["beta"], "gamma": s["gamma"], "label": s["label"],
                              "mean": s["mean"]} for s in ranked if name[id(s)] in chosen]
     out["seeds"] = sorted({x for s in ranked for x in _seed_ids(s)}, key=str)
+    cut = [s for s in summary if s["rung"] < top and s["mean"] is not None
+           and (s["label"] == "paper" or constraint.satisfies(s))]
+    out["cut"] = len(cut)
+    if cut:  # two runs with other seeds can promote other candidates: the set cannot speak for these
+        out["sentence"] += (f" The set is drawn from the {len(pool)} candidates at the deciding rung; {len(cut)} "
+                            "others were cut at a cheaper rung and are not judged in it.")
     return out
 
 

@@ -222,6 +222,12 @@ def test_verdicts_separated_tied_and_one_seed():
     v1 = gs.judge(one, gs.pick_best(one, s), s)
     assert "one seed" in v1["sentence"].lower() or "nothing" in v1["sentence"].lower()
     assert "below" not in v1["verdicts"].values()
+    # candidates cut at a cheaper rung are named as outside the set (two runs can promote different ones)
+    top = [dict(r, rung=1) for r in rows]
+    halved = gs.summarize(top + _rows({(1.15, 1.05, 1.25, ""): [0.3], (1.25, 1.2, 1.05, ""): [0.2]}), "val_top1")
+    h = gs.judge(halved, gs.pick_best(halved, s), s)
+    assert h["cut"] == 2 and "the 4 candidates at the deciding rung; 2 others were cut" in h["sentence"]
+    assert v["cut"] == 0 and "cut" not in v["sentence"]
 
 
 def test_rung_agreement_between_rungs():
