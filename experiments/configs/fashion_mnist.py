@@ -18,8 +18,9 @@ Why these choices (the measured run is in the README):
   best third of the grid and both references continue to 282 steps (1.5 epochs) with three seeds,
   so the winner is decided at the largest budget with an interval (the README has the measured
   run and what it cost). The fidelity study on the same candidates
-  (experiments/configs/fidelity.py:fashion_mnist) found rung 0 a weak proxy against 279 steps:
-  with time to spare, search.halving_eta=2 or search.strategy=exhaustive at 282 steps.
+  (experiments/configs/fidelity.py:fashion_mnist) found rung 0 a weak proxy against 279 steps, and two
+  runs with disjoint seeds each separated a winner the other had cut at rung 0 (README): with time to
+  spare, search.strategy=exhaustive at 282 steps.
 - **Cost columns.** ``search.measure_latency``: every candidate's train-step and inference time over unscaled
   B0's on this machine, beside its MACs, so the table shows what "2x" costs here.
 """
