@@ -345,7 +345,8 @@ def _claim(study: Any, trials: Sequence[Any], plans: Sequence[TrialPlan]) -> Any
             blocked.add(p.key)
         if not _done(trials, p.key):
             seen.add(directory)
-    mine = {p.key for p in plans if program_group(p.config) in _RAN_GROUPS or program_group(p.config) in _AHEAD}
+    held = _RAN_GROUPS | _AHEAD.keys()  # programs this process has compiled, or is compiling ahead
+    mine = {p.key for p in plans if program_group(p.config) in held}
     waiting = sorted((t for t in trials if _state_name(t) == "WAITING" and t.user_attrs.get("key") in order
                       and t.user_attrs["key"] not in blocked),
                      key=lambda t: (t.user_attrs["key"] not in mine, order[t.user_attrs["key"]], t.number))
