@@ -692,6 +692,7 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
 
     total, lead, timing = run.total_steps, jax.process_index() == 0, _Timing()
     eval_every = to_steps(config.eval_every_steps, 1, run.steps_per_epoch)
+    ema = bool(config.get("eval_ema", True))
     status, last_loss, t_mark, done = "ok", _logged_loss(workdir, start) if lead else float("nan"), 0.0, start
     bar = _progress(config, total, start, lead)
     saved, stop, cool, step_fn = start, None, cooldown_start(config, total), None
@@ -725,7 +726,7 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                         break
                 if done % eval_every == 0 or done == total:
                     with _timed(times, "eval_s"):
-                        writer.write(done, _evaluate(program, state, run.source, times))
+                        writer.write(done, _evaluate(program, state, run.source, times, ema))
                 if done == cool and cool not in rundir.stable_steps(workdir):  # kept, and complete before any
                     # later checkpoint is written: a longer run continues from it (a resumed run wrote it already)
                     stable = _stable_manager(workdir)
@@ -748,7 +749,7 @@ def _train(config: ml_collections.ConfigDict, run: Run, program: Program, state:
                 final = {"status": status, "steps": int(jax.device_get(state.step)), "train_loss": last_loss}
                 if status == "ok":
                     with _timed(times, "eval_s"):
-                        final.update(_evaluate(program, state, run.source, times))
+                        final.update(_evaluate(program, state, run.source, times, ema))
     except KeyboardInterrupt as e:  # a second Ctrl-C (it does not wait for the loop)
         stop = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         ckpt.wait_until_finished()  # a save in flight completes: it is where the rerun resumes
@@ -832,10 +833,10 @@ def params_digest(params: nnx.State) -> str:
 
 
 def _evaluate(program: Program, state: TrainState, source: input_pipeline.Source,
-              times: dict[str, Any] | None = None) -> dict[str, float]:
+              times: dict[str, Any] | None = None, ema: bool = True) -> dict[str, float]:
     """The eval step's sums over the eval split, each divided by the example count, for the raw weights
-    (``val_<name>``) and, when kept, the EMA weights (``ema_val_<name>``)."""
-    variants = [("val", state.weights)] + ([("ema_val", state.ema)] if state.ema is not None else [])
+    (``val_<name>``) and, when kept and ``ema``, the EMA weights (``ema_val_<name>``)."""
+    variants = [("val", state.weights)] + ([("ema_val", state.ema)] if ema and state.ema is not None else [])
     sums: dict[str, dict[str, float]] = {prefix: {} for prefix, _ in variants}
     eval_fn = None
     for batch in source.eval_batches():

@@ -15,7 +15,7 @@ storage shares the queue, each trial runs once, a killed worker's trial resumes 
 checkpoint. ``--local_workers`` starts several worker processes on this machine.
 
 Successive halving (``search.strategy = "halving"``, the default) runs in synchronous
-rungs: every candidate trains ``b`` steps with ``search.seeds``; the best 1/eta of the grid
+rungs: every candidate trains ``b`` steps with ``search.seeds``; the best 1/eta (rounded up) of the grid
 points (and the two references) go on to eta·b steps with ``search.final_seeds``.
 ``search.rung_mode`` says how a rung is scored (``experiments.strategies.RUNG_MODES``):
 ``continued`` (every rung's learning-rate schedule spans the top rung's length, so a promoted

@@ -386,7 +386,12 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
     while True:
         trials = study.get_trials()
         if all(_done(trials, k) for k in order):
-            return {k: row_of(latest(trials, k)) for k in order}
+            rows = {k: row_of(latest(trials, k)) for k in order}
+            unscored = [k for k, r in rows.items() if r.get("status") == "ok" and r.get(metric) is None]
+            if unscored and metric.startswith("ema_"):  # trials of a search that ranked on val_* (trial_config)
+                raise UserError(f"trial {unscored[0]} in {workdir} did not evaluate the EMA weights (its search "
+                                f"ranked on another metric); search.metric={metric} needs a new --workdir")
+            return rows
         _fail_stale(study, trials, log)
         t = _claim(study, study.get_trials(), plans)
         if t is None:
@@ -465,6 +470,10 @@ def _run_one(study: Any, t: Any, plan: TrialPlan, workdir: str, train_fn: Callab
         return
     directory = os.path.join(workdir, "trials", plan.directory or plan.key)
     resumed = checkpoint_step(directory)
+    if rundir.forks(plan.config, directory):  # a longer wsd run: from the shorter one's stable state
+        resumed = max(rundir.stable_steps(directory), default=0)
+        if not resumed:  # dropped when a search ended, and a rerun (another rule, more rungs) promotes it
+            rundir.clear_workdir(directory)  # the same run from scratch
     if resumed:
         study.set_attr(t, "resumed_from_step", resumed)
     log(f"trial {plan.key} (#{t.number})" + (f" from its step-{resumed} checkpoint" if resumed else "") + " ...")

@@ -385,7 +385,8 @@ def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seed
     plans = []
     for p in points:
         for seed in seeds:
-            cfg = trials.trial_config(config.train, p.candidate, p.phi, seed=seed, schedule_steps=0)
+            cfg = trials.trial_config(config.train, p.candidate, p.phi, seed=seed, schedule_steps=0,
+                                      metric=config.study.metric)
             attrs = {"point": p.key, "family": p.family, "budget": p.budget, "coefficient": p.coefficient,
                      "label": p.candidate.label, "alpha": p.candidate.alpha, "beta": p.candidate.beta,
                      "gamma": p.candidate.gamma, "phi": p.phi, "seed": seed, "target_macs": p.budget * base_macs,

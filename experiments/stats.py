@@ -421,7 +421,9 @@ def noise_ceiling(scores: Mapping[str, Mapping[Any, float]], resamples: int = BO
     return out
 
 
-# A ceiling whose interval reaches 0 with a point estimate this high is too few candidates, not seed noise.
+# A ceiling whose interval reaches 0 and stays below this rules out a good agreement: the candidates are within
+# seed noise. One whose interval reaches 0 and this too (4-5 finalists give [-0.33, 1] at any estimate) only
+# cannot be told from zero.
 AGREE = 0.5
 
 
@@ -438,14 +440,14 @@ def limit_line(proxies: Sequence[Mapping[str, Any]], ceiling: Mapping[str, Any],
                 "proxy taus cannot be told from seed noise")
     lo, hi = ceiling["ci"]
     head = f"noise ceiling at {budget}: seed-to-seed Kendall tau {ceiling['tau']:.2f} [{lo:.2f}, {hi:.2f}]"
-    if lo <= 0 and ceiling["tau"] >= AGREE:
-        n = ceiling.get("n")
-        return (f"{head}: the seeds mostly agree, but over {n if n else 'these'} candidates the interval reaches 0, so "
-                "the ceiling cannot be told from zero and no proxy can be judged against it; the fidelity study "
-                "(python -m experiments.fidelity) measures it over every candidate")
-    if lo <= 0:
+    if lo <= 0 and hi < AGREE:
         return (f"{head}: at this budget the candidates are within seed noise, so no cheap rung can rank them; "
                 f"{remedy}")
+    if lo <= 0:
+        n = ceiling.get("n")
+        return (f"{head}: over {n if n else 'these'} candidates the interval reaches 0, so the ceiling cannot be told "
+                "from zero: the candidates may be within seed noise at this budget, and no proxy can be judged "
+                f"against it; {remedy}, or measure it over every candidate (python -m experiments.fidelity)")
     parts = []
     for p in proxies:
         if p.get("tau") is None or p.get("ci") is None:

@@ -4,7 +4,7 @@
 (the paper's method); ``tpe`` and ``random`` let an Optuna sampler propose ``search.n_trials``
 points on the surface alpha*beta^2*gamma^2 = target (the references are trained as planned).
 ``search.strategy`` names the schedule: ``halving`` (synchronous successive halving: the best
-1/eta of a rung's grid points, and the references, go on eta times longer) or ``exhaustive``
+1/eta of a rung's grid points, rounded up, and the references go on eta times longer) or ``exhaustive``
 (one rung). A new one is one class here and one line in ``PROPOSERS`` / ``SCHEDULES``.
 """
 
@@ -193,9 +193,10 @@ class Halving(Schedule):
 
     def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
-        """The best 1/eta (at least one) of rung ``rung``'s grid points, plus the references."""
+        """The best 1/eta of rung ``rung``'s grid points, rounded up (a cheap rung's ranking is noisy: the
+        candidate on the cut decides more often than the one past it), plus the references."""
         ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
-        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: max(1, len(ranked) // self.search.halving_eta)]}
+        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: -(-len(ranked) // self.search.halving_eta)]}
         return [c for c in alive if c.label or (c.alpha, c.beta, c.gamma) in keep]
 
 
@@ -221,7 +222,8 @@ class RungMode:
     def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
                rung: int) -> ml_collections.ConfigDict:
         """The trainer config of ``c``'s run at budget ``steps[rung]``."""
-        return trials.trial_config(train, c, phi, seed=seed, steps=steps[rung], schedule_steps=0)
+        return trials.trial_config(train, c, phi, seed=seed, steps=steps[rung], schedule_steps=0,
+                                   metric=self.search.metric)
 
     def key(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
         return f"{c.key}-s{seed}-n{steps[rung]}{self.tag}"
@@ -244,7 +246,7 @@ class Continued(RungMode):
     def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
                rung: int) -> ml_collections.ConfigDict:
         return trials.trial_config(train, c, phi, seed=seed, steps=steps[rung],
-                                   schedule_steps=steps[-1] if len(steps) > 1 else 0)
+                                   schedule_steps=steps[-1] if len(steps) > 1 else 0, metric=self.search.metric)
 
 
 class Cooldown(RungMode):

@@ -65,14 +65,15 @@ def candidate_attrs(c: Candidate) -> dict[str, Any]:
 
 
 def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, phi: float = 1.0, *,
-                 seed: int | None = None, steps: int = 0, schedule_steps: int | None = None
-                 ) -> ml_collections.ConfigDict:
+                 seed: int | None = None, steps: int = 0, schedule_steps: int | None = None,
+                 metric: str | None = None) -> ml_collections.ConfigDict:
     """The trainer config that trains B0 scaled by ``c`` at ``phi`` (the baseline at phi = 0).
 
     The constants go in by value (``model.name = "formula"``), the resolution from
     ``base_resolution * gamma**phi``. ``seed`` / ``steps`` / ``schedule_steps`` replace the train
     config's when given (``steps = 0`` keeps its budget); a ``schedule_steps`` longer than the
-    budget stretches the learning-rate schedule, so a longer run continues a shorter one.
+    budget stretches the learning-rate schedule, so a longer run continues a shorter one. A ``metric``
+    the trial is ranked on that is not an EMA score skips evaluating the EMA weights (half the evaluation).
     """
     cfg = copy.deepcopy(train_config)
     cfg.unlock()
@@ -86,6 +87,8 @@ def trial_config(train_config: ml_collections.ConfigDict, c: Candidate, phi: flo
         cfg.num_train_steps = int(steps)
     if schedule_steps is not None:
         cfg.schedule_steps = int(schedule_steps)
+    if metric is not None:
+        cfg.eval_ema = metric.startswith("ema_")
     return cfg
 
 

@@ -382,7 +382,7 @@ def test_halving_continues_promoted_runs_and_decides_at_the_top_rung(tmp_path, c
     assert len(grid) == 3
     top = [r for r in out["rows"] if r["rung"] == 1]
     assert {r["seed"] for r in top} == {0, 1} and all(r["steps"] == 4 for r in top)
-    assert len({(r["alpha"], r["beta"], r["gamma"]) for r in top if not r["label"]}) == 1  # 3 // 2 = 1 goes on
+    assert len({(r["alpha"], r["beta"], r["gamma"]) for r in top if not r["label"]}) == 2  # 3 / 2 rounded up
     continued = [s for s in seen if s[1] == 4 and s[0].endswith("-s0")]
     assert continued and all(2 in s[2] for s in continued)  # rung 1 seed 0 starts from rung 0's step-2 checkpoint
     assert out["best"]["rung"] == 1 and out["best"]["ok"] == 2
@@ -671,6 +671,9 @@ def test_each_rung_mode_plans_its_schedule_keys_and_directories(mode, tag, sched
     # the three modes never share a trial: the mode is no part of the study's identity
     keys = {m: {p.key for p in gs.plan_rung(_with(c, rung_mode=m), cands, 0, steps, 10)} for m in strategies.RUNG_MODES}
     assert not (keys["continued"] & keys["cooldown"]) and not (keys["cooldown"] & keys["independent"])
+    # a search ranking on val_top1 skips evaluating the EMA weights (half the evaluation); on theirs, it keeps it
+    assert not any(p.config.eval_ema for p in low + top)
+    assert all(p.config.eval_ema for p in gs.plan_rung(_with(c, metric="ema_val_top1"), cands, 0, steps, 10))
 
 
 def _with(c, **search):
@@ -681,7 +684,7 @@ def _with(c, **search):
 
 
 @pytest.mark.parametrize("mode", ["cooldown", "independent"])
-def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode):
+def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode, monkeypatch):
     """cooldown: the promoted run starts from rung 0's stable checkpoint (step 1 of 2) and forks its own at step 3
     of 4; independent: every rung from scratch in its own directory. Nothing is kept at the end."""
     from effnet_jax import rundir
@@ -700,14 +703,19 @@ def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode
         return out
 
     gs.trainer.train_and_evaluate = spy
+    lines = []
     try:
-        out = gs.search(c, str(tmp_path), log=quiet)
+        out = gs.search(c, str(tmp_path), log=lines.append)
     finally:
         gs.trainer.train_and_evaluate = real
+    resumed = sorted(line.split(" (#")[0] + line.split(")")[-1] for line in lines if "checkpoint ..." in line)
+    # the log names the step the promoted run starts from: rung 0's stable state, not its cooled-down end
+    assert len(resumed) == (3 if mode == "cooldown" else 0) and all(r.endswith("from its step-1 checkpoint ...")
+                                                                     for r in resumed)
     top = [r for r in out["rows"] if r["rung"] == 1]
-    assert len(top) == 2 and all(r["status"] == "ok" and r["steps"] == 4 for r in top)  # 3 // 2 = 1, and the baseline
+    assert len(top) == 3 and all(r["status"] == "ok" and r["steps"] == 4 for r in top)  # 3 / 2 up = 2, the baseline
     promoted = [s for s in seen if s[1] == 4]
-    assert len(promoted) == 2 and len(seen) == 4 + 2  # 3 grid points and the baseline at rung 0
+    assert len(promoted) == 3 and len(seen) == 4 + 3  # 3 grid points and the baseline at rung 0
     if mode == "cooldown":
         assert all(s[2] == "wsd" for s in seen)
         assert all(s[3] == [1] and s[5] == [1, 3] for s in promoted)  # rung 0 forked at 1; rung 1 continues it
@@ -715,6 +723,14 @@ def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode
     else:
         assert all(s[3] == [] and s[4] == [] and s[0].endswith("-n4-own") for s in promoted)
     assert out["best"]["rung"] == 1
+    if mode == "cooldown":  # a rerun that promotes the grid point cut at rung 0 (another rule, say): its rung-0
+        # checkpoints went when the search ended, so its longer run trains from scratch
+        monkeypatch.setattr(strategies.Halving, "survivors", lambda self, summary, alive, rung: list(alive))
+        again = [r for r in gs.search(c, str(tmp_path), log=quiet)["rows"] if r["rung"] == 1]
+        assert len(again) == 4 and all(r["status"] == "ok" and r["steps"] == 4 for r in again)
+    if mode == "independent":  # these trials skipped the EMA weights: ranking on them needs new trials
+        with pytest.raises(UserError, match=r"did not evaluate the EMA weights .* needs a new --workdir"):
+            gs.search(_with(c, metric="ema_val_top1"), str(tmp_path), log=quiet)
     for d in os.listdir(tmp_path / "trials"):
         assert not (tmp_path / "trials" / d / "checkpoints").exists()
         assert not (tmp_path / "trials" / d / rundir.STABLE_CHECKPOINTS).exists()

@@ -219,6 +219,9 @@ def test_the_evaluation_step_can_be_swapped(tmp_path):
     assert "val_top1" not in swapped and "val_top1" in default
     assert swapped["val_error"] == pytest.approx(1 - default["val_top1"])
     assert swapped["ema_val_error"] == pytest.approx(1 - default["ema_val_top1"])
+    c.eval_ema = False  # what a search ranking on val_* sets: the raw weights only, scored the same
+    raw = trainer.train_and_evaluate(c, str(tmp_path / "raw"))
+    assert "ema_val_top1" not in raw and raw["val_top1"] == default["val_top1"]
 
 
 @pytest.mark.parametrize("field, value", [("schedule", "linear"), ("name", "lamb")])

@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 100
     c.eval_every_steps = 0  # 0: once per epoch
+    c.eval_ema = True  # also evaluate the EMA weights (ema_val_*); a search ranking on val_* skips them
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 2
     # At the end: weights.safetensors (and ema_weights.safetensors) in our weight format, for

@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.sampler = "grid"  # the paper's method; "tpe": Optuna's TPE proposes n_trials points on the surface
     s.n_trials = 12  # proposals with sampler = "tpe" (rung 0); the best 1/eta of them go on
     s.strategy = "halving"  # successive halving in synchronous rungs, or "exhaustive" (one rung)
-    s.halving_eta = 3  # keep the best 1/eta of the grid points per rung, train them eta times longer
+    s.halving_eta = 3  # keep the best 1/eta (rounded up) of the grid points per rung, train them eta times longer
     s.halving_rungs = 2
     # How a rung below the top is scored (experiments.strategies.RUNG_MODES): "continued" (every rung's schedule
     # spans the top rung; a promoted run continues the checkpoint), "cooldown" (warmup-stable-decay: constant
