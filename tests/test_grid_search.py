@@ -256,7 +256,9 @@ def test_rung_taus_carry_intervals_and_the_top_rung_its_noise_ceiling():
     ceiling = gs.noise_ceiling(noisy, "val_top1")
     assert ceiling["ci"][0] <= 0 and ceiling["ci"][0] <= ceiling["tau"] <= ceiling["ci"][1]
     line = gs.ceiling_line(gs.rung_agreement(noisy, "val_top1"), ceiling, [40, 120])
-    assert "within seed noise" in line and "120 steps" in line and "num_train_steps" in line
+    assert "within seed noise" in line and "120 steps" in line and "fashion_mnist.py" in line
+    line = gs.ceiling_line(gs.rung_agreement(noisy, "val_top1"), ceiling, [40, 120], "fashion_mnist")
+    assert "within seed noise" in line and "num_train_steps" in line and "fashion_mnist.py" not in line
     # one seed at the top rung: the ceiling is unknown, and the line says so
     assert "unknown" in gs.ceiling_line([], gs.noise_ceiling(rows[:8], "val_top1"), [40])
 
