@@ -422,7 +422,7 @@ def noise_ceiling(scores: Mapping[str, Mapping[Any, float]], resamples: int = BO
 
 
 # A ceiling whose interval reaches 0 and stays below this rules out a good agreement: the candidates are within
-# seed noise. One whose interval reaches 0 and this too (4-5 finalists give [-0.33, 1] at any estimate) only
+# seed noise. One whose interval reaches 0 and this too (4-5 finalists give intervals like [-0.33, 1]) only
 # cannot be told from zero.
 AGREE = 0.5
 
