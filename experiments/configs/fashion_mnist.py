@@ -20,7 +20,7 @@ Why these choices (the measured run is in the README):
   decided at the largest budget with an interval. Why cooldown: the fidelity study on these candidates
   found its 93-step rung limited by seed noise, not by the proxy, and two runs with disjoint seeds that
   cut on a snapshot at high learning rate (``continued``) each cut the other's winner; with the cooldown
-  each run's winner lies in the other's contender set (README).
+  all three runs since named a network of the study's exhaustive contender set (README).
 - **Cost columns.** ``search.measure_latency``: every candidate's train-step and inference time over unscaled
   B0's on this machine, beside its MACs, so the table shows what "2x" costs here.
 """
