@@ -193,10 +193,10 @@ class Halving(Schedule):
 
     def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
-        """The best 1/eta of rung ``rung``'s grid points, rounded up (a cheap rung's ranking is noisy: the
-        candidate on the cut decides more often than the one past it), plus the references."""
+        """The best 1/eta of rung ``rung``'s grid points, rounded up (where a cheap rung is limited by seed
+        noise, the candidate just past the cut is about as good as the one on it), plus the references."""
         ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
-        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: -(-len(ranked) // self.search.halving_eta)]}
+        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: math.ceil(len(ranked) / self.search.halving_eta)]}
         return [c for c in alive if c.label or (c.alpha, c.beta, c.gamma) in keep]
 
 
