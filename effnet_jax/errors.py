@@ -85,15 +85,22 @@ class StorageLogFilter(logging.Filter):
         return _errno_in_text(record.getMessage()) is None
 
 
-def _quiet_closed_event_loop(previous: Callable[..., Any]) -> Callable[..., Any]:
-    """``sys.unraisablehook`` without 'Event loop is closed': tensorstore's writer threads report that when a
-    checkpoint save failed and orbax's event loop was shut; the failure itself is reported, once."""
+def _quiet_unraisable(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """``sys.unraisablehook`` without two reports that are not the user's business:
+
+    * ``Interrupted`` raised inside a callback (JAX's garbage-collection hook, a ``__del__``): Python drops
+      it, but ``signals`` recorded the stop first, so the next check reports it as one line;
+    * 'Event loop is closed': tensorstore's writer threads report that when a checkpoint save failed and
+      orbax's event loop was shut; the failure itself is reported, once.
+    """
 
     def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Interrupted) and signals.requested() is not None:
+            return
         if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
             previous(unraisable)
 
-    hook.quiets_closed_loop = True  # type: ignore[attr-defined]
+    hook.quiets_effnet = True  # type: ignore[attr-defined]
     return hook
 
 
@@ -118,8 +125,8 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         for name in ("absl", "asyncio"):  # orbax's writer threads; its tasks' unretrieved exceptions
             logging.getLogger(name).addFilter(StorageLogFilter())
-        if not getattr(sys.unraisablehook, "quiets_closed_loop", False):
-            sys.unraisablehook = _quiet_closed_event_loop(sys.unraisablehook)
+        if not getattr(sys.unraisablehook, "quiets_effnet", False):
+            sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
         try:
             signals.started()
             return main(*args, **kwargs)

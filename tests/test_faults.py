@@ -90,6 +90,33 @@ def test_ctrl_c_while_starting_is_one_line_exit_130_not_a_full_run(tmp_path, del
     assert not (wd / "result.json").exists()
 
 
+def test_a_ctrl_c_dropped_inside_a_gc_callback_is_still_one_line_exit_130(tmp_path):
+    """The loaded-machine case above, made certain: the stop arrives while a garbage-collection callback runs
+    (where JAX's ``_xla_gc_callback`` sits), Python drops the exception it raises, and the run reports it at
+    its next check as one line, with no 'Exception ignored' traceback."""
+    script = tmp_path / "stop_in_gc.py"
+    script.write_text(
+        "import gc, os, signal\n"
+        "from effnet_jax import errors, signals\n"
+        "def callback(phase, info):\n"
+        "    if phase == 'start' and not signals.requested():\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        sum(range(1000))  # the handler runs here, inside the callback\n"
+        "@errors.exit_on_user_error\n"
+        "def main():\n"
+        "    gc.callbacks.append(callback)\n"
+        "    gc.collect()\n"
+        "    assert signals.requested() == signal.SIGINT, 'the stop was lost'\n"
+        "    signals.check()\n"
+        "    print('ran to the end')\n"
+        "main()\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == ["error: interrupted"], proc.stderr
+    assert "ran to the end" not in proc.stdout
+
+
 def test_sigterm_stops_a_search_requeues_its_trials_and_the_rerun_matches_an_uninterrupted_one(tmp_path):
     steps = ["--config.train.num_train_steps=60", "--config.train.checkpoint_every_steps=25"]
     whole = subprocess.run(command(tmp_path / "whole", *steps), cwd=ROOT, capture_output=True, text=True,
