@@ -47,9 +47,9 @@ def test_benchmark_json_fields(capsys, tmp_path):
 
 def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     bench = load_benchmark()
-    records = bench.main(["--batch", "2", "--resolution", "32", "--num_classes", "10", "--modes", "train",
-                          "--kernels", "fast,reference", "--depthwise_impl", "shift", "--warmup", "0", "--steps", "1",
-                          "--repeats", "1", "--profile", str(tmp_path / "prof")])
+    records = bench.main(["--network", "tiny", "--batch", "2", "--resolution", "32", "--num_classes", "10",
+                          "--modes", "train", "--kernels", "fast,reference", "--depthwise_impl", "shift",
+                          "--warmup", "0", "--steps", "1", "--repeats", "1", "--profile", str(tmp_path / "prof")])
     fast, ref = records
     assert [(r["mode"], r["variant"], r["kernels"]) for r in records] == [("train", "shift", "fast"),
                                                                           ("train", "reference", "reference")]

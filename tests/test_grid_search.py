@@ -35,8 +35,9 @@ def quiet(*_):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
+def cache_dir():
+    """The suite's compilation cache (tests/conftest.py): the tiny network's programs compile once per run."""
+    return os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 
 
 def network(train_config, c):
@@ -794,8 +795,11 @@ def test_racing_stops_once_nothing_is_tied_with_the_leader(monkeypatch):
 RACE_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]  # this checkout's package, whatever is installed
+from effnet_jax import compile_cache
 from experiments import grid_search as gs
 import test_grid_search as t
+
+compile_cache.enable({cache!r})  # as the suite's own processes (tests/conftest.py): the killed run's programs load
 
 real = gs.trainer.train_and_evaluate
 gs.trainer.train_and_evaluate = lambda cfg, wd, *a, **k: {{**real(cfg, wd, *a, **k), "val_top1": t.race_score(cfg)}}
