@@ -270,11 +270,29 @@ class Cooldown(RungMode):
 
 class Independent(RungMode):
     """Every budget its own full schedule from scratch, in its own directory: an exhaustive search's short
-    trial, at the cost of training every budget whole."""
+    trial, at the cost of training every budget whole. The top budget's run is then the continued mode's top
+    run (one full schedule over the largest budget, from scratch or continued bit-equal): the same trial, so a
+    study that has one mode's top rung does not train it again for the other."""
 
     name, tag = "independent", "-own"
 
+    def _top(self, steps: Sequence[int], rung: int) -> bool:
+        return rung == len(steps) - 1
+
+    def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
+               rung: int) -> ml_collections.ConfigDict:
+        if self._top(steps, rung):
+            return Continued(self.search).config(train, c, phi, seed, steps, rung)
+        return super().config(train, c, phi, seed, steps, rung)
+
+    def key(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
+        if self._top(steps, rung):
+            return Continued(self.search).key(c, seed, steps, rung)
+        return super().key(c, seed, steps, rung)
+
     def directory(self, c: Candidate, seed: int, steps: Sequence[int], rung: int) -> str:
+        if self._top(steps, rung):
+            return Continued(self.search).directory(c, seed, steps, rung)
         return self.key(c, seed, steps, rung)
 
     def keeps(self, steps: Sequence[int], rung: int) -> bool:

@@ -664,16 +664,24 @@ def test_each_rung_mode_plans_its_schedule_keys_and_directories(mode, tag, sched
     steps = gs.rung_steps(c, steps_per_epoch=67)
     low, top = gs.plan_rung(c, cands, 0, steps, 10), gs.plan_rung(c, cands, 1, steps, 10)
     for p in low + top:
-        assert p.key.endswith(f"-n{p.config.num_train_steps}{tag}") and p.config.optimizer.schedule == schedule
-        assert p.config.schedule_steps == span
+        own = mode == "independent" and p in top  # its top rung is the continued mode's top run
+        assert p.key.endswith(f"-n{p.config.num_train_steps}{'' if own else tag}")
+        assert p.config.optimizer.schedule == schedule and p.config.schedule_steps == (120 if own else span)
         if mode == "cooldown":
             assert p.config.optimizer.cooldown_fraction == 0.25
     assert all(p.keep_checkpoint == keep0 for p in low) and not any(p.keep_checkpoint for p in top)
     dirs = {p.key.rsplit("-n", 1)[0]: p.directory for p in low}
     assert all((dirs[p.key.rsplit("-n", 1)[0]] == p.directory) == shared for p in top if p.attrs["seed"] == 0)
-    # the three modes never share a trial: the mode is no part of the study's identity
-    keys = {m: {p.key for p in gs.plan_rung(_with(c, rung_mode=m), cands, 0, steps, 10)} for m in strategies.RUNG_MODES}
+    # the modes share no trial (the mode is no part of the study's identity) but the one that is the same run:
+    # independent's top rung, a full schedule over the top budget, is continued's, config for config
+    plans = {m: {r: gs.plan_rung(_with(c, rung_mode=m), cands, r, steps, 10) for r in (0, 1)}
+             for m in strategies.RUNG_MODES}
+    keys = {m: {p.key for r in (0, 1) for p in plans[m][r]} for m in plans}
     assert not (keys["continued"] & keys["cooldown"]) and not (keys["cooldown"] & keys["independent"])
+    assert keys["continued"] & keys["independent"] == {p.key for p in plans["continued"][1]}
+    for a, b in zip(plans["continued"][1], plans["independent"][1]):
+        assert (a.key, a.directory, a.keep_checkpoint) == (b.key, b.directory, b.keep_checkpoint)
+        assert runner.identity(a.config) == runner.identity(b.config)
     # a search ranking on val_top1 skips evaluating the EMA weights (half the evaluation); on theirs, it keeps it
     assert not any(p.config.eval_ema for p in low + top)
     assert all(p.config.eval_ema for p in gs.plan_rung(_with(c, metric="ema_val_top1"), cands, 0, steps, 10))
@@ -724,7 +732,7 @@ def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode
         assert all(s[3] == [1] and s[5] == [1, 3] for s in promoted)  # rung 0 forked at 1; rung 1 continues it
         assert all(s[0].endswith("-s0-cd") for s in seen)
     else:
-        assert all(s[3] == [] and s[4] == [] and s[0].endswith("-n4-own") for s in promoted)
+        assert all(s[3] == [] and s[4] == [] and s[0].endswith("-s0") for s in promoted)  # continued's directory
     assert out["best"]["rung"] == 1
     if mode == "cooldown":  # a rerun that promotes the grid point cut at rung 0 (another rule, say): its rung-0
         # checkpoints went when the search ended, so its longer run trains from scratch
