@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_bad_input import CACHE
 
 from effnet_jax import create_model, from_constants, load_constants
 from effnet_jax.errors import UserError
@@ -37,7 +38,7 @@ def quiet(*_):
 @pytest.fixture(scope="module")
 def cache_dir():
     """The suite's compilation cache (tests/conftest.py): the tiny network's programs compile once per run."""
-    return os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+    return CACHE
 
 
 def network(train_config, c):

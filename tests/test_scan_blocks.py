@@ -109,11 +109,11 @@ def tiny_config(scan, kernels, optimizer="sgd"):
     return c
 
 
-@pytest.mark.parametrize("kernels", ["fast"])
-def test_scanned_training_matches_unscanned(tmp_path, kernels):
+def test_scanned_training_matches_unscanned(tmp_path):
     """A few train steps through the trainer (drop path on): the same losses, weights and weight-file keys,
     and result.json says which way the blocks ran. (The reference kernels' scanned forward is matched above;
     their gradients come from the same autodiff, so one kernel set trains here.)"""
+    kernels = "fast"
     plain = train_losses(tiny_config(False, kernels), tmp_path / "plain")
     scanned = train_losses(tiny_config(True, kernels), tmp_path / "scanned")
     assert (plain[0]["scan_blocks"], scanned[0]["scan_blocks"]) == (False, True)
