@@ -51,7 +51,6 @@ accuracy_vs_macs.png, TensorBoard hparams. ``optuna-dashboard`` opens the study 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import sys
 import time
@@ -88,11 +87,12 @@ def rung_seeds(config: ml_collections.ConfigDict, rung: int, rungs: int) -> list
 
 
 def race_seeds(config: ml_collections.ConfigDict, rungs: int) -> list[int]:
-    """The seeds racing adds at the top rung, in order: the smallest integers the top rung does not use, up to
-    ``search.max_seeds`` seeds in all (none when 0)."""
+    """The seeds racing adds at the top rung, in order: the integers after the top rung's largest seed, up to
+    ``search.max_seeds`` seeds in all (none when 0), so that two runs given disjoint seed ranges race on
+    disjoint seeds too."""
     top = rung_seeds(config, rungs - 1, rungs)
     extra = max(0, config.search.max_seeds - len(top))
-    return list(itertools.islice((k for k in itertools.count() if k not in top), extra))
+    return list(range(max(top) + 1, max(top) + 1 + extra))
 
 
 def plan_rung(config: ml_collections.ConfigDict, cands: Sequence[Candidate], rung: int, steps: Sequence[int],

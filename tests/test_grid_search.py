@@ -799,6 +799,20 @@ def test_racing_stops_once_nothing_is_tied_with_the_leader(monkeypatch):
     gs.race(c, None, "", cands, dict(enumerate(close)), [40, 120], 10, lambda r: gs.summarize(r, "val_top1"), quiet)
     assert [p.attrs["seed"] for p in planned] == [2, 2, 3, 3, 4, 4, 5, 5]  # the rows never change: to max_seeds
     assert gs.race_seeds(c, 2) == [2, 3, 4, 5]
+    c.search.final_seeds = (3, 4)  # a second run on disjoint seeds races on seeds no earlier run used
+    assert gs.race_seeds(c, 2) == [5, 6, 7, 8]
+
+
+def test_the_fashion_mnist_preset_passes_the_search_checks_and_races_on_seeds_after_its_own():
+    from experiments.configs import fashion_mnist
+
+    c = fashion_mnist.get_config()
+    strategies.check_search(c)
+    assert gs.rung_seeds(c, 0, 2) == gs.rung_seeds(c, 1, 2) == [0, 1] and gs.race_seeds(c, 2) == []
+    c.search.max_seeds = 3  # racing, as the README's runs A and B did
+    assert gs.race_seeds(c, 2) == [2]
+    c.search.seeds = c.search.final_seeds = (3, 4)  # run B: disjoint from run A throughout
+    assert gs.race_seeds(c, 2) == [5]
 
 
 RACE_SCRIPT = """
