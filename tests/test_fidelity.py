@@ -114,3 +114,46 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
     assert json.loads((tmp_path / "fid" / "fidelity.json").read_text())["mode"] == mode
     for d in os.listdir(tmp_path / "fid" / "trials"):
         assert not os.path.exists(tmp_path / "fid" / "trials" / d / rundir.STABLE_CHECKPOINTS)
+
+
+def _pool_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "pool_fidelity.py")
+    spec = importlib.util.spec_from_file_location("pool_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pooling_fidelity_csvs_split_by_seed_gives_the_whole_studys_analysis(tmp_path, capsys):
+    """The README's three-seed figures pooled from two files, and the refusals: a repeated trial, mixed modes."""
+    pool = _pool_script()
+    data = os.path.join(os.path.dirname(__file__), "..", "docs", "data")
+    whole = os.path.join(data, "cpu-2026-12-07-fidelity-fmnist-continued.csv")
+    with open(whole) as f:
+        header, *lines = f.read().splitlines()
+    parts = {}
+    for name, keep in (("s01", lambda s: s != "2"), ("s2", lambda s: s == "2")):
+        parts[name] = str(tmp_path / f"{name}.csv")
+        with open(parts[name], "w") as f:
+            f.write("\n".join([header, *(x for x in lines if keep(x.split(",")[5]))]) + "\n")
+    rows = pool.read_rows(whole)
+    expected = fidelity.analyse(rows, "val_top1", "fashion_mnist", resamples=200)
+    pooled, base = pool.pool([parts["s01"], parts["s2"]])
+    got = fidelity.analyse(pooled, "val_top1", "fashion_mnist", resamples=200)
+    assert base == 31 and len(pooled) == len(rows) == 60
+    assert got["means"] == expected["means"] and got["ceilings"] == expected["ceilings"]
+    assert got["agreement"] == expected["agreement"]
+    assert got["agreement"][0]["kendall_tau"] == pytest.approx(0.511, abs=1e-3)
+    out = pool.main([parts["s01"], parts["s2"], "--out", str(tmp_path / "pooled.json")])
+    assert "seeds [0, 1, 2]" in capsys.readouterr().out and out["ceilings"]
+    assert json.load(open(tmp_path / "pooled.json"))["sources"] == [parts["s01"], parts["s2"]]
+    own = str(tmp_path / "own.csv")  # seed 2's cheap rung as the independent mode's trials: another proxy
+    with open(own, "w") as f:
+        f.write("\n".join([header, *(x.replace("-n93,", "-n93-own,") for x in lines if x.split(",")[5] == "2")]))
+    for files, message in (([whole, parts["s2"]], "repeats (1"), ([parts["s01"], own], "different rung modes")):
+        with pytest.raises(SystemExit) as e:
+            pool.main(files)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
