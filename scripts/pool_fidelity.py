@@ -1,6 +1,7 @@
 """Analyse several fidelity studies of the same candidates and budgets as one: their ``fidelity.csv`` rows pooled.
 
-    python scripts/pool_fidelity.py docs/data/cpu-2026-12-07-fidelity-fmnist-cooldown.csv runs/fm_cd_s2/fidelity.csv
+    python scripts/pool_fidelity.py docs/data/cpu-2026-12-07-fidelity-fmnist-cooldown.csv \
+        runs/fidelity_fm_cd2/fidelity.csv
 
 For a seed added after the first study's workdir was lost (its CSV kept), or studies run on several machines of
 one kind: ``experiments.fidelity.analyse`` over every file's rows, printed as the study prints it. Files must agree
@@ -41,13 +42,16 @@ def read_rows(path: str) -> list[dict[str, Any]]:
     if not raw or not {"trial_id", "status", "budget", "budget_steps", *_INTS, *_FLOATS} <= set(raw[0]):
         raise UserError(f"{path} is not a fidelity.csv (experiments.fidelity writes one into its workdir)")
     rows = []
-    for r in raw:
+    for line, r in enumerate(raw, start=2):
         row: dict[str, Any] = {k: (None if v == "" else v) for k, v in r.items()}
-        for k in _INTS:
-            row[k] = int(row[k])
-        for k, v in row.items():
-            if k not in _INTS and k not in ("trial_id", "label", "status", "reason", "dataset") and v is not None:
-                row[k] = float(v)
+        try:
+            for k, v in row.items():
+                if k in _INTS:
+                    row[k] = int(v)
+                elif k not in ("trial_id", "label", "status", "reason", "dataset") and v is not None:
+                    row[k] = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}, line {line}: {k} is {v!r}, not a number") from None
         row["label"] = row["label"] or ""
         rows.append(row)
     return rows

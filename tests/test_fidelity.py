@@ -152,7 +152,11 @@ def test_pooling_fidelity_csvs_split_by_seed_gives_the_whole_studys_analysis(tmp
     own = str(tmp_path / "own.csv")  # seed 2's cheap rung as the independent mode's trials: another proxy
     with open(own, "w") as f:
         f.write("\n".join([header, *(x.replace("-n93,", "-n93-own,") for x in lines if x.split(",")[5] == "2")]))
-    for files, message in (([whole, parts["s2"]], "repeats (1"), ([parts["s01"], own], "different rung modes")):
+    bad = str(tmp_path / "bad.csv")
+    with open(bad, "w") as f:
+        f.write("\n".join([header, lines[0].replace(",0,3,93,", ",zero,3,93,")]))
+    for files, message in (([whole, parts["s2"]], "repeats (1"), ([parts["s01"], own], "different rung modes"),
+                           ([bad], "line 2: seed is 'zero', not a number")):
         with pytest.raises(SystemExit) as e:
             pool.main(files)
         err = capsys.readouterr().err
