@@ -20,7 +20,8 @@ except ImportError:
 def pytest_configure(config):
     """The in-process runs share one persistent compilation cache, as a CLI run sets it up
     (effnet_jax.cli.enable_compile_cache): the library itself sets no process-wide state."""
+    from suite_paths import CACHE
+
     from effnet_jax import cli
 
-    root = os.environ.get("PYTEST_CACHE_ROOT", "/tmp")
-    cli.enable_compile_cache(os.path.join(root, f"effnet_jax_test_xla_{os.getuid()}"))
+    cli.enable_compile_cache(CACHE)

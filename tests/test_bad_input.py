@@ -18,10 +18,10 @@ import sys
 import time
 
 import pytest
+from suite_paths import CACHE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 FAST = ["--config.model.network=tiny", "--config.progress_bar=False", f"--config.compile_cache_dir={CACHE}",
         "--config.schedule_steps=200", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
         "--config.eval_every_steps=100"]

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from suite_paths import CACHE
 
 from experiments import fidelity
 
@@ -15,7 +16,7 @@ GRID = ["--config.search.alpha=(1.1,1.3)", "--config.search.beta=(1.05,1.05)", "
 
 
 def test_fidelity_end_to_end_on_the_tiny_network(tmp_path, monkeypatch):
-    cache = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+    cache = CACHE
     wd = tmp_path / "fid"
     argv = ["prog", f"--workdir={wd}", *GRID, f"--config.train.compile_cache_dir={cache}",
             "--config.fidelity.budgets=(1,2,3)"]
@@ -84,7 +85,7 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
     one's stable checkpoint in the same directory; independent: every budget from scratch in its own."""
     from effnet_jax import rundir
 
-    cache = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
+    cache = CACHE
     started = []
     real = fidelity.trainer.train_and_evaluate
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_bad_input import CACHE
+from suite_paths import CACHE
 
 from effnet_jax import create_model, from_constants, load_constants
 from effnet_jax.errors import UserError

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
+from suite_paths import CACHE
 
 from effnet_jax import model as model_lib
 from effnet_jax import scaling, trainer
@@ -21,7 +22,6 @@ from effnet_jax.configs import digits
 from effnet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 STEPS = 6
 TRICKS = ("effnet_jax.ops", "effnet_jax.fast_layers", "effnet_jax.flat_state")
 

@@ -3,11 +3,10 @@
 import os
 
 import pytest
+from suite_paths import CACHE
 
 from effnet_jax import latency
 from effnet_jax.configs import digits
-
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 
 
 def test_interleaved_takes_per_round_ratios_and_their_spread(monkeypatch):

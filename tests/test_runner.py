@@ -14,11 +14,11 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from suite_paths import CACHE
 
 from experiments import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 # Two grid points that round to the same tiny network (one compile); no references.
 GRID = ["--config.search.alpha=(1.2,1.25)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
         "--config.search.tolerance=0.1", "--config.search.include_baseline=False",

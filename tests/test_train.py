@@ -10,12 +10,12 @@ import textwrap
 import time
 
 import pytest
+from suite_paths import CACHE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
 # A tiny network at 32 px keeps each compile to seconds on 2 cores.
 # One compilation cache for the whole test session: runs of the same program reuse it.
-CACHE = os.path.join(os.environ.get("PYTEST_CACHE_ROOT", "/tmp"), f"effnet_jax_test_xla_{os.getuid()}")
 TINY = ["--config.model.network=tiny", "--config.progress_bar=False", f"--config.compile_cache_dir={CACHE}"]
 # conftest quiets TensorFlow for the test process; the trainer must quiet it itself.
 TF_QUIET = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
