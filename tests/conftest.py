@@ -19,7 +19,15 @@ except ImportError:
 
 def pytest_configure(config):
     """The in-process runs share one persistent compilation cache, as a CLI run sets it up
-    (effnet_jax.cli.enable_compile_cache): the library itself sets no process-wide state."""
+    (effnet_jax.cli.enable_compile_cache): the library itself sets no process-wide state.
+
+    A suite started in the background by a non-interactive shell (``cmd &``, nohup) inherits SIGINT
+    ignored, and so would every process it starts (effnet_jax.signals leaves an ignored signal ignored,
+    as a background job should): the Ctrl-C tests need it deliverable, so Python's default comes back."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from suite_paths import CACHE
 
     from effnet_jax import cli
