@@ -13,6 +13,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import logging
@@ -21,7 +22,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from effnet_jax import signals
 from effnet_jax.signals import Interrupted
@@ -32,6 +33,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 class UserError(ValueError):
     """A mistake in the user's input (flag, config, file). Printed as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UserError (one ``error:`` line, exit 2), not usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see --help)")
 
 
 # An OSError with one of these during a run is the machine's state, not a bug: one line, exit 2.

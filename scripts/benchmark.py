@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 # Hazard (docs/efficientnet-facts): tensorflow imported before triton segfaults.
 # Nothing here imports tensorflow, but import torch first anyway when a peer is asked.
@@ -64,7 +64,7 @@ from flax import nnx  # noqa: E402
 from effnet_jax import compile_cache, ops, scaling, trainer  # noqa: E402
 from effnet_jax.arch import NETWORKS  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
-from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
+from effnet_jax.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
 from effnet_jax.layers import KERNELS, resolve_kernels  # noqa: E402
 from effnet_jax.model import create_model, eval_view  # noqa: E402
 from effnet_jax.scaling import OFFICIAL, ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
@@ -420,16 +420,9 @@ def _first_step(run: Callable[[int], None], variant: str) -> float | None:
 # --------------------------------------------------------------------------- driver
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are a UserError (one ``error:`` line, exit 2), not usage text."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags, checked: UserError on a bad value (the network's stride is checked in ``spec_and_resolution``)."""
-    p = _ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="b0", help="b0..b8 (ignored when --phi is given)")
     p.add_argument("--network", choices=tuple(NETWORKS), default="b0", help="the block table the scaling applies to")
     p.add_argument("--alpha", type=float, default=1.2)
