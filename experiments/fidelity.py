@@ -125,15 +125,19 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
                      ("trial_id", "label", "alpha", "beta", "gamma", "seed", "budget", "budget_steps",
                       *runner.RESULT_FIELDS))
     report.write_json(os.path.join(workdir, "fidelity.json"), {
-        "metric": config.search.metric, "mode": config.fidelity.mode, "base_steps": base_steps,
-        "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
-        "ceilings": {str(b): c for b, c in out["ceilings"].items()}, "ceiling_line": out["ceiling_line"],
-        "provenance": provenance.provenance(),
-        "config": config.to_dict(), "created": report.now()})
+        **analysis_json(out, config.search.metric), "mode": config.fidelity.mode,
+        "provenance": provenance.provenance(), "config": config.to_dict(), "created": report.now()})
     from experiments import plots
 
     plots.fidelity_plot(out, config.search.metric, workdir)
     return out
+
+
+def analysis_json(out: dict[str, Any], metric: str) -> dict[str, Any]:
+    """``analyse``'s result (with ``base_steps``) as fidelity.json holds it: budgets as string keys."""
+    return {"metric": metric, "base_steps": out["base_steps"],
+            "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
+            "ceilings": {str(b): c for b, c in out["ceilings"].items()}, "ceiling_line": out["ceiling_line"]}
 
 
 def format_agreement(out: dict[str, Any]) -> str:

@@ -10,26 +10,20 @@ on the steps per budget; a trial (same candidate, seed and budget) in two files 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
+from effnet_jax.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
 from experiments import fidelity, report, trials  # noqa: E402
 
 _INTS = ("seed", "budget", "budget_steps")
 _FLOATS = ("alpha", "beta", "gamma")
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see --help)")
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
@@ -81,7 +75,7 @@ def pool(paths: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = _ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("csv", nargs="+", help="fidelity.csv files of studies on the same candidates and budgets")
     p.add_argument("--metric", default="val_top1")
     p.add_argument("--out", default=None, help="also write the pooled analysis as JSON here")
@@ -92,11 +86,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{len(rows)} trials from {len(args.csv)} files, seeds {sorted({r['seed'] for r in rows})}")
     print(fidelity.format_agreement(out))
     if args.out:
-        report.write_json(args.out, {
-            "metric": args.metric, "sources": list(args.csv), "base_steps": base_steps,
-            "means": {str(b): m for b, m in out["means"].items()}, "agreement": out["agreement"],
-            "ceilings": {str(b): c for b, c in out["ceilings"].items()}, "ceiling_line": out["ceiling_line"],
-            "created": report.now()})
+        report.write_json(args.out, {**fidelity.analysis_json(out, args.metric), "sources": list(args.csv),
+                                     "created": report.now()})
     return json.loads(json.dumps(out, default=str))
 
 

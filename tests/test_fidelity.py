@@ -16,9 +16,8 @@ GRID = ["--config.search.alpha=(1.1,1.3)", "--config.search.beta=(1.05,1.05)", "
 
 
 def test_fidelity_end_to_end_on_the_tiny_network(tmp_path, monkeypatch):
-    cache = CACHE
     wd = tmp_path / "fid"
-    argv = ["prog", f"--workdir={wd}", *GRID, f"--config.train.compile_cache_dir={cache}",
+    argv = ["prog", f"--workdir={wd}", *GRID, f"--config.train.compile_cache_dir={CACHE}",
             "--config.fidelity.budgets=(1,2,3)"]
     monkeypatch.setattr(sys, "argv", argv)  # ml_collections' config overrides are read from sys.argv
     out = fidelity.main(argv)
@@ -85,7 +84,6 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
     one's stable checkpoint in the same directory; independent: every budget from scratch in its own."""
     from effnet_jax import rundir
 
-    cache = CACHE
     started = []
     real = fidelity.trainer.train_and_evaluate
 
@@ -95,7 +93,7 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
         return real(cfg, workdir, *a, **k)
 
     monkeypatch.setattr(fidelity.trainer, "train_and_evaluate", spy)
-    argv = ["prog", f"--workdir={tmp_path / 'fid'}", *GRID, f"--config.train.compile_cache_dir={cache}",
+    argv = ["prog", f"--workdir={tmp_path / 'fid'}", *GRID, f"--config.train.compile_cache_dir={CACHE}",
             "--config.search.alpha=(1.2,1.25)", "--config.fidelity.budgets=(1,2)", f"--config.fidelity.mode={mode}",
             "--config.search.cooldown_fraction=0.5", "--config.train.optimizer.warmup_epochs=0.0", "--local_workers=1"]
     monkeypatch.setattr(sys, "argv", argv)
