@@ -3,7 +3,8 @@
 A B0 train step takes seconds to compile on a small CPU; with the cache on disk a
 second process loads it instead (measured in docs/benchmarks.md). JAX by default
 only caches programs that took over a second to compile and skips tiny ones; we
-cache everything, since a grid search compiles many small programs repeatedly.
+cache everything, since a grid search compiles many small programs repeatedly. The trainer's
+train and eval steps are also kept in ``program_store``, under this directory, loaded without tracing.
 """
 
 from __future__ import annotations

@@ -30,13 +30,14 @@ def provenance() -> dict[str, Any]:
     from effnet_jax import __version__
 
     devices = jax.devices()
-    return {**_versions(), "device_kind": devices[0].device_kind if devices else None,
+    return {**versions(), "device_kind": devices[0].device_kind if devices else None,
             "device_count": jax.device_count(), "platform": jax.default_backend(), "cpu": cpu_model(),
             "effnet_jax": __version__, **git_commit(ROOT)}
 
 
 @functools.cache
-def _versions() -> dict[str, str | None]:
+def versions() -> dict[str, str | None]:
+    """The installed versions of ``PACKAGES`` (None for one that is not installed)."""
     out = {}
     for name in PACKAGES:
         try:

@@ -48,7 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import cost, input_pipeline, metrics, provenance, rundir, scaling, signals, sources
+from effnet_jax import cost, input_pipeline, metrics, program_store, provenance, rundir, scaling, signals, sources
 from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import Interrupted, UserError
@@ -219,7 +219,8 @@ def classification_eval_step(packing: FlatPacking | TreePacking, num_classes: in
 class Steps:
     """A program's jitted steps and what was compiled of them, kept in this process (``_PROGRAMS``) for the
     next trial of the same program: a worker's second seed or rung of an architecture skips trace, lowering
-    and the compile (or cache load) of both steps.
+    and the compile (or cache load) of both steps. What this process compiles it also stores on disk
+    (``program_store``, under ``store_id``), where the next process finds it without tracing.
 
     ``train`` holds the train step's executable per input signature; ``eval`` the eval step's. On an
     accelerator the eval step compiles on a background thread while the train step compiles and trains (the
@@ -227,8 +228,9 @@ class Steps:
     XLA's compile and the steps already use every core, at the first evaluation (``BACKGROUND_EVAL_COMPILE``).
     """
 
-    def __init__(self, train_step: Callable, eval_step: Callable):
+    def __init__(self, train_step: Callable, eval_step: Callable, store_id: str | None = None):
         self.train_step, self.eval_step = train_step, eval_step
+        self.store_id = store_id  # the program's key in ``program_store`` (None: not stored)
         self.train: dict[Any, Any] = {}  # signature -> jax.stages.Compiled
         self.eval: dict[Any, concurrent.futures.Future] = {}  # signature -> Future[(Compiled, seconds)]
         self._lock = threading.Lock()
@@ -241,6 +243,13 @@ class Steps:
         times["program_cache"] = "hit" if hit else "miss"
         if not hit:
             t0 = time.perf_counter()
+            stored = program_store.load(self.store_id, "train", sig)
+            if stored is not None:  # built by an earlier process: no trace, lowering or compile
+                self.train[sig] = stored
+                times.update(train_load_s=time.perf_counter() - t0, program_store="hit")
+                if _background_eval_compile():
+                    self.start_eval(state.weights, _eval_batch_like(batch))
+                return stored
             traced = self.train_step.trace(state, batch)
             t1 = time.perf_counter()
             lowered = traced.lower()
@@ -248,8 +257,13 @@ class Steps:
             if _background_eval_compile():
                 self.start_eval(state.weights, _eval_batch_like(batch))  # overlaps the train compile
             t3 = time.perf_counter()
-            self.train[sig] = lowered.compile()
-            times.update(train_trace_s=t1 - t0, train_lower_s=t2 - t1, train_compile_s=time.perf_counter() - t3)
+            self.train[sig], fresh = program_store.compile_fresh(lowered)
+            t4 = time.perf_counter()
+            if fresh:
+                program_store.save(self.store_id, "train", sig, self.train[sig])
+            times.update(train_trace_s=t1 - t0, train_lower_s=t2 - t1, train_compile_s=t4 - t3,
+                         program_save_s=time.perf_counter() - t4,
+                         program_store="miss" if self.store_id and program_store.directory() else "off")
         return self.train[sig]
 
     def start_eval(self, weights: Any, batch: dict[str, Any]) -> None:
@@ -260,8 +274,15 @@ class Steps:
                 self.eval[sig] = _background().submit(self._compile_eval, weights, batch)
 
     def _compile_eval(self, weights: Any, batch: dict[str, Any]) -> tuple[Any, float]:
+        """The eval step's executable (from ``program_store``, else compiled and stored) and its seconds."""
         t0 = time.perf_counter()
-        return self.eval_step.trace(weights, batch).lower().compile(), time.perf_counter() - t0
+        sig = _signature(weights, batch)
+        executable = program_store.load(self.store_id, "eval", sig)
+        if executable is None:
+            executable, fresh = program_store.compile_fresh(self.eval_step.trace(weights, batch).lower())
+            if fresh:
+                program_store.save(self.store_id, "eval", sig, executable)
+        return executable, time.perf_counter() - t0
 
     def compiled_eval(self, weights: Any, batch: dict[str, jax.Array], times: dict[str, Any]) -> Callable:
         """The eval step's executable for these inputs: the background compile's (waited for, timed), this
@@ -420,7 +441,8 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
             steps = Steps(jax.jit(train_step, in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
                                   donate_argnums=0),
                           jax.jit(make_eval_step(packing, num_classes), in_shardings=(repl, data_sharding),
-                                  out_shardings=repl))
+                                  out_shardings=repl),
+                          program_store.program_id(key, make_eval_step))
             _PROGRAMS[key] = steps
             while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
                 _PROGRAMS.popitem(last=False)

@@ -607,8 +607,8 @@ def phases(timings: Mapping[str, Any]) -> dict[str, float]:
     t = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
     wait = t.get("eval_compile_wait_s", 0.0)
     return {"training steps": t.get("train_s", 0.0),
-            "compile": t.get("train_trace_s", 0.0) + t.get("train_lower_s", 0.0) + t.get("train_compile_s", 0.0)
-            + wait,
+            "compile": sum(t.get(k, 0.0) for k in ("train_trace_s", "train_lower_s", "train_compile_s",
+                                                     "train_load_s", "program_save_s")) + wait,
             "evaluation": t.get("eval_s", 0.0) - wait,
             "setup": t.get("prepare_s", 0.0) + t.get("build_s", 0.0) + t.get("restore_s", 0.0),
             "checkpoints": t.get("checkpoint_s", 0.0), "writing": t.get("write_s", 0.0)}
@@ -624,8 +624,10 @@ def phase_line(rows: Sequence[Mapping[str, Any]]) -> str:
     per = [phases(r["timings"]) for r in timed]
     parts = [f"{name} {sum(p[name] for p in per) / wall:.0%}" for name in per[0]]
     hits = sum(r["timings"].get("program_cache") == "hit" for r in timed)
+    loaded = sum(r["timings"].get("program_store") == "hit" for r in timed)
     return (f"trial time by phase ({len(timed)} trials, {wall:.0f} s): " + ", ".join(parts)
-            + f"; {hits} reused a program compiled by an earlier trial in the same process")
+            + f"; {hits} reused a program compiled by an earlier trial in the same process, {loaded} loaded one"
+            " an earlier process had compiled")
 
 
 def _first_line(e: BaseException) -> str:

@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from effnet_jax import compile_cache, ops, scaling, trainer  # noqa: E402
+from effnet_jax import compile_cache, ops, program_store, scaling, trainer  # noqa: E402
 from effnet_jax.arch import NETWORKS  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
@@ -212,7 +212,13 @@ def compile_spec(name: str, args: argparse.Namespace) -> tuple[ScalingSpec, int]
 
 
 def _cache_entries(path: str | None) -> int:
-    return sum(len(files) for _, _, files in os.walk(path)) if path else 0
+    """JAX's persistent-cache files in ``path`` (not the program store's subdirectory)."""
+    return sum(1 for e in os.scandir(path) if e.is_file()) if path and os.path.isdir(path) else 0
+
+
+def _stored_programs() -> int:
+    root = program_store.directory()
+    return len(os.listdir(root)) if root and os.path.isdir(root) else 0
 
 
 def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,14 +240,23 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
     batch = jax.device_put({"image": jnp.asarray(rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)),
                             "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch).astype(np.int32))},
                            program.data_sharding)
-    entries = _cache_entries(args.compile_cache)
+    entries, stored = _cache_entries(args.compile_cache), _stored_programs()
     c0, t0 = time.process_time(), time.perf_counter()
-    traced = program.train_step.trace(program.state, batch)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    t2 = time.perf_counter()
-    compiled = lowered.compile()
-    t3, c3 = time.perf_counter(), time.process_time()
+    if args.probe_phase == "warm":  # JAX's persistent cache: traced and lowered, then loaded by its HLO's key
+        traced = program.train_step.trace(program.state, batch)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        compiled = lowered.compile()
+        t3, c3 = time.perf_counter(), time.process_time()
+        times = {}
+    else:  # what a trial runs: the program store's file, else trace, lower, compile and store it
+        trainer.BACKGROUND_EVAL_COMPILE = False  # time the train step alone
+        times: dict[str, Any] = {}
+        compiled = program.steps.compiled_train(program.state, batch, times)
+        t3, c3 = time.perf_counter(), time.process_time()
+        t1 = t0 + times.get("train_trace_s", 0.0)
+        t2 = t1 + times.get("train_lower_s", 0.0)
     state, metrics = compiled(program.state, batch)  # the first step: buffers, thread pools
     jax.block_until_ready(metrics)
     t4 = time.perf_counter()
@@ -252,8 +267,11 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": "compile", "model": spec.name, "network": args.compile_probe, "resolution": res,
             "batch": args.batch, "dtype": args.dtype, "kernels": kernels, "variant": variant_name(kernels, impl),
             "scan_blocks": scan, "blocks": len(program.arch.blocks), "trace_s": t1 - t0, "lower_s": t2 - t1,
-            "compile_s": t3 - t2, "total_s": t3 - t0, "cpu_s": c3 - c0, "first_step_s": t4 - t0, "step_s": step_s,
+            "compile_s": times.get("train_compile_s", times.get("train_load_s", t3 - t2)),
+            "store_save_s": times.get("program_save_s", 0.0), "program_store": times.get("program_store"),
+            "total_s": t3 - t0, "cpu_s": c3 - c0, "first_step_s": t4 - t0, "step_s": step_s,
             "cache_entries_before": entries, "cache_entries_after": _cache_entries(args.compile_cache),
+            "stored_programs_before": stored, "stored_programs_after": _stored_programs(),
             "compiled_fusions": compiled.as_text().count(" fusion("), **environment()}
 
 
@@ -261,9 +279,11 @@ def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Cold and warm train-step compile for each of --compile_models and each --scan_blocks setting.
 
     Each (model, setting) gets a new, empty persistent-cache directory. Cold: a fresh process compiles
-    into it. Warm: a second fresh process builds the same program and loads it from that directory
-    (trace and lowering included: a new process pays them too). A model's settings run back to back,
-    so that a slow change of load on the machine hits them alike; ``loadavg_1min`` records it.
+    into it as a trial does (trace, lower, compile, and the program store's save). Warm: a second fresh
+    process builds the same program and loads it from JAX's cache (trace and lowering included: its key
+    is the lowered program). Stored: a third loads it from the program store, as a trial now does. A
+    model's settings run back to back, so that a slow change of load on the machine hits them alike;
+    ``loadavg_1min`` records it.
     """
     import shutil
     import subprocess
@@ -280,9 +300,9 @@ def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
         for scan in args.scan_sets:
             cache = tempfile.mkdtemp(prefix="effnet_compile_cache_")
             try:
-                for phase in ("cold", "warm"):
+                for phase in ("cold", "warm", "stored"):
                     cmd = [sys.executable, os.path.abspath(__file__), "--compile_probe", name, "--scan_blocks",
-                           "on" if scan else "off", "--compile_cache", cache, *passthrough]
+                           "on" if scan else "off", "--compile_cache", cache, "--probe_phase", phase, *passthrough]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
                     if proc.returncode or not lines:
@@ -304,15 +324,17 @@ def compile_table(records: list[dict[str, Any]], trial_steps: tuple[int, ...]) -
     by = {(r["network"], r["resolution"], r["scan_blocks"], r["phase"]): r for r in records}
     trials = "".join(f" {f'trial {n}':>10}" for n in trial_steps)
     lines = [f"{'model':<6} {'res':>4} {'blocks':>6} {'scan':>5} {'fusions':>8} {'cold s':>7} {'(compile)':>9} "
-             f"{'warm s':>7} {'step ms':>8}{trials}"]
+             f"{'warm s':>7} {'stored s':>8} {'step ms':>8}{trials}"]
     for (name, res, scan, phase), r in by.items():
         if phase != "cold":
             continue
-        warm = by.get((name, res, scan, "warm"))
+        warm = by.get((name, res, scan, "warm"), {}).get("total_s", float("nan"))
+        stored = by.get((name, res, scan, "stored"), {})  # a miss (the code changed in between) is no number
+        stored = stored["total_s"] if stored.get("program_store") == "hit" else float("nan")
         est = "".join(f" {r['total_s'] + n * r['step_s']:>10.1f}" for n in trial_steps)
         lines.append(f"{name:<6} {res:>4} {r['blocks']:>6} {'on' if scan else 'off':>5} "
                      f"{r['compiled_fusions']:>8} {r['total_s']:>7.1f} {r['compile_s']:>9.1f} "
-                     f"{warm['total_s'] if warm else float('nan'):>7.1f} {1e3 * r['step_s']:>8.1f}{est}")
+                     f"{warm:>7.1f} {stored:>8.1f} {1e3 * r['step_s']:>8.1f}{est}")
     for name, res in dict.fromkeys((n, res) for n, res, _, _ in by):
         on, off = by.get((name, res, True, "cold")), by.get((name, res, False, "cold"))
         if on and off:
@@ -449,6 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trial_steps", default="40,120",
                    help="with --compile: trial lengths (steps) to estimate compile + steps for")
     p.add_argument("--compile_probe", default=None, help=argparse.SUPPRESS)  # one --compile measurement
+    p.add_argument("--probe_phase", default="cold", choices=("cold", "warm", "stored"), help=argparse.SUPPRESS)
     p.add_argument("--peer", choices=("timm",), default=None)
     p.add_argument("--peer_only", action="store_true", help="time only the peer (compare with --report)")
     p.add_argument("--no_torch_compile", action="store_true", help="GPU only: skip the torch.compile peer")
@@ -658,8 +681,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f.writelines(json.dumps(rec) + "\n" for rec in records)
         env = records[0] if records else environment()
         print(f"\ntrain-step compile, batch {args.batch} {args.dtype} on {env['backend']} ({env['device']}, "
-              f"{env['cpu_threads']} threads); cold: empty persistent cache, warm: loaded from it, each in a "
-              "fresh process")
+              f"{env['cpu_threads']} threads), each in a fresh process; cold: empty caches (compiled and stored), "
+              "warm: from JAX's persistent cache (traced and lowered first), stored: from the program store")
         print(compile_table(records, args.trial_steps))
         return records
     if args.peer and _PEER_IMPORT_ERROR is not None:

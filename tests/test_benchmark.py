@@ -147,19 +147,24 @@ def test_scan_blocks_times_both_train_steps_interleaved():
     assert all(r["img_per_s"] > 0 and r["compile_s"] > 0 for r in records)
 
 
-def test_compile_mode_cold_then_warm_in_fresh_processes(capsys, tmp_path):
-    """Each setting compiles into an empty persistent cache (cold: the train step adds an entry), then a
-    second process loads it (warm: no entry added); the table gives both and the scanned / unscanned ratios."""
+def test_compile_mode_cold_warm_and_stored_in_fresh_processes(capsys, tmp_path):
+    """Each setting compiles into empty caches (cold: the train step adds a JAX cache entry and a stored
+    program), then a second process loads it from JAX's cache (warm: traced and lowered, nothing added) and
+    a third from the program store (stored: no trace or lowering); the table gives all three and the
+    scanned / unscanned ratios."""
     bench = load_benchmark()
     records = bench.main(["--compile", *DEEP_TINY, "--compile_models", "phi1", "--scan_blocks", "off,on",
                           "--compile_steps", "1", "--trial_steps", "40", "--json", str(tmp_path / "c.jsonl")])
-    assert [(r["scan_blocks"], r["phase"]) for r in records] == [(False, "cold"), (False, "warm"), (True, "cold"),
-                                                                 (True, "warm")]
+    assert [(r["scan_blocks"], r["phase"]) for r in records] == [
+        (scan, phase) for scan in (False, True) for phase in ("cold", "warm", "stored")]
     for r in records:
         assert r["mode"] == "compile" and r["blocks"] == 8 and r["resolution"] == 32
         assert r["total_s"] >= r["compile_s"] > 0 and r["step_s"] > 0 and r["compiled_fusions"] > 0
         added = r["cache_entries_after"] - r["cache_entries_before"]
-        assert added == (1 if r["phase"] == "cold" else 0), r
+        stored = r["stored_programs_after"] - r["stored_programs_before"]
+        assert (added, stored) == ((1, 1) if r["phase"] == "cold" else (0, 0)), r
+        assert r["program_store"] == {"cold": "miss", "warm": None, "stored": "hit"}[r["phase"]], r
+        assert (r["trace_s"] == 0) == (r["phase"] == "stored"), r
     out = capsys.readouterr().out
     assert "scanned / unscanned: cold" in out and "trial 40" in out
     assert bench.main(["--report", str(tmp_path / "c.jsonl")]) == records  # --report prints the compile table

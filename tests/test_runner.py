@@ -262,14 +262,15 @@ def test_progress_line_counts_each_planned_trial_once_and_is_silent_off_a_termin
 
 
 def test_phase_line_sums_each_phase_over_the_trials_that_report_timings():
-    rows = [{"wall_time_s": 10.0, "timings": {"train_s": 4.0, "train_trace_s": 1.0, "train_compile_s": 2.0,
-                                              "eval_s": 2.0, "eval_compile_wait_s": 1.0, "build_s": 0.5,
-                                              "program_cache": "miss"}},
+    rows = [{"wall_time_s": 10.0, "timings": {"train_s": 4.0, "train_load_s": 0.5, "program_save_s": 0.5,
+                                              "train_compile_s": 2.0, "eval_s": 2.0, "eval_compile_wait_s": 1.0,
+                                              "build_s": 0.5, "program_cache": "miss", "program_store": "hit"}},
             {"wall_time_s": 10.0, "timings": {"train_s": 8.0, "eval_s": 1.0, "checkpoint_s": 0.5,
                                               "program_cache": "hit"}},
             {"wall_time_s": 99.0, "timings": None}]  # a trial from before timings were recorded: left out
     line = runner.phase_line(rows)
     assert line.startswith("trial time by phase (2 trials, 20 s): training steps 60%, compile 20%, evaluation 10%, "
                            "setup 2%, checkpoints 2%, writing 0%"), line
-    assert line.endswith("; 1 reused a program compiled by an earlier trial in the same process")
+    assert line.endswith("; 1 reused a program compiled by an earlier trial in the same process, 1 loaded one an "
+                         "earlier process had compiled"), line
     assert runner.phase_line(rows[2:]) == ""

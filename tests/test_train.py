@@ -38,6 +38,17 @@ def read_rows(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.fixture
+def own_program_store(tmp_path, monkeypatch):
+    """An empty program store for this test's in-process runs (the suite's shared one may already hold their
+    programs, which would turn the compiles these tests count into loads)."""
+    from effnet_jax import program_store
+
+    store = tmp_path / "cc" / program_store.SUBDIR
+    monkeypatch.setattr(program_store, "directory", lambda: str(store))
+    return store
+
+
 def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     wd = tmp_path / "run"
     proc = run_train(wd, "--config.num_train_steps=6", "--config.log_every_steps=2", "--config.eval_every_steps=3",
@@ -326,7 +337,7 @@ def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is()
     assert rundir.config_differences(cosine, longer, 33) == ["num_train_steps 4 -> 8"]  # its own length: refused
 
 
-def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process_trains(tmp_path):
+def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process_trains(tmp_path, own_program_store):
     """Seeds and rungs of one network in one process share the compiled steps (no trace, lowering or
     compile: ``timings.program_cache`` "hit"), and the reused program trains bit-identically to a fresh
     process. The learning-rate schedule is baked into the step, so another span is another program."""
@@ -361,7 +372,7 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
         assert second[key] == fresh[key], key
 
 
-def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_path):
+def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_path, own_program_store):
     """``trainer.compile_ahead`` (what a search worker on an accelerator runs on a thread while the device
     trains the trial before) leaves both steps compiled: the trial then compiles nothing, and trains and
     evaluates exactly what a trial that compiled for itself does."""
@@ -384,7 +395,7 @@ def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_pat
         assert ahead[key] == itself[key], key
 
 
-def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch):
+def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch, own_program_store):
     """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
     the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
     from effnet_jax import trainer
@@ -403,3 +414,56 @@ def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, m
     assert inline["timings"]["eval_compile_wait_s"] == inline["timings"]["eval_compile_s"]
     for key in ("params_sha256", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
         assert inline[key] == threaded[key], key
+
+
+def test_a_program_stored_by_one_process_is_loaded_by_the_next_and_trains_the_same(tmp_path):
+    """A process stores the steps it compiled (``program_store``, beside a fresh compilation cache); the next
+    process loads them without trace, lowering or compile and trains and evaluates bit-identically. An
+    unreadable file is compiled around (from JAX's cache here) and deleted."""
+    cache = tmp_path / "cc"
+    flags = ["--config.num_train_steps=3", "--config.save_weights=False", "--config.checkpoint_every_steps=100",
+             f"--config.compile_cache_dir={cache}"]
+
+    def train(name):
+        run_train(tmp_path / name, *flags)
+        return json.loads((tmp_path / name / "result.json").read_text())
+
+    stored = train("stored")
+    assert stored["timings"]["program_store"] == "miss" and stored["timings"]["train_compile_s"] > 0
+    files = sorted((cache / "programs").iterdir())
+    assert [p.name.split("-")[0] for p in files] == ["eval", "train"], files
+    loaded = train("loaded")
+    assert loaded["timings"]["program_store"] == "hit" and loaded["timings"]["train_load_s"] > 0
+    assert not {"train_trace_s", "train_lower_s", "train_compile_s"} & set(loaded["timings"])
+    for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
+        assert loaded[key] == stored[key], key
+
+    files[1].write_bytes(files[1].read_bytes()[:1000])  # the train step's file cut short (a full disk)
+    again = train("again")
+    assert again["timings"]["program_store"] == "miss" and again["params_sha256"] == stored["params_sha256"]
+    assert not files[1].exists()  # JAX's cache had the program, so nothing was stored in its place
+
+
+def test_a_program_is_stored_under_what_it_bakes_in_and_not_the_seed():
+    """The store's key: a field the steps read (label smoothing) makes another program, the seed does not; an
+    evaluation defined inside a function (its captured values in no key) is never stored."""
+    import jax.numpy as jnp
+
+    from effnet_jax import scaling, trainer
+    from effnet_jax.configs import digits
+
+    def store_id(c, make_eval_step=trainer.classification_eval_step):
+        spec = scaling.resolve(c.model.name)
+        return trainer.build_program(c, spec, 10, layers=trainer.model_layers(c), dtype=jnp.float32,
+                                     steps_per_epoch=10, total_steps=20, make_eval_step=make_eval_step).steps.store_id
+
+    c = digits.get_config()
+    c.model.network = "tiny"
+    trainer.clear_program_cache()
+    base = store_id(c)
+    c.seed = 7
+    assert store_id(c) == base and base is not None
+    c.optimizer.label_smoothing = 0.3
+    assert store_id(c) != base
+    trainer.clear_program_cache()
+    assert store_id(c, make_eval_step=lambda packing, n: trainer.classification_eval_step(packing, n)) is None
