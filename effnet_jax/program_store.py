@@ -7,10 +7,10 @@ signature, the library versions, the backend and XLA flags, and a digest of the 
 the steps, so a process that finds it loads it without tracing.
 
 It lives beside JAX's cache (``<compilation cache dir>/programs``) and is on exactly when that cache is:
-``effnet_jax.compile_cache.enable`` turns on both. Only executables this process compiled are stored: one
-that JAX loaded from its own cache serializes without some of its kernels (jax 0.10.2, XLA:CPU: the
-reloaded program fails with "Function ... not found"), so a program JAX's cache already held when the store
-began is not stored until that entry is gone. A file that cannot be read is deleted and the program
+``effnet_jax.compile_cache.enable`` turns on both. Only executables XLA compiled in this process are
+stored: one that JAX loaded from its own cache serializes without some of its kernels (jax 0.10.2,
+XLA:CPU: the reloaded program fails with "Function ... not found"), so a program JAX's cache already held
+when the store began is not stored until that entry is gone. A file that cannot be read is deleted and the program
 compiled; writes are atomic, so concurrent workers never see half a file. Like JAX's cache, a stored file
 is machine code that this process runs: the directory must be the user's own.
 """
@@ -42,27 +42,30 @@ JAX_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_pr
                "jax_threefry_partitionable", "jax_numpy_dtype_promotion", "jax_numpy_rank_promotion")
 
 
-_THREAD = threading.local()  # this thread's count of programs JAX loaded from its persistent cache
+_THREAD = threading.local()  # this thread's counts of JAX's persistent-cache events
+_REQUEST, _HIT = "/jax/compilation_cache/compile_requests_use_cache", "/jax/compilation_cache/cache_hits"
 _LISTENING = threading.Lock()
 _listener_added = False
 
 
-def _count_cache_hits(event: str, **_: Any) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _THREAD.hits = getattr(_THREAD, "hits", 0) + 1
+def _count(event: str, **_: Any) -> None:
+    if event in (_REQUEST, _HIT):
+        setattr(_THREAD, event, getattr(_THREAD, event, 0) + 1)
 
 
 def compile_fresh(lowered: Any) -> tuple[Any, bool]:
-    """``lowered.compile()``, and whether XLA compiled it here (True) rather than JAX loading it from its
-    persistent cache (False: such an executable must not be stored, see above)."""
+    """``lowered.compile()``, and whether XLA compiled it here (True): JAX asked its persistent cache and
+    missed. False when the cache had it, or when JAX's in-memory cache answered without asking (the
+    executable may be one loaded from disk earlier): such an executable must not be stored (above)."""
     global _listener_added
     with _LISTENING:
         if not _listener_added:
-            jax.monitoring.register_event_listener(_count_cache_hits)
+            jax.monitoring.register_event_listener(_count)
             _listener_added = True
-    before = getattr(_THREAD, "hits", 0)
+    before = [getattr(_THREAD, e, 0) for e in (_REQUEST, _HIT)]
     compiled = lowered.compile()
-    return compiled, getattr(_THREAD, "hits", 0) == before
+    requests, hits = (getattr(_THREAD, e, 0) - b for e, b in zip((_REQUEST, _HIT), before))
+    return compiled, requests > 0 and hits == 0
 
 
 def directory() -> str | None:
@@ -95,9 +98,9 @@ def _code_files(fn: Callable) -> tuple[str, ...] | None:
 
 def program_id(program_key: tuple[Any, ...], make_eval_step: Callable) -> str | None:
     """The stored programs' shared key prefix for a trainer program, or None where it cannot be keyed
-    safely (the store is then not used)."""
+    safely or the program spans several processes (the store is then not used)."""
     files = _code_files(make_eval_step)
-    if files is None:
+    if files is None or jax.process_count() > 1:  # a multi-host program is built by every host together
         return None
     devices = jax.devices()
     env = {**provenance.versions(), "backend": jax.default_backend(),
@@ -115,8 +118,8 @@ def _path(pid: str, kind: str, signature: Any) -> str | None:
     root = directory()
     if root is None:
         return None
-    digest = hashlib.sha256(f"{pid}\n{kind}\n{signature!r}".encode()).hexdigest()[:40]
-    return os.path.join(root, f"{kind}-{digest}.pkl.z")
+    digest = hashlib.sha256(f"{kind}\n{signature!r}".encode()).hexdigest()[:24]
+    return os.path.join(root, f"{kind}-{pid[:40]}-{digest}.pkl.z")
 
 
 def load(pid: str | None, kind: str, signature: Any) -> Any | None:
@@ -143,8 +146,8 @@ def save(pid: str | None, kind: str, signature: Any, compiled: Any) -> bool:
         return False
     try:
         data = zlib.compress(pickle.dumps(serialize_executable.serialize(compiled)), 1)  # ~1/5 the size
-    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):
-        return False
+    except (ValueError, NotImplementedError, TypeError, pickle.PicklingError, jax.errors.JaxRuntimeError):
+        return False  # e.g. XLA:CPU cannot serialize a sort's comparator ("`LessThan` is not serializable")
     tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -158,3 +161,17 @@ def save(pid: str | None, kind: str, signature: Any, compiled: Any) -> bool:
                 os.unlink(tmp)
         return False
     return True
+
+
+def forget(pid: str | None) -> int:
+    """Delete every stored executable of this program (one that loaded but does not run: the next process
+    compiles it again); returns how many files went."""
+    root = directory()
+    if not pid or root is None:
+        return 0
+    gone = 0
+    for path in glob.glob(os.path.join(root, f"*-{pid[:40]}-*.pkl.z")):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            gone += 1
+    return gone

@@ -231,6 +231,7 @@ class Steps:
     def __init__(self, train_step: Callable, eval_step: Callable, store_id: str | None = None):
         self.train_step, self.eval_step = train_step, eval_step
         self.store_id = store_id  # the program's key in ``program_store`` (None: not stored)
+        self.loaded = False  # an executable came from the store (see ``forget_stored``)
         self.train: dict[Any, Any] = {}  # signature -> jax.stages.Compiled
         self.eval: dict[Any, concurrent.futures.Future] = {}  # signature -> Future[(Compiled, seconds)]
         self._lock = threading.Lock()
@@ -245,7 +246,7 @@ class Steps:
             t0 = time.perf_counter()
             stored = program_store.load(self.store_id, "train", sig)
             if stored is not None:  # built by an earlier process: no trace, lowering or compile
-                self.train[sig] = stored
+                self.train[sig], self.loaded = stored, True
                 times.update(train_load_s=time.perf_counter() - t0, program_store="hit")
                 if _background_eval_compile():
                     self.start_eval(state.weights, _eval_batch_like(batch))
@@ -266,6 +267,15 @@ class Steps:
                          program_store="miss" if self.store_id and program_store.directory() else "off")
         return self.train[sig]
 
+    def forget_stored(self) -> None:
+        """Drop this program's executables here and in the store, after one loaded from the store failed to
+        run: the next trial of the program (a retry, a rerun) compiles it."""
+        with self._lock:
+            self.train.clear()
+            self.eval.clear()
+            self.loaded = False
+        program_store.forget(self.store_id)
+
     def start_eval(self, weights: Any, batch: dict[str, Any]) -> None:
         """Trace, lower and compile the eval step for ``batch``'s signature on the background thread."""
         sig = _signature(weights, batch)
@@ -278,6 +288,7 @@ class Steps:
         t0 = time.perf_counter()
         sig = _signature(weights, batch)
         executable = program_store.load(self.store_id, "eval", sig)
+        self.loaded |= executable is not None
         if executable is None:
             executable, fresh = program_store.compile_fresh(self.eval_step.trace(weights, batch).lower())
             if fresh:
@@ -585,7 +596,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, run: Run,
     with _timed(times, "restore_s"):
         ckpt, state, start = _restore(config, workdir, program.state, run.total_steps)
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
-    state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir, times)
+    try:
+        state, final, timing = _train(config, run, program, state, start, ckpt, writer, workdir, times)
+    except jax.errors.JaxRuntimeError:
+        if program.steps is not None and program.steps.loaded:
+            program.steps.forget_stored()
+        raise
 
     t_write = time.perf_counter()
     final.update(_run_info(config, run, program))
