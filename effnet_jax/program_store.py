@@ -10,9 +10,10 @@ It lives beside JAX's cache (``<compilation cache dir>/programs``) and is on exa
 ``effnet_jax.compile_cache.enable`` turns on both. Only executables XLA compiled in this process are
 stored: one that JAX loaded from its own cache serializes without some of its kernels (jax 0.10.2,
 XLA:CPU: the reloaded program fails with "Function ... not found"), so a program JAX's cache already held
-when the store began is not stored until that entry is gone. A file that cannot be read is deleted and the program
-compiled; writes are atomic, so concurrent workers never see half a file. Like JAX's cache, a stored file
-is machine code that this process runs: the directory must be the user's own.
+when the store began is not stored until that entry is gone. A file that cannot be read is deleted and
+the program compiled (``forget`` does the same for one that loads but fails to run); writes are atomic,
+so concurrent workers never see half a file. Like JAX's cache, a stored file is machine code that this
+process runs: the directory must be the user's own.
 """
 
 from __future__ import annotations
