@@ -276,7 +276,7 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Cold and warm train-step compile for each of --compile_models and each --scan_blocks setting.
+    """Cold, warm and stored train-step compile for each of --compile_models and each --scan_blocks setting.
 
     Each (model, setting) gets a new, empty persistent-cache directory. Cold: a fresh process compiles
     into it as a trial does (trace, lower, compile, and the program store's save). Warm: a second fresh
@@ -319,7 +319,7 @@ def compile_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def compile_table(records: list[dict[str, Any]], trial_steps: tuple[int, ...]) -> str:
-    """Cold / warm train-step compile per model and setting, the step time, and a trial's estimated time
+    """Cold / warm / stored train-step compile per model and setting, the step time, and a trial's estimated time
     (cold compile + steps x step time); then scanned / unscanned ratios per model."""
     by = {(r["network"], r["resolution"], r["scan_blocks"], r["phase"]): r for r in records}
     trials = "".join(f" {f'trial {n}':>10}" for n in trial_steps)
