@@ -7,18 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from suite_paths import SCRIPTS, load_script
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py")
+SCRIPT = os.path.join(SCRIPTS, "benchmark.py")
 FIELDS = {"model", "resolution", "batch", "dtype", "impl", "mode", "variant", "kernels", "img_per_s", "step_s",
           "compile_s", "first_step_s", "peak_device_bytes", "backend", "jax", "loadavg_1min", "started"}
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark", "benchmark_script")
 
 
 def test_benchmark_json_fields(capsys, tmp_path):
@@ -57,10 +54,7 @@ def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
         assert r["first_step_s"] >= r["compile_s"] > 0
     assert "x reference" in capsys.readouterr().out  # the fast/reference ratio column
     # The profile maps kernel time back to the JAX ops of the forward and backward pass.
-    spec = importlib.util.spec_from_file_location("profile_summary", os.path.join(os.path.dirname(SCRIPT),
-                                                                                  "profile_summary.py"))
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = load_script("profile_summary")
     result = summary.main([str(tmp_path / "prof")])
     train = result["train"]
     assert set(result) == {"train"} and train["total_ms"] > 0  # the first kernels' program only

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from suite_paths import CACHE
+from suite_paths import CACHE, load_script
 
 from experiments import fidelity
 
@@ -115,19 +115,9 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
         assert not os.path.exists(tmp_path / "fid" / "trials" / d / rundir.STABLE_CHECKPOINTS)
 
 
-def _pool_script():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "pool_fidelity.py")
-    spec = importlib.util.spec_from_file_location("pool_fidelity", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pooling_fidelity_csvs_split_by_seed_gives_the_whole_studys_analysis(tmp_path, capsys):
     """The README's three-seed figures pooled from two files, and the refusals: a repeated trial, mixed modes."""
-    pool = _pool_script()
+    pool = load_script("pool_fidelity")
     data = os.path.join(os.path.dirname(__file__), "..", "docs", "data")
     whole = os.path.join(data, "cpu-2026-12-07-fidelity-fmnist-continued.csv")
     with open(whole) as f:

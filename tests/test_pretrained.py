@@ -4,8 +4,6 @@ conftest.py imports torch and timm before anything can import TensorFlow (the
 tensorflow-then-triton segfault); torch/timm are only a guard here, not a skip.
 """
 
-import importlib.util
-import os
 import sys
 
 import jax.numpy as jnp
@@ -305,11 +303,9 @@ def b0_timm_file(tmp_path, sd):
 
 
 def _convert_main():
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "convert_timm.py")
-    spec = importlib.util.spec_from_file_location("convert_timm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from suite_paths import load_script
+
+    return load_script("convert_timm").main
 
 
 def test_convert_cli(b0, tmp_path, capsys):
