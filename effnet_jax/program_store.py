@@ -84,12 +84,29 @@ def _source_digest(*files: str) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _package_files() -> tuple[str, ...]:
+    return tuple(sorted(glob.glob(os.path.join(_PACKAGE, "**", "*.py"), recursive=True)))
+
+
+@functools.cache
+def _environment() -> str:
+    """What a compiled program depends on besides its code and config that a process cannot change: the
+    package versions, the device and CPU, and the XLA flags (read once, when the backend starts)."""
+    device = jax.devices()[0]
+    env = {**provenance.versions(), "backend": jax.default_backend(),
+           "platform_version": device.client.platform_version, "device_kind": device.device_kind,
+           "cpu": provenance.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "")}
+    return repr(sorted(env.items()))
+
+
 def _code_files(fn: Callable) -> tuple[str, ...] | None:
     """This package's sources and ``fn``'s module: the code a program is built from. None for a function
     defined inside another (a closure's captured values are not in any key)."""
     if "<locals>" in getattr(fn, "__qualname__", "<locals>"):
         return None
-    package = sorted(glob.glob(os.path.join(_PACKAGE, "**", "*.py"), recursive=True))
+    package = _package_files()
     try:
         own = inspect.getsourcefile(fn)
     except TypeError:
@@ -103,15 +120,10 @@ def program_id(program_key: tuple[Any, ...], make_eval_step: Callable) -> str | 
     files = _code_files(make_eval_step)
     if files is None or jax.process_count() > 1:  # a multi-host program is built by every host together
         return None
-    devices = jax.devices()
-    env = {**provenance.versions(), "backend": jax.default_backend(),
-           "platform_version": devices[0].client.platform_version, "device_kind": devices[0].device_kind,
-           "cpu": provenance.cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
-           **{name: str(getattr(jax.config, name, None)) for name in JAX_OPTIONS}}
+    options = {name: str(getattr(jax.config, name, None)) for name in JAX_OPTIONS}  # settable at any time
     parts = [*(p for p in program_key if isinstance(p, str)),
-             f"{make_eval_step.__module__}.{make_eval_step.__qualname__}", repr(sorted(env.items())),
-             _source_digest(*files)]
+             f"{make_eval_step.__module__}.{make_eval_step.__qualname__}", _environment(),
+             repr(sorted(options.items())), _source_digest(*files)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -281,12 +281,11 @@ class Steps:
         sig = _signature(weights, batch)
         with self._lock:
             if sig not in self.eval:
-                self.eval[sig] = _background().submit(self._compile_eval, weights, batch)
+                self.eval[sig] = _background().submit(self._compile_eval, sig, weights, batch)
 
-    def _compile_eval(self, weights: Any, batch: dict[str, Any]) -> tuple[Any, float]:
+    def _compile_eval(self, sig: Any, weights: Any, batch: dict[str, Any]) -> tuple[Any, float]:
         """The eval step's executable (from ``program_store``, else compiled and stored) and its seconds."""
         t0 = time.perf_counter()
-        sig = _signature(weights, batch)
         executable = program_store.load(self.store_id, "eval", sig)
         self.loaded |= executable is not None
         if executable is None:
@@ -301,7 +300,7 @@ class Steps:
         sig = _signature(weights, batch)
         future = self.eval.get(sig)
         if future is None:
-            executable, seconds = self._compile_eval(weights, batch)
+            executable, seconds = self._compile_eval(sig, weights, batch)
             self.eval[sig] = done = concurrent.futures.Future()
             done.set_result((executable, seconds))
             for k in ("eval_compile_s", "eval_compile_wait_s"):  # the evaluation waited for all of it

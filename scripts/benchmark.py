@@ -241,6 +241,7 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
                             "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch).astype(np.int32))},
                            program.data_sharding)
     entries, stored = _cache_entries(args.compile_cache), _stored_programs()
+    times: dict[str, Any] = {}  # the trainer's phases, when it builds the step
     c0, t0 = time.process_time(), time.perf_counter()
     if args.probe_phase == "warm":  # JAX's persistent cache: traced and lowered, then loaded by its HLO's key
         traced = program.train_step.trace(program.state, batch)
@@ -249,10 +250,8 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
         t2 = time.perf_counter()
         compiled = lowered.compile()
         t3, c3 = time.perf_counter(), time.process_time()
-        times = {}
     else:  # what a trial runs: the program store's file, else trace, lower, compile and store it
         trainer.BACKGROUND_EVAL_COMPILE = False  # time the train step alone
-        times: dict[str, Any] = {}
         compiled = program.steps.compiled_train(program.state, batch, times)
         t3, c3 = time.perf_counter(), time.process_time()
         t1 = t0 + times.get("train_trace_s", 0.0)
