@@ -5,11 +5,11 @@ only the tfds input path imports it, lazily.
 """
 
 from effnet_jax import signals  # noqa: F401  first: a command line records Ctrl-C / SIGTERM from here on
-from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec, StageSpec
-from effnet_jax.cost import count_macs, count_params
 from effnet_jax.errors import UserError
-from effnet_jax.model import EfficientNet, create_model, eval_view, train_view
-from effnet_jax.scaling import (
+from effnet_jax.model.arch import B0, Architecture, BlockSpec, NetworkSpec, StageSpec
+from effnet_jax.model.cost import count_macs, count_params
+from effnet_jax.model.efficientnet import EfficientNet, create_model, eval_view, train_view
+from effnet_jax.model.scaling import (
     OFFICIAL,
     PAPER_CONSTANTS,
     ScalingSpec,

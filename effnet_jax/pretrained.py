@@ -4,9 +4,9 @@
     from effnet_jax.pretrained import load_timm, save_weights, load_weights
 """
 
-from effnet_jax.spec_inference import spec_for_arch
-from effnet_jax.timm_weights import infer_spec, load_timm, read_checkpoint, to_timm_state_dict
-from effnet_jax.weight_files import load_weights, load_weights_into, read_metadata, save_weights
+from effnet_jax.model.spec_inference import spec_for_arch
+from effnet_jax.weights.timm_weights import infer_spec, load_timm, read_checkpoint, to_timm_state_dict
+from effnet_jax.weights.weight_files import load_weights, load_weights_into, read_metadata, save_weights
 
 __all__ = ["infer_spec", "load_timm", "load_weights", "load_weights_into", "read_checkpoint", "read_metadata",
            "save_weights", "spec_for_arch", "to_timm_state_dict"]

@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from effnet_jax.cost import figures
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.scaling import (
+from effnet_jax.model.cost import figures
+from effnet_jax.model.scaling import (
     OFFICIAL,
     ScalingSpec,
     build_architecture,

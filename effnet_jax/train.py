@@ -19,8 +19,9 @@ from typing import Any
 
 import jax
 
-from effnet_jax import cli, rundir, trainer
+from effnet_jax import cli
 from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.training import rundir, trainer
 
 
 def _define_train_flags(fv: Any) -> None:

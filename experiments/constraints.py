@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from effnet_jax import cost
 from effnet_jax.errors import UserError
+from effnet_jax.model import cost
 from experiments import trials
 from experiments.trials import BASELINE, PAPER, Candidate
 
@@ -223,7 +223,7 @@ class MeasuredLatency(RealMacs):
 
     Each network is compiled to be timed, so only those whose MACs lie within ``latency_window``
     (relative) of the goal are measured; ``measurements`` ({network key: {kind: cost}}, see
-    ``effnet_jax.latency``) is filled by the search from its study before ``admit``.
+    ``effnet_jax.training.latency``) is filled by the search from its study before ``admit``.
     """
 
     name = "latency"
@@ -235,7 +235,7 @@ class MeasuredLatency(RealMacs):
         self.measurements: dict[str, dict[str, dict[str, float]]] = {}
 
     def check(self) -> None:
-        from effnet_jax.latency import KINDS
+        from effnet_jax.training.latency import KINDS
 
         s = self.search
         if s.latency_kind not in KINDS:

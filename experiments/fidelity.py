@@ -28,8 +28,9 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import provenance, trainer
+from effnet_jax import provenance
 from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.training import trainer
 from experiments import report, runner, stats, trials
 from experiments.constraints import candidates
 from experiments.strategies import check_search, rung_mode_for

@@ -59,8 +59,11 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, input_pipeline, provenance, trainer
+from effnet_jax import provenance
+from effnet_jax.data import input_pipeline
 from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.model import cost
+from effnet_jax.training import trainer
 from experiments import report, runner, stats, trials
 from experiments.constraints import MeasuredLatency, candidates, constraint_for, grid_points
 from experiments.strategies import check_search, proposer_for, rung_mode_for, schedule_for
@@ -450,7 +453,7 @@ def measured(config: ml_collections.ConfigDict, study: Any, meter: MeasuredLaten
     """{network key: {kind: cost}} of ``cands``' networks on this device: the study's, measuring (and storing)
     the networks it lacks, against unscaled B0 in the same interleaved rounds. Each is timed as its rung-0
     trial's own program, which that trial then loads from the compilation cache."""
-    from effnet_jax import latency
+    from effnet_jax.training import latency
 
     device = latency.device_key()
     stored = dict(study.study.user_attrs.get("latency") or {})
@@ -556,7 +559,7 @@ def race(config: ml_collections.ConfigDict, study: Any, workdir: str, alive: Seq
 def _with_latency(rows: Sequence[dict[str, Any]], meter: MeasuredLatency) -> None:
     """Each row's network's measured train and inference cost over unscaled B0's (``latency_train`` /
     ``latency_infer``), where it was measured."""
-    from effnet_jax.latency import KINDS
+    from effnet_jax.training.latency import KINDS
 
     for r in rows:
         cost = meter.measurements.get(meter.network_key(Candidate(r["alpha"], r["beta"], r["gamma"], r["label"])))

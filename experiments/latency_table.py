@@ -5,7 +5,7 @@
     python -m experiments.latency_table --compare=fm1.json,fm2.json       # two runs, per network
 
 Takes the grid search's config and times, against unscaled B0 in the same interleaved rounds
-(``effnet_jax.latency``), every distinct rounded network that any constraint could keep: the
+(``effnet_jax.training.latency``), every distinct rounded network that any constraint could keep: the
 formula's candidates, the real-MACs ones, and those inside ``search.latency_window`` of the goal
 (the set ``search.constraint=latency`` measures). The table says which constraint admits each
 network, so the formula's "2x" is seen in this machine's seconds. ``--compare`` reads two runs'
@@ -126,7 +126,8 @@ def _define_flags(fv: Any) -> None:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
-    from effnet_jax import cli, latency, trainer
+    from effnet_jax import cli
+    from effnet_jax.training import latency, trainer
 
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
     if fv.compare:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from effnet_jax.errors import UserError
-from effnet_jax.metrics import atomic_write
-from effnet_jax.metrics import write_json as write_json  # the experiments' JSON outputs: the one writer
+from effnet_jax.training.metrics import atomic_write
+from effnet_jax.training.metrics import write_json as write_json  # the experiments' JSON outputs: the one writer
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:

@@ -50,9 +50,10 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import errors, rundir, signals
+from effnet_jax import errors, signals
 from effnet_jax.errors import EXIT_USER_ERROR, Interrupted, UserError
-from effnet_jax.metrics import finite_or_none
+from effnet_jax.training import rundir
+from effnet_jax.training.metrics import finite_or_none
 
 HEARTBEAT_S = 30.0
 GRACE_S = 600.0  # a heartbeat older than this marks a remote worker dead
@@ -376,7 +377,7 @@ def run(study: Any, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable
     """Work the queue until every plan has a finished trial (run by this or any other process).
 
     Returns {key: row} for the plans; a row is the trial's attrs, its result and its state.
-    ``train_fn(config, trial_dir)`` trains one trial (``effnet_jax.trainer.train_and_evaluate``).
+    ``train_fn(config, trial_dir)`` trains one trial (``effnet_jax.training.trainer.train_and_evaluate``).
     """
     import optuna
 
@@ -431,7 +432,7 @@ def _start_ahead(trials: Sequence[Any], plans: Sequence[TrialPlan], current: Tri
                 if program_group(by_key[t.user_attrs["key"]].config) not in skip), None)
     if nxt is None:
         return
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     future: concurrent.futures.Future = concurrent.futures.Future()
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cli, scaling, size_table
+from effnet_jax import cli, size_table
 from effnet_jax.errors import UserError, exit_on_user_error, one_line
+from effnet_jax.model import scaling
 from experiments import report, trials
 from experiments.trials import Candidate
 
@@ -59,7 +60,7 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     """Print params/MACs of each phi model (the search's network, dataset classes, base resolution), with
     ``measure`` their train-step and inference time on this device over unscaled B0's; train them into
     ``workdir`` when given."""
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     constants, best = best or read_best(constants_path)
     chosen = Candidate(constants["alpha"], constants["beta"], constants["gamma"])
@@ -94,7 +95,7 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
 def print_latency(train_config: ml_collections.ConfigDict, chosen: Candidate, phis: Sequence[float],
                   num_classes: int) -> dict[str, dict[str, dict[str, float]]]:
     """Each phi model's measured train-step and inference time over unscaled B0's, on the device at hand."""
-    from effnet_jax import latency
+    from effnet_jax.training import latency
 
     configs = {f"{phi:g}": trials.trial_config(train_config, chosen, phi) for phi in [0.0, *phis]}
     out = latency.measure(configs, num_classes, "0")

@@ -48,8 +48,9 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import scaling, trainer
 from effnet_jax.errors import UserError, exit_on_user_error
+from effnet_jax.model import scaling
+from effnet_jax.training import trainer
 from experiments import report, runner, stats, trials
 from experiments.trials import BASELINE, Candidate
 
@@ -210,8 +211,8 @@ def latency_meter(config: ml_collections.ConfigDict, prepared: trainer.Run, stud
                   log: Callable[[str], Any]) -> Callable[[Candidate, float], float]:
     """``latency_of(candidate, phi)``: the model's ``study.latency_kind`` time over unscaled B0's on this device,
     from the study (kept per device kind, so workers and reruns plan the same models) or measured now,
-    interleaved with B0 (``effnet_jax.latency``) and stored."""
-    from effnet_jax import latency
+    interleaved with B0 (``effnet_jax.training.latency``) and stored."""
+    from effnet_jax.training import latency
 
     s, device, runs = config.study, latency.device_key(), {}
     seed, num_classes = int(s.seeds[0]), prepared.source.num_classes
@@ -256,7 +257,7 @@ def check_config(config: ml_collections.ConfigDict) -> dict[str, float]:
     if s.match not in ("macs", "latency"):
         raise UserError(f"study.match must be macs or latency, got {s.match!r}")
     if s.match == "latency":
-        from effnet_jax.latency import KINDS
+        from effnet_jax.training.latency import KINDS
 
         if s.latency_kind not in KINDS:
             raise UserError(f"study.latency_kind must be {' or '.join(KINDS)}, got {s.latency_kind!r}")

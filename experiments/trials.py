@@ -20,11 +20,11 @@ from typing import Any
 
 import ml_collections
 
-from effnet_jax import cost, scaling
-from effnet_jax.arch import Architecture
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError
-from effnet_jax.scaling import PAPER_CONSTANTS
+from effnet_jax.model import cost, scaling
+from effnet_jax.model.arch import Architecture
+from effnet_jax.model.scaling import PAPER_CONSTANTS
 
 METRICS = ("val_top1", "ema_val_top1", "val_top5", "ema_val_top5")  # what the trainer's result scores
 
@@ -118,7 +118,7 @@ def figures(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, n
 def check_trials(configs: Iterable[tuple[str, ml_collections.ConfigDict]], steps_per_epoch: int) -> None:
     """Every planned trial's schedule is valid (``trainer.check_schedule``) before any trains: a budget whose
     cooldown falls inside the warmup, say, is one error line naming the trial, not a failure mid-run."""
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     for name, cfg in configs:
         try:

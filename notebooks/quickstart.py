@@ -175,7 +175,7 @@ for c in cands:
 # %% [markdown]
 # ## Grid search
 #
-# Each candidate is trained through the one trainer (`effnet_jax.trainer.train_and_evaluate`)
+# Each candidate is trained through the one trainer (`effnet_jax.training.trainer.train_and_evaluate`)
 # and scored on the validation split, in successive-halving rungs (the best third goes on
 # with more steps and seeds). Results go to `WORKDIR`: `study.journal` (the Optuna study; a
 # rerun skips finished trials, `optuna-dashboard WORKDIR/study.journal` shows it live),
@@ -224,7 +224,7 @@ for name in ("grid.png", "accuracy_vs_macs.png"):
 
 # %%
 from effnet_jax import size_table
-from effnet_jax.scaling import load_constants
+from effnet_jax.model.scaling import load_constants
 
 constants = load_constants(BEST_JSON)
 rows = size_table.formula_rows(constants, SCALE_PHIS, BASE_RESOLUTION, t.model.resolution_multiple,
@@ -253,7 +253,7 @@ print(size_table.format_table([size_table.describe(n) for n in ("b0", "b1", "b2"
 # %%
 import copy
 
-from effnet_jax import trainer
+from effnet_jax.training import trainer
 
 cfg = copy.deepcopy(config.train)
 cfg.model.name, cfg.model.constants = "formula", os.path.abspath(BEST_JSON)

@@ -61,13 +61,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from effnet_jax import compile_cache, ops, program_store, scaling, trainer  # noqa: E402
-from effnet_jax.arch import NETWORKS  # noqa: E402
+from effnet_jax import compile_cache  # noqa: E402
 from effnet_jax.configs import default as default_config  # noqa: E402
 from effnet_jax.errors import ArgumentParser, UserError, exit_on_user_error  # noqa: E402
-from effnet_jax.layers import KERNELS, resolve_kernels  # noqa: E402
-from effnet_jax.model import create_model, eval_view  # noqa: E402
-from effnet_jax.scaling import OFFICIAL, ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
+from effnet_jax.model import ops, scaling  # noqa: E402
+from effnet_jax.model.arch import NETWORKS  # noqa: E402
+from effnet_jax.model.efficientnet import create_model, eval_view  # noqa: E402
+from effnet_jax.model.layers import KERNELS, resolve_kernels  # noqa: E402
+from effnet_jax.model.scaling import OFFICIAL, ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
+from effnet_jax.training import program_store, trainer  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32 (timm's optimizer)
 

@@ -71,7 +71,7 @@ def trial_config(point: str, steps: int, seed: int, eval_every: int, sets: list[
 
 
 def run_one(point: str, steps: int, seed: int, eval_every: int, sets: list[str]) -> dict[str, Any]:
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     cfg, overrides = trial_config(point, steps, seed, eval_every, sets)
     workdir = tempfile.mkdtemp(prefix="recipe_")

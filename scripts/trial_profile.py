@@ -18,8 +18,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from effnet_jax import compile_cache, trainer  # noqa: E402
+from effnet_jax import compile_cache  # noqa: E402
 from effnet_jax.errors import UserError, exit_on_user_error  # noqa: E402
+from effnet_jax.training import trainer
 from experiments import trials  # noqa: E402
 from experiments.configs import grid_search  # noqa: E402
 

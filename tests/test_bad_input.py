@@ -195,8 +195,8 @@ def test_read_only_workdir(tmp_path):
 
 def test_unwritable_workdir_is_refused_before_writing(tmp_path, monkeypatch):
     """What a mode-0500 directory is to a non-root user, here as root: access(W_OK) says no."""
-    from effnet_jax import rundir
     from effnet_jax.errors import UserError
+    from effnet_jax.training import rundir
 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path)) else real_access(
@@ -313,7 +313,7 @@ def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
     result = json.loads((copy / "result.json").read_text())
     proc = cli(*train_cmd(copy, "--config.num_train_steps=4", *extra))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     assert proc.stdout.splitlines() == [f"{trainer.summary_line(result)} (already finished; nothing changed)"]
     assert snapshot(copy) == before
@@ -321,7 +321,8 @@ def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
 
 def test_finished_workdir_in_process_returns_the_stored_result(copy):
     """The grid search calls train_and_evaluate per trial: a finished one is neither retrained nor rewritten."""
-    from effnet_jax import cli, trainer
+    from effnet_jax import cli
+    from effnet_jax.training import trainer
 
     before = snapshot(copy)
     config, _ = cli.parse_config_flags(train_cmd(copy, "--config.num_train_steps=4")[2:])
@@ -347,8 +348,8 @@ def test_resuming_with_a_changed_config_is_refused(copy, overrides, message):
 
 def test_config_differences_ignore_cosmetics_and_fields_added_or_removed_since():
     """A workdir from before a field existed resumes when the new config keeps that field's default."""
-    from effnet_jax import rundir
     from effnet_jax.configs import digits
+    from effnet_jax.training import rundir
 
     new = digits.get_config()
     old = json.loads(new.to_json_best_effort())

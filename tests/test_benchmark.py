@@ -119,7 +119,7 @@ def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
     assert bench.parse_args(["--kernels", "auto,fast,reference"]).kernel_sets == ["fast", "reference"]
     args = bench.parse_args([])
     assert args.kernel_sets == ["fast"]
-    for kernels, bn_type in (("fast", "effnet_jax.fast_layers"), ("reference", "flax.")):
+    for kernels, bn_type in (("fast", "effnet_jax.model.fast_layers"), ("reference", "flax.")):
         config = bench.bench_config(args, kernels, "auto")
         assert config.model.kernels == kernels and config.batch_size == args.batch
         assert bench.trainer.model_layers(config).kernels == kernels

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from effnet_jax.cost import count_macs, count_params
-from effnet_jax.scaling import OFFICIAL, build_architecture
+from effnet_jax.model.cost import count_macs, count_params
+from effnet_jax.model.scaling import OFFICIAL, build_architecture
 
 # timm 1.0.31 tf_efficientnet_b0..b7, 1000 classes (shared/reference/efficientnet-facts.md)
 TIMM_PARAMS = {

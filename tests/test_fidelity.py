@@ -82,7 +82,7 @@ def test_bad_fidelity_config_one_line_exit_2(tmp_path, capsys, monkeypatch, over
 def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, mode):
     """cooldown: each budget is a wsd run scored after its cooldown, the next budget starting from the previous
     one's stable checkpoint in the same directory; independent: every budget from scratch in its own."""
-    from effnet_jax import rundir
+    from effnet_jax.training import rundir
 
     started = []
     real = fidelity.trainer.train_and_evaluate

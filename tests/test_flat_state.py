@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effnet_jax import trainer
-from effnet_jax.arch import TINY
 from effnet_jax.configs import digits
-from effnet_jax.flat_state import WEIGHT_DECAY_MASK, FlatPacking
-from effnet_jax.model import create_model, eval_view
+from effnet_jax.model.arch import TINY
+from effnet_jax.model.efficientnet import create_model, eval_view
+from effnet_jax.training import trainer
+from effnet_jax.training.flat_state import WEIGHT_DECAY_MASK, FlatPacking
 
 
 def tiny(seed=0):

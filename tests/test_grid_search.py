@@ -567,7 +567,7 @@ def test_a_study_from_before_a_field_existed_reopens_when_the_field_keeps_its_de
 
 def _fake_training(cfg, workdir, *args, **kwargs):
     """No training: a score that grows with alpha * gamma, and the network's real figures."""
-    from effnet_jax import cost, scaling
+    from effnet_jax.model import cost, scaling
 
     spec = scaling.model_spec(cfg.model)
     arch = scaling.build_architecture(spec, scaling.network(cfg.model), cfg.model.drop_path_rate)
@@ -699,7 +699,7 @@ def _with(c, **search):
 def test_halving_in_each_rung_mode_on_the_tiny_network(tmp_path, cache_dir, mode, monkeypatch):
     """cooldown: the promoted run starts from rung 0's stable checkpoint (step 1 of 2) and forks its own at step 3
     of 4; independent: every rung from scratch in its own directory. Nothing is kept at the end."""
-    from effnet_jax import rundir
+    from effnet_jax.training import rundir
 
     c = small_config(cache_dir, steps=2, strategy="halving", halving_eta=2, halving_rungs=2, include_paper=False,
                      final_seeds=(0,), alpha=(1.2, 1.3), tolerance=0.3, rung_mode=mode, cooldown_fraction=0.3)

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from effnet_jax import idx_source, input_pipeline, sources
 from effnet_jax.configs.digits import get_config
+from effnet_jax.data import idx_source, input_pipeline, sources
 from effnet_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from effnet_jax import sources
 from effnet_jax.configs.default import get_config
+from effnet_jax.data import sources
 from effnet_jax.errors import UserError
 
 RES = 16
@@ -73,7 +73,7 @@ def test_digits_deterministic_resumable_sharded():
 
 
 def test_core_imports_do_not_import_tensorflow():
-    code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.trainer, effnet_jax.model\n"
+    code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.training.trainer, effnet_jax.model.efficientnet\n"
             "from effnet_jax import sources\n"
             "from effnet_jax.configs.default import get_config\n"
             "d = get_config().data; d.name = 'digits'; d.train_split = 'train'\n"
@@ -90,7 +90,7 @@ try:  # conftest has imported torch first (TensorFlow then triton segfaults)
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from effnet_jax import tf_preprocess, tfds_source
+    from effnet_jax.data import tf_preprocess, tfds_source
 except ImportError:  # the optional '[data]' extra is not installed
     tf = tfds = tfds_source = tf_preprocess = None
 

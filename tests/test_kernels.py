@@ -15,15 +15,16 @@ from flax import nnx
 from safetensors.numpy import load_file
 from suite_paths import CACHE
 
-from effnet_jax import model as model_lib
-from effnet_jax import scaling, trainer
-from effnet_jax.arch import TINY
 from effnet_jax.configs import digits
 from effnet_jax.errors import UserError
+from effnet_jax.model import efficientnet as model_lib
+from effnet_jax.model import scaling
+from effnet_jax.model.arch import TINY
+from effnet_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-TRICKS = ("effnet_jax.ops", "effnet_jax.fast_layers", "effnet_jax.flat_state")
+TRICKS = ("effnet_jax.model.ops", "effnet_jax.model.fast_layers", "effnet_jax.training.flat_state")
 
 
 def tiny_config(kernels, optimizer):
@@ -106,7 +107,7 @@ def test_same_layout_and_initial_values_different_layers():
                 if isinstance(x, nnx.Module) and not isinstance(x, ours)}
 
     assert all(name.startswith("flax.") for name in layer_modules(ref)), layer_modules(ref)
-    assert "effnet_jax.fast_layers" in layer_modules(fast)
+    assert "effnet_jax.model.fast_layers" in layer_modules(fast)
     # The train-mode forward: the fast one calls the hand-written VJPs, the reference one does not.
     x = jax.numpy.zeros((2, 32, 32, 3))
 
@@ -126,7 +127,8 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
     script = textwrap.dedent(f"""
         import json, sys
         import jax
-        from effnet_jax import scaling, trainer
+        from effnet_jax.model import scaling
+        from effnet_jax.training import trainer
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.model.kernels, c.batch_size = "tiny", {kernels!r}, 4

@@ -5,8 +5,8 @@ import os
 import pytest
 from suite_paths import CACHE
 
-from effnet_jax import latency
 from effnet_jax.configs import digits
+from effnet_jax.training import latency
 
 
 def test_interleaved_takes_per_round_ratios_and_their_spread(monkeypatch):
@@ -182,7 +182,8 @@ def test_latency_table_times_every_network_a_constraint_could_keep_and_compares_
 
 SHARED_COMPILE = r"""
 import os, sys
-from effnet_jax import compile_cache, latency, trainer
+from effnet_jax import compile_cache
+from effnet_jax.training import latency, trainer
 from effnet_jax.configs import digits
 cache, workdir = sys.argv[1], sys.argv[2]
 compile_cache.enable(cache)

@@ -5,9 +5,9 @@ import pytest
 from flax import nnx
 
 from effnet_jax import EfficientNet, build_architecture, count_params, create_model, eval_view, train_view
-from effnet_jax.arch import TINY
-from effnet_jax.model import MBConv, layers_for
-from effnet_jax.scaling import OFFICIAL, ScalingSpec
+from effnet_jax.model.arch import TINY
+from effnet_jax.model.efficientnet import MBConv, layers_for
+from effnet_jax.model.scaling import OFFICIAL, ScalingSpec
 
 TINY_SPEC = ScalingSpec("tiny", 1.0, 1.0, 32, 0.2)
 

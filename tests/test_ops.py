@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effnet_jax import ops
-from effnet_jax.fast_layers import BatchNorm, PointwiseConv
+from effnet_jax.model import ops
+from effnet_jax.model.fast_layers import BatchNorm, PointwiseConv
 
 
 @pytest.mark.parametrize("impl", ["shift", "hybrid"])

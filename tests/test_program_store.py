@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import sys
 import jax, jax.numpy as jnp
-from effnet_jax import compile_cache, program_store
+from effnet_jax import compile_cache
+from effnet_jax.training import program_store
 compile_cache.enable(sys.argv[1])
 x = jnp.arange(64.0)
 def f(x):
@@ -38,7 +39,7 @@ def test_only_a_program_xla_compiled_here_counts_as_fresh(tmp_path):
 def test_a_file_that_cannot_be_read_is_no_program_and_is_deleted(tmp_path, monkeypatch):
     """A file cut short (a full disk, a killed writer) or from elsewhere: load gives None (the trainer then
     compiles) and deletes it; a program that could not be keyed is never looked up."""
-    from effnet_jax import program_store
+    from effnet_jax.training import program_store
 
     monkeypatch.setattr(program_store, "directory", lambda: str(tmp_path))
     path = program_store._path("ab" * 32, "train", ("signature",))

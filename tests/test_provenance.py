@@ -7,7 +7,8 @@ import shutil
 import jax
 import pytest
 
-from effnet_jax import __version__, latency, provenance
+from effnet_jax import __version__, provenance
+from effnet_jax.training import latency
 
 
 def test_provenance_names_versions_device_cpu_and_code():

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from effnet_jax import scaling
-from effnet_jax.arch import B0
 from effnet_jax.errors import UserError
-from effnet_jax.scaling import (
+from effnet_jax.model import scaling
+from effnet_jax.model.arch import B0
+from effnet_jax.model.scaling import (
     OFFICIAL,
     build_architecture,
     from_constants,

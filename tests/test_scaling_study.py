@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from effnet_jax.errors import UserError
-from effnet_jax.scaling import PAPER_CONSTANTS
+from effnet_jax.model.scaling import PAPER_CONSTANTS
 from experiments import scaling_study, trials
 from experiments.configs import scaling_study as study_config
 
@@ -173,7 +173,7 @@ def test_tiny_study_matched_on_measured_time_keeps_its_measurements(tmp_path, mo
     def no_timing(*args, **kwargs):
         raise AssertionError("a stored measurement was taken again")
 
-    from effnet_jax import latency
+    from effnet_jax.training import latency
 
     monkeypatch.setattr(latency, "step_runner", no_timing)  # a worker or a rerun plans from the study's
     _, again, _ = scaling_study.setup(config, workdir, log=lambda m: None)

@@ -9,12 +9,14 @@ import pytest
 from flax import nnx
 from test_kernels import train_losses
 
-from effnet_jax import count_params, scaling, trainer
-from effnet_jax import model as model_lib
-from effnet_jax.arch import TINY
+from effnet_jax import count_params
 from effnet_jax.configs import digits
-from effnet_jax.model import block_groups, create_model, eval_view, train_view
-from effnet_jax.scaling import ScalingSpec, build_architecture, from_constants
+from effnet_jax.model import efficientnet as model_lib
+from effnet_jax.model import scaling
+from effnet_jax.model.arch import TINY
+from effnet_jax.model.efficientnet import block_groups, create_model, eval_view, train_view
+from effnet_jax.model.scaling import ScalingSpec, build_architecture, from_constants
+from effnet_jax.training import trainer
 
 # TINY at depth 2: stages of 2, 4 and 2 blocks, so one stage has a run of three same-shaped blocks.
 DEEP_TINY = ScalingSpec("tiny-d2", 1.0, 2.0, 32, 0.2)

@@ -42,7 +42,7 @@ def read_rows(workdir):
 def own_program_store(tmp_path, monkeypatch):
     """An empty program store for this test's in-process runs (the suite's shared one may already hold their
     programs, which would turn the compiles these tests count into loads)."""
-    from effnet_jax import program_store
+    from effnet_jax.training import program_store
 
     store = tmp_path / "cc" / program_store.SUBDIR
     monkeypatch.setattr(program_store, "directory", lambda: str(store))
@@ -66,8 +66,9 @@ def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     assert sorted(os.listdir(wd / "checkpoints")) == ["3", "6"]
     assert os.listdir(wd / "tensorboard")
     # The final weights come out in our weight format and hold exactly the trained state.
-    from effnet_jax import pretrained, trainer
-    from effnet_jax.flat_state import FlatPacking
+    from effnet_jax import pretrained
+    from effnet_jax.training import trainer
+    from effnet_jax.training.flat_state import FlatPacking
 
     assert result["weights"] == [str(wd / "weights.safetensors"), str(wd / "ema_weights.safetensors")]
     model = pretrained.load_weights(wd / "weights.safetensors")
@@ -105,7 +106,7 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
         import json, sys, jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
-        from effnet_jax import trainer
+        from effnet_jax.training import trainer
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.progress_bar, c.compile_cache_dir = "tiny", False, ""
@@ -181,7 +182,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, overrides, message)
 
 
 def test_summary_line_names_a_network_other_than_b0_and_tolerates_nulls():
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     result = {"model": "b0", "network": "tiny", "resolution": 32, "dataset": "digits", "status": "ok", "steps": 4,
               "train_loss": 2.5, "val_top1": 0.25, "wall_time_s": 1.0}
@@ -193,7 +194,7 @@ def test_summary_line_names_a_network_other_than_b0_and_tolerates_nulls():
 def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
     import numpy as np
 
-    from effnet_jax import metrics, rundir
+    from effnet_jax.training import metrics, rundir
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
@@ -212,8 +213,8 @@ def test_the_evaluation_step_can_be_swapped(tmp_path):
     as val_<name> / ema_val_<name>; the same run with the default evaluation agrees on what both measure."""
     import jax.numpy as jnp
 
-    from effnet_jax import trainer
     from effnet_jax.configs import digits
+    from effnet_jax.training import trainer
 
     def error_rate(packing, num_classes):
         def step(weights, batch):
@@ -237,9 +238,9 @@ def test_the_evaluation_step_can_be_swapped(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("schedule", "linear"), ("name", "lamb")])
 def test_unknown_optimizer_or_schedule_is_one_line_before_anything_is_built(field, value):
-    from effnet_jax import trainer
     from effnet_jax.configs import digits
     from effnet_jax.errors import UserError
+    from effnet_jax.training import trainer
 
     c = digits.get_config()
     c.optimizer[field] = value
@@ -260,7 +261,7 @@ def _wsd_config(steps):
 def test_wsd_schedule_warms_up_holds_then_decays_to_zero_at_each_step():
     import numpy as np
 
-    from effnet_jax import trainer
+    from effnet_jax.training import trainer
 
     c = _wsd_config(20)
     o = c.optimizer
@@ -278,7 +279,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_zero_at_each_step():
 
 def test_a_wsd_run_forks_at_its_cooldown_and_a_longer_run_continues_it_bit_equal(tmp_path):
     """4 steps (cooldown from step 3), then 8 in the same workdir (from the step-3 state), against 8 straight."""
-    from effnet_jax import rundir, trainer
+    from effnet_jax.training import rundir, trainer
 
     fork, straight = str(tmp_path / "fork"), str(tmp_path / "straight")
     short = trainer.train_and_evaluate(_wsd_config(4), fork)
@@ -295,8 +296,8 @@ def test_a_wsd_run_forks_at_its_cooldown_and_a_longer_run_continues_it_bit_equal
 def test_a_longer_wsd_run_without_the_stable_checkpoint_is_refused(tmp_path):
     import shutil
 
-    from effnet_jax import rundir, trainer
     from effnet_jax.errors import UserError
+    from effnet_jax.training import rundir, trainer
 
     wd = str(tmp_path / "wd")
     trainer.train_and_evaluate(_wsd_config(4), wd)
@@ -311,8 +312,8 @@ def test_a_longer_wsd_run_without_the_stable_checkpoint_is_refused(tmp_path):
     (0.9, 0.5, "inside the 16-step warmup"),
 ])
 def test_a_bad_cooldown_is_one_line_before_anything_is_built(fraction, warmup, message):
-    from effnet_jax import trainer
     from effnet_jax.errors import UserError
+    from effnet_jax.training import trainer
 
     c = _wsd_config(20)
     c.optimizer.cooldown_fraction, c.optimizer.warmup_epochs = fraction, warmup
@@ -321,7 +322,7 @@ def test_a_bad_cooldown_is_one_line_before_anything_is_built(fraction, warmup, m
 
 
 def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is():
-    from effnet_jax import rundir
+    from effnet_jax.training import rundir
 
     old = json.loads(_wsd_config(4).to_json_best_effort())
     assert rundir.config_differences(old, _wsd_config(8), 33) == []
@@ -341,8 +342,8 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
     """Seeds and rungs of one network in one process share the compiled steps (no trace, lowering or
     compile: ``timings.program_cache`` "hit"), and the reused program trains bit-identically to a fresh
     process. The learning-rate schedule is baked into the step, so another span is another program."""
-    from effnet_jax import trainer
     from effnet_jax.configs import digits
+    from effnet_jax.training import trainer
 
     def config(seed, steps, span):
         c = digits.get_config()
@@ -376,8 +377,8 @@ def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_pat
     """``trainer.compile_ahead`` (what a search worker on an accelerator runs on a thread while the device
     trains the trial before) leaves both steps compiled: the trial then compiles nothing, and trains and
     evaluates exactly what a trial that compiled for itself does."""
-    from effnet_jax import trainer
     from effnet_jax.configs import digits
+    from effnet_jax.training import trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
@@ -398,8 +399,8 @@ def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_pat
 def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch, own_program_store):
     """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
     the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
-    from effnet_jax import trainer
     from effnet_jax.configs import digits
+    from effnet_jax.training import trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
@@ -443,8 +444,9 @@ def test_a_program_is_stored_under_what_it_bakes_in_and_not_the_seed():
     evaluation defined inside a function (its captured values in no key) is never stored."""
     import jax.numpy as jnp
 
-    from effnet_jax import scaling, trainer
     from effnet_jax.configs import digits
+    from effnet_jax.model import scaling
+    from effnet_jax.training import trainer
 
     def store_id(c, make_eval_step=trainer.classification_eval_step):
         spec = scaling.resolve(c.model.name)
@@ -470,8 +472,8 @@ def test_a_stored_program_that_does_not_run_is_forgotten_and_the_next_try_compil
     executables dropped, so the retry compiles and trains."""
     import jax
 
-    from effnet_jax import program_store, trainer
     from effnet_jax.configs import digits
+    from effnet_jax.training import program_store, trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \

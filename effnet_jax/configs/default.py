@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = m = ml_collections.ConfigDict()
-    m.network = "b0"  # the block table (effnet_jax.arch.NETWORKS) the scaling applies to
+    m.network = "b0"  # the block table (effnet_jax.model.arch.NETWORKS) the scaling applies to
     m.name = "b0"  # "b0".."b8", "l2", or "formula" (alpha/beta/gamma or constants + phi)
     m.constants = ""  # path to a JSON file with alpha, beta, gamma (e.g. a grid search's best.json)
     m.alpha = 1.2  # used when name == "formula" and no constants file is given

@@ -54,6 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
     # these candidates that rung ranks as the 279-step one does about as far as seed noise lets anything (README)
     s.rung_mode = "cooldown"
     # search.measure_latency=True adds what each candidate costs here in time beside xMACs (xTrain, xInfer:
-    # effnet_jax/latency.py), about 3 more minutes; off, as two runs on one VM disagreed by up to 21% (README)
+    # effnet_jax/training/latency.py), about 3 more minutes; off, as two runs on one VM disagreed by up to 21% (README)
     s.measure_latency = False
     return c

@@ -37,7 +37,7 @@ from jax.experimental import serialize_executable
 from effnet_jax import provenance
 
 SUBDIR = "programs"
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # effnet_jax/, every layer
 # jax options that change what a trace produces without appearing in the trainer's config
 JAX_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
                "jax_threefry_partitionable", "jax_numpy_dtype_promotion", "jax_numpy_rank_promotion")

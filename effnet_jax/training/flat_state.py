@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from effnet_jax.model import eval_view, is_bn_param, seed_free, train_view
+from effnet_jax.model.efficientnet import eval_view, is_bn_param, seed_free, train_view
 
 # Which of the flat parameter vectors (FlatPacking) weight decay applies to: conv and dense
 # weights and biases yes, BatchNorm scale and offset no.

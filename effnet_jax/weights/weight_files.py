@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effnet_jax.arch import Architecture, BlockSpec
 from effnet_jax.errors import UserError
-from effnet_jax.model import EfficientNet, layers_for
-from effnet_jax.scaling import OFFICIAL, ScalingSpec, resolve
-from effnet_jax.spec_inference import spec_for_arch
+from effnet_jax.model.arch import Architecture, BlockSpec
+from effnet_jax.model.efficientnet import EfficientNet, layers_for
+from effnet_jax.model.scaling import OFFICIAL, ScalingSpec, resolve
+from effnet_jax.model.spec_inference import spec_for_arch
 
 FORMAT = "effnet_jax.weights"
 FORMAT_VERSION = 1

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from effnet_jax.data.input_pipeline import ArraySource, resize_images
 from effnet_jax.errors import UserError
-from effnet_jax.input_pipeline import ArraySource, resize_images
 
 PREFIX = "idx:"
 FASHION_MNIST = "fashion_mnist"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from effnet_jax.arch import Architecture
+from effnet_jax.model.arch import Architecture
 
 if TYPE_CHECKING:
-    from effnet_jax.scaling import ScalingSpec
+    from effnet_jax.model.scaling import ScalingSpec
 
 FIGURES = ("width", "depth", "resolution", "blocks", "params", "macs")  # what figures() reports, in order
 

@@ -12,9 +12,9 @@ import dataclasses
 import math
 from typing import Any
 
-from effnet_jax.arch import B0, Architecture
 from effnet_jax.errors import UserError
-from effnet_jax.scaling import (
+from effnet_jax.model.arch import B0, Architecture
+from effnet_jax.model.scaling import (
     OFFICIAL,
     PAPER_CONSTANTS,
     ScalingSpec,

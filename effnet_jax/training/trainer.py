@@ -48,17 +48,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effnet_jax import cost, input_pipeline, metrics, program_store, provenance, rundir, scaling, signals, sources
-from effnet_jax.arch import Architecture
+from effnet_jax import provenance, signals
 from effnet_jax.configs import to_steps
+from effnet_jax.data import input_pipeline, sources
 from effnet_jax.errors import Interrupted, UserError
-from effnet_jax.layers import KERNELS, Layers, head_init_fn
-from effnet_jax.metrics import MetricsWriter
-from effnet_jax.model import DROPOUT_STREAM, create_model, layers_for
+from effnet_jax.model import cost, scaling
+from effnet_jax.model.arch import Architecture
+from effnet_jax.model.efficientnet import DROPOUT_STREAM, create_model, layers_for
+from effnet_jax.model.layers import KERNELS, Layers, head_init_fn
+from effnet_jax.training import metrics, program_store, rundir
+from effnet_jax.training.metrics import MetricsWriter
 
 if TYPE_CHECKING:
-    from effnet_jax.flat_state import FlatPacking
-    from effnet_jax.tree_state import TreePacking
+    from effnet_jax.training.flat_state import FlatPacking
+    from effnet_jax.training.tree_state import TreePacking
 
 @flax.struct.dataclass
 class Weights:
@@ -97,10 +100,10 @@ def state_packing(kernels: str) -> type[FlatPacking] | type[TreePacking]:
     """How the train state holds the model: flat vectors for the fast kernels, one array per variable
     for the reference ones (imported here, so that a reference run never loads flat_state)."""
     if kernels == "reference":
-        from effnet_jax.tree_state import TreePacking
+        from effnet_jax.training.tree_state import TreePacking
 
         return TreePacking
-    from effnet_jax.flat_state import FlatPacking
+    from effnet_jax.training.flat_state import FlatPacking
 
     return FlatPacking
 
@@ -429,7 +432,7 @@ def build_program(config: ml_collections.ConfigDict, spec: scaling.ScalingSpec, 
                          head_init=config.model.get("head_init", "paper"),
                          scan_blocks=config.model.get("scan_blocks", False))
     if config.model.init_from:
-        from effnet_jax import weight_files
+        from effnet_jax.weights import weight_files
 
         weight_files.load_weights_into(model, os.path.expanduser(config.model.init_from))
     packing, params, stats = state_packing(layers.kernels).create(model)
@@ -847,7 +850,7 @@ def _logged_loss(workdir: str, step: int) -> float:
 def _save_weights(packing: FlatPacking | TreePacking, state: TrainState, spec: scaling.ScalingSpec,
                   workdir: str) -> list[str]:
     """The final (and EMA) weights as ``weight_files.save_weights`` files; returns their paths."""
-    from effnet_jax import weight_files
+    from effnet_jax.weights import weight_files
 
     paths = []
     for name, weights in (("weights", state.weights), ("ema_weights", state.ema)):

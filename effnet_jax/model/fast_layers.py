@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effnet_jax import ops
-from effnet_jax.layers import BN_EPSILON, BN_MOMENTUM, Layers, conv_init, depthwise_init
+from effnet_jax.model import ops
+from effnet_jax.model.layers import BN_EPSILON, BN_MOMENTUM, Layers, conv_init, depthwise_init
 
 
 class PointwiseConv(nnx.Conv):

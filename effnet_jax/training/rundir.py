@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from effnet_jax import metrics
 from effnet_jax.configs import to_steps
 from effnet_jax.errors import UserError, one_line
-from effnet_jax.metrics import write_json as write_json  # a run's JSON files: the one atomic, strict writer
+from effnet_jax.training import metrics
+from effnet_jax.training.metrics import write_json as write_json  # a run's JSON files: the one atomic, strict writer
 
 # Config fields that change how a run reports or saves itself, not what it computes: a workdir
 # may be resumed with other values (as experiments.runner's trial identity).

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from effnet_jax.model import eval_view, seed_free, train_view
+from effnet_jax.model.efficientnet import eval_view, seed_free, train_view
 
 
 def _key_name(path: tuple[Any, ...]) -> str:

@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effnet_jax.arch import B0, Architecture, BlockSpec
 from effnet_jax.errors import UserError
-from effnet_jax.model import EfficientNet, layers_for
-from effnet_jax.scaling import ScalingSpec, build_architecture, resolve
-from effnet_jax.spec_inference import Counts, fit_spec
-from effnet_jax.weight_files import assign, param_state
+from effnet_jax.model.arch import B0, Architecture, BlockSpec
+from effnet_jax.model.efficientnet import EfficientNet, layers_for
+from effnet_jax.model.scaling import ScalingSpec, build_architecture, resolve
+from effnet_jax.model.spec_inference import Counts, fit_spec
+from effnet_jax.weights.weight_files import assign, param_state
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effnet_jax.arch import B0, Architecture, BlockSpec, NetworkSpec
-from effnet_jax.layers import BN_MOMENTUM, Layers, conv_init, head_init_fn, reference_layers, resolve_kernels
-from effnet_jax.scaling import ScalingSpec, build_architecture, resolve
+from effnet_jax.model.arch import B0, Architecture, BlockSpec, NetworkSpec
+from effnet_jax.model.layers import BN_MOMENTUM, Layers, conv_init, head_init_fn, reference_layers, resolve_kernels
+from effnet_jax.model.scaling import ScalingSpec, build_architecture, resolve
 
 
 def layers_for(kernels: str = "auto", *, depthwise_impl: str = "auto", bn_momentum: float = BN_MOMENTUM) -> Layers:
@@ -49,7 +49,7 @@ def layers_for(kernels: str = "auto", *, depthwise_impl: str = "auto", bn_moment
             raise ValueError(f"depthwise_impl {depthwise_impl!r} applies to the fast kernels only; the reference "
                              "depthwise conv is nnx.Conv's grouped convolution")
         return reference_layers(bn_momentum)
-    from effnet_jax.fast_layers import fast_layers
+    from effnet_jax.model.fast_layers import fast_layers
 
     return fast_layers(depthwise_impl, bn_momentum)
 

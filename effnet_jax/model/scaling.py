@@ -20,8 +20,8 @@ import math
 import os
 from typing import Any
 
-from effnet_jax.arch import B0, NETWORKS, Architecture, BlockSpec, NetworkSpec
 from effnet_jax.errors import UserError
+from effnet_jax.model.arch import B0, NETWORKS, Architecture, BlockSpec, NetworkSpec
 
 PAPER_CONSTANTS = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
 # Bounds on a formula spec: far past any model that fits a machine (L2 is 4.3x wide, 5.3x deep,

@@ -1,4 +1,4 @@
-"""TFDS datasets and image folders as a :class:`effnet_jax.input_pipeline.Source`.
+"""TFDS datasets and image folders as a :class:`effnet_jax.data.input_pipeline.Source`.
 
 With ``tf_preprocess`` (the crops, resizing and RandAugment it applies), the only module that
 imports TensorFlow; ``sources.create_source`` imports it lazily, so training on the embedded
@@ -60,9 +60,9 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from effnet_jax import tf_preprocess  # noqa: E402
+from effnet_jax.data import tf_preprocess  # noqa: E402
+from effnet_jax.data.input_pipeline import Batch  # noqa: E402
 from effnet_jax.errors import UserError  # noqa: E402
-from effnet_jax.input_pipeline import Batch  # noqa: E402
 
 tf.get_logger().setLevel(logging.ERROR)
 absl_logging.set_verbosity(absl_logging.ERROR)  # tfds logs through absl

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from effnet_jax import input_pipeline
+from effnet_jax.data import input_pipeline
+from effnet_jax.data.input_pipeline import Source
 from effnet_jax.errors import UserError
-from effnet_jax.input_pipeline import Source
 
 
 def create_source(data: Any, resolution: int, global_batch: int, seed: int,
@@ -21,12 +21,12 @@ def create_source(data: Any, resolution: int, global_batch: int, seed: int,
         raise UserError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     if data.name in input_pipeline.EMBEDDED:
         return input_pipeline.digits_source(data, resolution, global_batch, seed, process_index, process_count)
-    from effnet_jax import idx_source  # MNIST-format files, numpy only
+    from effnet_jax.data import idx_source  # MNIST-format files, numpy only
 
     if idx_source.is_idx_name(data.name):
         return idx_source.idx_source(data, resolution, global_batch, seed, process_index, process_count)
     try:
-        from effnet_jax import tfds_source  # imports TensorFlow: only on this path
+        from effnet_jax.data import tfds_source  # imports TensorFlow: only on this path
     except ImportError as e:
         if "tfds_source" in str(e):
             raise UserError(f"unknown dataset {data.name!r}: only the embedded {', '.join(input_pipeline.EMBEDDED)} "

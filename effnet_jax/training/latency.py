@@ -58,8 +58,9 @@ def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str, 
     Built with the run's length (``num_train_steps``) and ``steps_per_epoch`` as the trainer builds it, the
     program is the trial's own, so the persistent compilation cache hands the trial this compile.
     """
-    from effnet_jax import scaling, trainer
     from effnet_jax.configs import to_steps
+    from effnet_jax.model import scaling
+    from effnet_jax.training import trainer
 
     if kind not in KINDS:
         raise ValueError(f"latency kind must be one of {', '.join(KINDS)}, got {kind!r}")
