@@ -21,7 +21,7 @@ import jax
 
 from effnet_jax import cli
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.training import rundir, trainer
+from effnet_jax.training import recipe, rundir, trainer
 
 
 def _define_train_flags(fv: Any) -> None:
@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not fv.workdir:
         raise UserError("--workdir is required")
     workdir, lead = fv.workdir, jax.process_index() == 0
-    run = trainer.prepare(config)
-    stored = None if fv.restart else rundir.check_resume(config, workdir, run.total_steps, run.steps_per_epoch)
+    prepared = recipe.prepare(config)
+    stored = None if fv.restart else rundir.check_resume(config, workdir, prepared.total_steps,
+                                                         prepared.steps_per_epoch)
     if stored is not None:
         if lead:
             print(f"{trainer.summary_line(stored)} (already finished; nothing changed)", flush=True)
         return stored
     cli.enable_compile_cache(config.compile_cache_dir)
-    result = trainer.train_and_evaluate(config, workdir, run=run, restart=fv.restart)
+    result = trainer.train_and_evaluate(config, workdir, prepared=prepared, restart=fv.restart)
     if lead:
         print(trainer.summary_line(result), flush=True)
     if result["status"] == "diverged":

@@ -5,14 +5,15 @@ paper's rule, |alpha*beta^2*gamma^2 - target| <= tolerance; ``macs`` measures th
 network instead: its MACs over unscaled B0's within ``macs_tolerance`` (relative) of
 target**phi. At small inputs rounding makes the two disagree (4-6x instead of 2x at 32 px),
 which is why the second exists. A new constraint is one ``Constraint`` subclass and one line
-in ``CONSTRAINTS``; ``search.constraint`` names it.
+in ``CONSTRAINTS``; ``search.constraint`` names it. The constraint also costs the trained candidates
+(``trained_cost``): the search's summary carries that cost, and the winner is admitted by it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import ml_collections
 
@@ -20,6 +21,9 @@ from effnet_jax.errors import UserError
 from effnet_jax.model import cost
 from experiments import trials
 from experiments.trials import BASELINE, PAPER, Candidate
+
+if TYPE_CHECKING:
+    from experiments.analysis import CandidateSummary
 
 EPS = 1e-9  # float drift of a product or a ratio computed from rounded grid values
 
@@ -48,7 +52,11 @@ class Constraint:
     ``num_classes`` are there for constraints that measure the network (``needs_network``)."""
 
     name: ClassVar[str]
+    abbrev: ClassVar[str] = "?"  # its letter in tables of which constraints admit a network (latency_table)
+    title: ClassVar[str] = ""  # what it constrains, in a few words (tables' notes)
     needs_network: ClassVar[bool] = False  # True: cost() builds the network, so candidates wait for the data
+    surface: ClassVar[bool] = False  # True: it admits the surface alpha*beta^2*gamma^2 = target, all that the
+    # sampling proposers (strategies.OnTheSurface) propose on
 
     def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
                  num_classes: int | None = None) -> None:
@@ -61,12 +69,18 @@ class Constraint:
         """Candidates whose networks must be timed on this device before ``admit`` (one per network)."""
         return []
 
+    def meter(self) -> MeasuredLatency | None:
+        """What must time networks on this device before ``admit`` (``to_measure``'s): the constraint itself
+        where its cost is a measured time, else None."""
+        return None
+
     def cost(self, c: Candidate) -> float:
         raise NotImplementedError
 
-    def entry_cost(self, entry: dict[str, Any]) -> float | None:
-        """The cost of a trained candidate from its summary entry (None: not known)."""
-        raise NotImplementedError
+    def trained_cost(self, c: Candidate) -> float | None:
+        """The cost of a trained candidate, as the search's summary carries it for choosing the winner
+        (None: not known)."""
+        return self.cost(c)
 
     def admits(self, cost: float) -> bool:
         raise NotImplementedError
@@ -83,7 +97,7 @@ class Constraint:
         """A line for the log about what the constraint kept, or None."""
         return None
 
-    def warnings(self, summary: Sequence[dict[str, Any]]) -> list[str]:
+    def warnings(self, summary: Sequence[CandidateSummary]) -> list[str]:
         """Lines for the end of a search about how the trained networks sit against the constraint."""
         return []
 
@@ -103,24 +117,24 @@ class Constraint:
         """How far a cost is from the constraint's aim (for naming the closest point)."""
         raise NotImplementedError
 
-    def satisfies(self, entry: dict[str, Any]) -> bool:
-        """Whether a summary entry may win: not the baseline, and admitted."""
-        if entry["label"] == "baseline":
-            return False
-        value = self.entry_cost(entry)
-        return value is not None and self.admits(value)
+    def satisfies(self, entry: CandidateSummary) -> bool:
+        """Whether a summary entry may win: not the baseline, and its cost (``trained_cost``) admitted."""
+        return entry.label != "baseline" and entry.cost is not None and self.admits(entry.cost)
 
 
 class Formula(Constraint):
     """The paper's rule: alpha*beta^2*gamma^2 within ``tolerance`` of ``target``."""
 
-    name = "formula"
+    name, abbrev, title = "formula", "F", "formula"
+    surface = True
+
+    def check(self) -> None:
+        tol = self.search.tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise UserError(f"search.tolerance must be a number >= 0, got {tol!r}")
 
     def cost(self, c: Candidate) -> float:
         return c.product
-
-    def entry_cost(self, entry: dict[str, Any]) -> float | None:
-        return entry["product"]
 
     def admits(self, cost: float) -> bool:
         return abs(cost - self.search.target) <= self.search.tolerance + EPS
@@ -134,14 +148,14 @@ class Formula(Constraint):
                 f"alpha={closest.alpha}, beta={closest.beta}, gamma={closest.gamma} (product {cost:.4f}): widen the "
                 "ranges or the tolerance")
 
-    def warnings(self, summary: Sequence[dict[str, Any]]) -> list[str]:
+    def warnings(self, summary: Sequence[CandidateSummary]) -> list[str]:
         """One line when rounding makes the real networks' MACs disagree with alpha*beta^2*gamma^2."""
         s = self.search
-        off = [e for e in summary if e["label"] != "baseline" and e.get("macs_ratio") is not None
-               and abs(e["macs_ratio"] - e["product"]) > max(s.tolerance, 0.1 * e["product"])]
+        off = [e for e in summary if e.label != "baseline" and e.macs_ratio is not None
+               and abs(e.macs_ratio - e.product) > max(s.tolerance, 0.1 * e.product)]
         if not off:
             return []
-        ratios = [e["macs_ratio"] for e in off]
+        ratios = [e.macs_ratio for e in off]
         return [f"{len(off)} candidates' rounded networks cost {min(ratios):.2f}-{max(ratios):.2f}x the baseline's "
                 f"MACs where alpha*beta^2*gamma^2 says ~{s.target:g}x (column xMACs): at this base resolution the "
                 "constraint does not hold in real cost (search.constraint=macs constrains the real networks)"]
@@ -154,7 +168,7 @@ class RealMacs(Constraint):
     grid points that round to one network are one candidate.
     """
 
-    name = "macs"
+    name, abbrev, title = "macs", "M", "real MACs"
     needs_network = True
 
     def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
@@ -184,9 +198,6 @@ class RealMacs(Constraint):
         if self._base is None:
             self._base = self._macs(BASELINE)
         return self._macs(c) / self._base
-
-    def entry_cost(self, entry: dict[str, Any]) -> float | None:
-        return entry.get("macs_ratio")
 
     tolerance: ClassVar[str] = "macs_tolerance"  # the search field bounding |cost / goal - 1|
 
@@ -226,7 +237,7 @@ class MeasuredLatency(RealMacs):
     ``effnet_jax.training.latency``) is filled by the search from its study before ``admit``.
     """
 
-    name = "latency"
+    name, abbrev, title = "latency", "L", "measured time (t / i: train / inference)"
     tolerance = "latency_tolerance"
 
     def __init__(self, search: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict | None = None,
@@ -244,6 +255,9 @@ class MeasuredLatency(RealMacs):
             raise UserError(f"search.latency_tolerance must be > 0 (relative), got {s.latency_tolerance!r}")
         if not (isinstance(s.latency_window, float) and 0 < s.latency_window < 1):
             raise UserError(f"search.latency_window must be in (0, 1) (relative), got {s.latency_window!r}")
+
+    def meter(self) -> MeasuredLatency:
+        return self
 
     def network_key(self, c: Candidate) -> str:
         return trials.network_name(*self._network(c))
@@ -270,8 +284,9 @@ class MeasuredLatency(RealMacs):
                             "the baseline's MACs, so none was measured: widen search.latency_window or the ranges")
         return super().admit(measured)
 
-    def entry_cost(self, entry: dict[str, Any]) -> float | None:
-        return entry.get(f"latency_{self.search.latency_kind}")
+    def trained_cost(self, c: Candidate) -> float | None:
+        measured = self.measurements.get(self.network_key(c))
+        return None if measured is None else measured[self.search.latency_kind]["ratio"]
 
     def what(self) -> str:
         return f"measured {self.search.latency_kind} time"

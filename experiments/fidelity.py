@@ -16,7 +16,7 @@ candidate, not 13b. ``cooldown`` holds the learning rate constant after the warm
 each budget after a decay to zero over its last ``search.cooldown_fraction``; the next budget
 continues from before that decay (9b plus the cooldowns). ``independent`` gives every budget
 its own full schedule: the proxy of an exhaustive search with short trials. Trials go through
-the one runner (``experiments.runner``), resumable.
+the one trial queue (``experiments.queue``), resumable.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import ml_collections
 
 from effnet_jax import provenance
 from effnet_jax.errors import UserError, exit_on_user_error
-from effnet_jax.training import trainer
-from experiments import report, runner, stats, trials
+from effnet_jax.training import recipe
+from experiments import queue, report, stats, trials, workers
 from experiments.constraints import candidates
 from experiments.strategies import check_search, rung_mode_for
+from experiments.study import identity, open_study, storage_for
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "fidelity.py")
@@ -54,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_steps: int
-          ) -> list[runner.TrialPlan]:
+          ) -> list[queue.TrialPlan]:
     """Every (budget, candidate, seed), short budgets first, scored and continued as ``fidelity.mode`` says
     (in ``continued`` and ``cooldown`` one directory per (candidate, seed): each budget continues the one before)."""
     f = config.fidelity
@@ -67,7 +68,7 @@ def plans(config: ml_collections.ConfigDict, cands: Sequence[Candidate], base_st
                 cfg = mode.config(config.train, c, config.search.phi, seed, steps, i)
                 attrs = {**trials.candidate_attrs(c), "phi": cfg.model.phi, "seed": seed, "budget": b,
                          "budget_steps": n}
-                out.append(runner.TrialPlan(mode.key(c, seed, steps, i), cfg, attrs,
+                out.append(queue.TrialPlan(mode.key(c, seed, steps, i), cfg, attrs,
                                             directory=mode.directory(c, seed, steps, i),
                                             keep_checkpoint=mode.keeps(steps, i)))
     return out
@@ -106,25 +107,27 @@ def analyse(rows: Sequence[dict[str, Any]], metric: str, dataset: str = "digits"
 
 
 def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
-             study_name: str = "fidelity", log: Callable[[str], Any] = print, write: bool = True) -> dict[str, Any]:
+             study_name: str = "fidelity", log: Callable[[str], Any] = print, write: bool = True,
+             worker: queue.Worker | None = None) -> dict[str, Any]:
     """Run (or join, or resume) the fidelity study; returns {"rows", "means", "agreement"}. ``write``: the
-    output files (a local worker leaves them to the process that reports)."""
+    output files (a local worker leaves them to the process that reports). ``worker``: this process's
+    (``workers.begin``'s; default a new one)."""
+    worker = queue.Worker() if worker is None else worker
     check_config(config)
     base = trials.trial_config(config.train, BASELINE, seed=0, schedule_steps=0)
-    prepared = trainer.prepare(base)  # validates the train config; writes nothing
+    prepared = recipe.prepare(base)  # validates the train config; writes nothing
     cands = candidates(config.search, config.train, prepared.source.num_classes)
     base_steps = trials.budget_steps(config.train, prepared.steps_per_epoch)
     planned = plans(config, cands, base_steps)
     trials.check_trials(((p.key, p.config) for p in planned), prepared.steps_per_epoch)
-    study = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
-                              storage or workdir)
-    rows = list(runner.run(study, planned, workdir, trainer.train_and_evaluate, config.search.metric, log).values())
+    study = open_study(storage_for(storage, workdir), study_name, identity(config.train), storage or workdir)
+    rows = list(worker.work(study, planned, workdir, config.search.metric, log).values())
     out = {"rows": rows, **analyse(rows, config.search.metric, config.train.data.name), "base_steps": base_steps}
     if not write:
         return out
     report.write_csv(os.path.join(workdir, "fidelity.csv"), rows,
                      ("trial_id", "label", "alpha", "beta", "gamma", "seed", "budget", "budget_steps",
-                      *runner.RESULT_FIELDS))
+                      *queue.RESULT_FIELDS))
     report.write_json(os.path.join(workdir, "fidelity.json"), {
         **analysis_json(out, config.search.metric), "mode": config.fidelity.mode,
         "provenance": provenance.provenance(), "config": config.to_dict(), "created": report.now()})
@@ -168,13 +171,14 @@ def _tau_text(tau: float | None, ci: Sequence[float] | None) -> str:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    run = runner.begin(argv, "experiments.fidelity", DEFAULT_CONFIG, check_config)
-    fv, t0 = run.flags, time.time()
-    out = run.serve(lambda log, write: fidelity(run.config, run.workdir, fv.storage, fv.study_name, log, write))
+    exp = workers.begin(argv, "experiments.fidelity", DEFAULT_CONFIG, check_config)
+    fv, t0 = exp.flags, time.time()
+    out = exp.serve(lambda log, write: fidelity(exp.config, exp.workdir, fv.storage, fv.study_name, log, write,
+                                                exp.worker))
     if fv.worker:
         return out
     print(format_agreement(out))
-    print(f"fidelity study took {time.time() - t0:.0f} s; results in {run.workdir}")
+    print(f"fidelity study took {time.time() - t0:.0f} s; results in {exp.workdir}")
     return out
 
 

@@ -22,12 +22,17 @@ from typing import Any
 
 from effnet_jax.errors import UserError, exit_on_user_error
 from experiments import report, trials
-from experiments.constraints import CONSTRAINTS, MeasuredLatency, grid_points
+from experiments.constraints import CONSTRAINTS, Constraint, MeasuredLatency, RealMacs, grid_points
 from experiments.strategies import schedule_for
 from experiments.trials import BASELINE, PAPER, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "grid_search.py")
-ADMITS = {"formula": "F", "macs": "M", "latency_train": "Lt", "latency_infer": "Li"}
+ADMITS = {name: c.abbrev for name, c in CONSTRAINTS.items()}  # the "admitted by" letters, one per constraint
+
+
+def _constraints(config: Any, num_classes: int) -> dict[str, Constraint]:
+    """Every registered constraint, built for this config (``constraints.CONSTRAINTS`` is the one list)."""
+    return {name: c(config.search, config.train, num_classes) for name, c in CONSTRAINTS.items()}
 
 
 def networks(config: Any, num_classes: int) -> dict[str, list[Candidate]]:
@@ -35,9 +40,12 @@ def networks(config: Any, num_classes: int) -> dict[str, list[Candidate]]:
     constraint could keep, with the paper's point and unscaled B0."""
     s, meter = config.search, MeasuredLatency(config.search, config.train, num_classes)
     points = grid_points(s)
-    formula, macs = CONSTRAINTS["formula"](s), CONSTRAINTS["macs"](s, config.train, num_classes)
-    keep = {meter.network_key(c) for c in meter.to_measure(points)}
-    keep |= {meter.network_key(c) for c in points if formula.admits(formula.cost(c)) or macs.admits(macs.cost(c))}
+    keep = set()
+    for constraint in _constraints(config, num_classes).values():
+        if constraint.meter() is not None:  # a measured cost: every network it would time
+            keep |= {meter.network_key(c) for c in constraint.to_measure(points)}
+        else:
+            keep |= {meter.network_key(c) for c in points if constraint.admits(constraint.cost(c))}
     out: dict[str, list[Candidate]] = {meter.network_key(BASELINE): [BASELINE], meter.network_key(PAPER): [PAPER]}
     for c in sorted(points, key=lambda c: abs(c.product - s.target)):
         k = meter.network_key(c)
@@ -50,9 +58,8 @@ def table_rows(config: Any, num_classes: int, nets: dict[str, list[Candidate]],
                measured: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
     """One row per network: its representative point, figures, costs and the constraints that admit it."""
     s = config.search
-    macs = CONSTRAINTS["macs"](s, config.train, num_classes)
-    formula = CONSTRAINTS["formula"](s)
-    meter = MeasuredLatency(s, config.train, num_classes)  # its admits(): the latency constraint's own band
+    macs = RealMacs(s, config.train, num_classes)  # the xMACs column
+    everyone = _constraints(config, num_classes)
     rows = []
     for key, points in nets.items():
         c = points[0]
@@ -66,9 +73,12 @@ def table_rows(config: Any, num_classes: int, nets: dict[str, list[Candidate]],
                **{f"x{kind}_spread": cost[kind]["spread"] for kind in cost},
                **{f"{kind}_s": cost[kind]["seconds"] for kind in cost}}
         if c.label != "baseline":
-            admitted = {"formula": any(formula.admits(formula.cost(p)) for p in points),
-                        "macs": macs.admits(row["xmacs"]),
-                        **{f"latency_{kind}": meter.admits(row[f"x{kind}"]) for kind in cost}}
+            admitted: dict[str, bool] = {}
+            for name, constraint in everyone.items():
+                if constraint.meter() is not None:  # its admits() on this run's measured ratio of each kind
+                    admitted.update({f"{name}_{kind}": constraint.admits(row[f"x{kind}"]) for kind in cost})
+                else:
+                    admitted[name] = any(constraint.admits(constraint.cost(p)) for p in points)
             row["admitted_by"] = [name for name, ok in admitted.items() if ok]
         rows.append(row)
     return sorted(rows, key=lambda r: (r["label"] != "baseline", r["xmacs"]))
@@ -84,12 +94,20 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         ("gamma", 5, lambda r: f"{r['gamma']:.2f}"), ("pts", 3, lambda r: str(r["points"])),
         ("res", 3, lambda r: str(r["resolution"])), ("blocks", 6, lambda r: str(r["blocks"])),
         ("xMACs", 5, lambda r: f"{r['xmacs']:.2f}"), ("xTrain", 10, ratio("train")), ("xInfer", 10, ratio("infer")),
-        ("admitted by", 11, lambda r: " ".join(ADMITS[a] for a in r.get("admitted_by", []))),
+        ("admitted by", 11, lambda r: " ".join(map(_letters, r.get("admitted_by", [])))),
     ]
     return report.format_table(rows, columns, [
         "one row per rounded network (pts: grid points that round to it); xTrain / xInfer: median ratio of its "
         "train-step / inference time to unscaled B0's over interleaved rounds, ± half the interquartile range; "
-        "admitted by: F formula, M real MACs, Lt / Li measured train / inference time"])
+        "admitted by: " + ", ".join(f"{c.abbrev} {c.title or name}" for name, c in CONSTRAINTS.items())])
+
+
+def _letters(admitted: str) -> str:
+    """'F' for a constraint's name, 'Lt' for a measured one's kind ('latency_train')."""
+    if admitted in ADMITS:
+        return ADMITS[admitted]
+    name, kind = admitted.rsplit("_", 1)
+    return ADMITS[name] + kind[:1]
 
 
 def compare(paths: Sequence[str]) -> str:
@@ -127,7 +145,7 @@ def _define_flags(fv: Any) -> None:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     from effnet_jax import cli
-    from effnet_jax.training import latency, trainer
+    from effnet_jax.training import latency, recipe
 
     config, fv = cli.parse_config_flags(list(sys.argv if argv is None else argv), DEFAULT_CONFIG, _define_flags)
     if fv.compare:
@@ -137,9 +155,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
         print(compare(paths))
         return None
     cli.enable_compile_cache(config.train.compile_cache_dir)
-    CONSTRAINTS["latency"](config.search).check()
+    MeasuredLatency(config.search).check()
     base = trials.trial_config(config.train, BASELINE, seed=int(config.search.seeds[0]), schedule_steps=0)
-    prepared = trainer.prepare(base)
+    prepared = recipe.prepare(base)
     num_classes = prepared.source.num_classes
     nets = networks(config, num_classes)
     s = config.search

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from experiments.analysis import CandidateSummary
 
 
 def _pyplot() -> Any:
@@ -33,22 +36,22 @@ def _label(ax: Any, xlabel: str, ylabel: str, title: str, legend: int = 0) -> No
         ax.legend(fontsize=legend)
 
 
-def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> list[str]:
+def grid_plots(summary: Sequence[CandidateSummary], metric: str, outdir: str) -> list[str]:
     """grid.png (alpha vs beta coloured by the metric, gamma written beside each point)
     and accuracy_vs_macs.png (the metric against MACs, references labelled)."""
     plt = _pyplot()
-    done = [s for s in summary if s["mean"] is not None]
+    done = [s for s in summary if s.mean is not None]
     paths = []
     if not done:
         return paths
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    grid = [s for s in done if s["label"] != "baseline"]
+    grid = [s for s in done if s.label != "baseline"]
     if grid:
-        sc = ax.scatter([s["alpha"] for s in grid], [s["beta"] for s in grid], c=[s["mean"] for s in grid],
-                        cmap="viridis", s=90, edgecolors=["red" if s["label"] == "paper" else "k" for s in grid])
+        sc = ax.scatter([s.alpha for s in grid], [s.beta for s in grid], c=[s.mean for s in grid],
+                        cmap="viridis", s=90, edgecolors=["red" if s.label == "paper" else "k" for s in grid])
         for s in grid:
-            ax.annotate(f"γ={s['gamma']:.2f}", (s["alpha"], s["beta"]), textcoords="offset points", xytext=(5, 5),
+            ax.annotate(f"γ={s.gamma:.2f}", (s.alpha, s.beta), textcoords="offset points", xytext=(5, 5),
                         fontsize=7)
         fig.colorbar(sc, ax=ax, label=metric)
     _label(ax, "alpha (depth)", "beta (width)", "candidates on alpha·beta²·gamma² ≈ target (red edge: paper)")
@@ -56,10 +59,10 @@ def grid_plots(summary: Sequence[dict[str, Any]], metric: str, outdir: str) -> l
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for s in done:
-        color = {"paper": "red", "baseline": "gray"}.get(s["label"], "C0")
-        ax.errorbar(s["macs"] / 1e6, s["mean"], yerr=s.get("half") or 0.0, fmt="o", color=color, capsize=3)
-        if s["label"]:
-            ax.annotate(s["label"], (s["macs"] / 1e6, s["mean"]), textcoords="offset points", xytext=(5, -10),
+        color = {"paper": "red", "baseline": "gray"}.get(s.label, "C0")
+        ax.errorbar(s.macs / 1e6, s.mean, yerr=s.half or 0.0, fmt="o", color=color, capsize=3)
+        if s.label:
+            ax.annotate(s.label, (s.macs / 1e6, s.mean), textcoords="offset points", xytext=(5, -10),
                         fontsize=8, color=color)
     _label(ax, "MMACs per image", metric, "accuracy vs cost")
     paths.append(_save(plt, fig, os.path.join(outdir, "accuracy_vs_macs.png")))

@@ -32,10 +32,10 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-Column = tuple[str, int, Callable[[Mapping[str, Any]], str]]  # header, width, cell
+Column = tuple[str, int, Callable[[Any], str]]  # header, width, cell (of one row: a dict or a typed record)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], notes: Sequence[str] = ()) -> str:
+def format_table(rows: Sequence[Any], columns: Sequence[Column], notes: Sequence[str] = ()) -> str:
     """A fixed-width text table (headers right-aligned like the cells), then note lines."""
     head = " ".join(f"{h:>{w}}" for h, w, _ in columns)
     lines = [head, "-" * len(head)]
@@ -43,12 +43,11 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], n
     return "\n".join([*lines, *notes])
 
 
-def score_text(s: Mapping[str, Any]) -> str:
-    """'0.8123±0.0210' (mean ± 95% half-width), or the mean alone when no interval exists."""
-    if s.get("mean") is None:
+def score_text(mean: float | None, half: float | None = None) -> str:
+    """'0.8123±0.0210' (mean ± 95% half-width), the mean alone when no interval exists, '-' without a mean."""
+    if mean is None:
         return "-"
-    half = s.get("half")
-    return f"{s['mean']:.4f}" + (f"±{half:.4f}" if half is not None else "")
+    return f"{mean:.4f}" + (f"±{half:.4f}" if half is not None else "")
 
 
 def write_hparams(workdir: str, rows: Sequence[Mapping[str, Any]], hparams: Sequence[str],

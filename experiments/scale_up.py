@@ -60,14 +60,14 @@ def scale_up(constants_path: str, phis: Sequence[float], workdir: str | None = N
     """Print params/MACs of each phi model (the search's network, dataset classes, base resolution), with
     ``measure`` their train-step and inference time on this device over unscaled B0's; train them into
     ``workdir`` when given."""
-    from effnet_jax.training import trainer
+    from effnet_jax.training import recipe, trainer
 
     constants, best = best or read_best(constants_path)
     chosen = Candidate(constants["alpha"], constants["beta"], constants["gamma"])
     train_config = overrides if overrides is not None else search_train_config(best)
     num_classes = int(best.get("num_classes") or 0)
     if not num_classes or (overrides is not None and train_config.data.name != best["config"]["train"]["data"]["name"]):
-        num_classes = trainer.prepare(trials.trial_config(train_config, chosen, 0.0)).source.num_classes
+        num_classes = recipe.prepare(trials.trial_config(train_config, chosen, 0.0)).source.num_classes
     m = train_config.model
     rows, base_macs = [], None
     for phi in [0.0, *phis]:
@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if not fv.constants:
         raise UserError("--constants=best.json is required")
     phis = report.parse_floats(fv.phi, "--phi")
+    if not phis:  # "--phi=": nothing to scale to, which would print an empty table and exit 0
+        raise UserError(f"--phi takes one or more comma-separated phi values (1,2,3), got {fv.phi!r}")
     overridden = any(a.startswith("--config.") for a in argv[1:])
     best = best or read_best(fv.constants)  # --constants=X was read above; --constants X only now
     if fv.train or fv.latency:  # --config.* edits the config; no --config flag exists without "=": the search's

@@ -20,7 +20,7 @@ build (official rounding of channels, repeats and resolution, counted by
 or above the target; that model and the one just below compete, the closer one wins, and
 its achieved MACs must be within ``study.tolerance`` of the target (else a UserError).
 Every model is a trial config (``trials.trial_config``), trained with the
-same budget for all by the one trial runner (``experiments.runner``) as an Optuna study
+same budget for all through the one trial queue (``experiments.queue``) as an Optuna study
 (``study.journal`` in the workdir, or ``--storage``): a rerun skips finished trials and
 resumes an interrupted one; several processes on one storage share the trials.
 
@@ -50,8 +50,9 @@ import ml_collections
 
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.model import scaling
-from effnet_jax.training import trainer
-from experiments import report, runner, stats, trials
+from effnet_jax.training import recipe
+from experiments import queue, report, stats, trials, workers
+from experiments.study import Study, identity, open_study, storage_for
 from experiments.trials import BASELINE, Candidate
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "scaling_study.py")
@@ -59,7 +60,7 @@ FAMILIES = ("width", "depth", "resolution", "compound")
 STEP = 1e-4  # grid of the searched coefficient (w, d, gamma or phi)
 MAX_COEFFICIENT = 64.0  # a budget no family reaches below this is refused
 CSV_FIELDS = ("trial_id", "family", "budget", "coefficient", "alpha", "beta", "gamma", "phi", "seed",
-              "target_macs", "macs_ratio", "latency_ratio", "trial_number", "state", *runner.RESULT_FIELDS)
+              "target_macs", "macs_ratio", "latency_ratio", "trial_number", "state", *queue.RESULT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +208,7 @@ def plan(config: ml_collections.ConfigDict, constants: dict[str, float], num_cla
     return points
 
 
-def latency_meter(config: ml_collections.ConfigDict, prepared: trainer.Run, study_: Any,
+def latency_meter(config: ml_collections.ConfigDict, prepared: recipe.Prepared, study_: Study,
                   log: Callable[[str], Any]) -> Callable[[Candidate, float], float]:
     """``latency_of(candidate, phi)``: the model's ``study.latency_kind`` time over unscaled B0's on this device,
     from the study (kept per device kind, so workers and reruns plan the same models) or measured now,
@@ -223,8 +224,7 @@ def latency_meter(config: ml_collections.ConfigDict, prepared: trainer.Run, stud
 
     def latency_of(c: Candidate, phi: float) -> float:
         key = trials.network_key(config.train, c, phi)
-        stored = dict(study_.study.user_attrs.get("latency") or {})
-        mine = dict(stored.get(device) or {})
+        mine = study_.latencies(device)
         if s.latency_kind not in mine.get(key, {}):
             if "base" not in runs:
                 runs["base"] = runner_of(BASELINE, 0.0)
@@ -232,7 +232,7 @@ def latency_meter(config: ml_collections.ConfigDict, prepared: trainer.Run, stud
             log(f"latency: {trials.candidate_name(dataclasses.asdict(c))} at phi={phi:g} costs {cost.ratio:.2f}x "
                 f"unscaled B0's {s.latency_kind} time on {device}")
             mine[key] = {**mine.get(key, {}), s.latency_kind: cost.as_dict()}
-            study_.study.set_user_attr("latency", {**stored, device: mine})
+            study_.store_latencies(device, mine)
         return mine[key][s.latency_kind]["ratio"]
 
     return latency_of
@@ -312,9 +312,10 @@ def verdicts(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[dic
             word = "compound better" if gap > 0 else "compound worse"
         else:
             word = "no clear difference"
-        sentence = (f"{budget:g}x: compound {report.score_text(comp)} vs {best['family']} {report.score_text(best)}: "
-                    f"gap {gap:+.4f}" + ("" if test["p_value"] is None else
-                                         f", Welch's t-test p = {test['p_value']:.3f}") + f" -> {word}")
+        sentence = (f"{budget:g}x: compound {report.score_text(comp['mean'], comp.get('half'))} vs {best['family']} "
+                    f"{report.score_text(best['mean'], best.get('half'))}: gap {gap:+.4f}"
+                    + ("" if test["p_value"] is None else f", Welch's t-test p = {test['p_value']:.3f}")
+                    + f" -> {word}")
         out.append({"budget": budget, "compound": comp["mean"], "compound_half": comp["half"],
                     "best_other": best["family"], "best_other_mean": best["mean"], "best_other_half": best["half"],
                     "gap": gap, "p_value": test["p_value"], "verdict": word, "sentence": sentence})
@@ -342,7 +343,7 @@ def format_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
             + f" {metric:>16} {'seeds':>5} {'time s':>7}")
     lines = [head, "-" * len(head)]
     for s in summary:
-        score = report.score_text(s)
+        score = report.score_text(s.get("mean"), s.get("half"))
         lines.append(
             f"{s['family']:<10} {s['budget']:>5g}x {s['coefficient']:>7.4f} {s['width']:>6.3f} {s['depth']:>6.3f} "
             f"{s['resolution']:>4} {s['blocks']:>6} {s['params']:>10,} {s['macs'] / 1e6:>8.2f} {s['ratio']:>6.2f} "
@@ -380,8 +381,8 @@ def write_outputs(workdir: str, config: ml_collections.ConfigDict, rows: Sequenc
 # ------------------------------------------------------------------------ driver
 
 def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seeds: Sequence[int]
-                ) -> list[runner.TrialPlan]:
-    """Every (model, seed) as a runner plan; the seeds of one model share its directory's name prefix."""
+                ) -> list[queue.TrialPlan]:
+    """Every (model, seed) as a queue plan; the seeds of one model share its directory's name prefix."""
     base_macs = points[0].macs
     plans = []
     for p in points:
@@ -392,14 +393,17 @@ def trial_plans(config: ml_collections.ConfigDict, points: Sequence[Point], seed
                      "label": p.candidate.label, "alpha": p.candidate.alpha, "beta": p.candidate.beta,
                      "gamma": p.candidate.gamma, "phi": p.phi, "seed": seed, "target_macs": p.budget * base_macs,
                      "macs_ratio": p.ratio, "latency_ratio": p.latency}
-            plans.append(runner.TrialPlan(p.trial_id(seed), cfg, attrs))
+            plans.append(queue.TrialPlan(p.trial_id(seed), cfg, attrs))
     return plans
 
 
 def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print,
-          storage: str | None = None, study_name: str = "scaling_study", write: bool = True) -> dict[str, Any]:
+          storage: str | None = None, study_name: str = "scaling_study", write: bool = True,
+          worker: queue.Worker | None = None) -> dict[str, Any]:
     """Run (or join, or resume) the study; returns {"points", "rows", "summary", "growth"}. ``write``: the
-    output files (a local worker leaves them to the process that reports)."""
+    output files (a local worker leaves them to the process that reports). ``worker``: this process's
+    (``workers.begin``'s; default a new one)."""
+    worker = queue.Worker() if worker is None else worker
     seeds = [int(x) for x in config.study.seeds]
     study_, points, num_classes = setup(config, workdir, log, storage, study_name)
     base_macs = points[0].macs
@@ -412,8 +416,7 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
         log(f"  {p.family:<10} {p.budget:>4g}x: coefficient {p.coefficient:.4f} -> width {p.width:.3f}, "
             f"depth {p.depth:.3f}, {p.resolution} px, {p.macs / 1e6:.2f} MMACs = {p.ratio:.3f}x"
             + ("" if p.latency is None else f", {p.latency:.2f}x time"))
-    rows = list(runner.run(study_, trial_plans(config, points, seeds), workdir, trainer.train_and_evaluate,
-                           config.study.metric, log).values())
+    rows = list(worker.work(study_, trial_plans(config, points, seeds), workdir, config.study.metric, log).values())
     summary = summarize(rows, points, config.study.metric)
     if write:
         write_outputs(workdir, config, rows, summary, growth)
@@ -421,16 +424,15 @@ def study(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Any] = print,
-          storage: str | None = None, study_name: str = "scaling_study") -> tuple[Any, list[Point], int]:
+          storage: str | None = None, study_name: str = "scaling_study") -> tuple[Study, list[Point], int]:
     """Open the data and the study, and match every family to its budgets (measuring on this device when
     matching on time): (study, points, class count). Writes nothing but the study."""
     constants = check_config(config)
     base_cfg = trials.trial_config(config.train, BASELINE, seed=int(config.study.seeds[0]), schedule_steps=0)
-    prepared = trainer.prepare(base_cfg)  # validates the train config, writes nothing
+    prepared = recipe.prepare(base_cfg)  # validates the train config, writes nothing
     num_classes = prepared.source.num_classes
     points = plan(config, constants, num_classes) if config.study.match == "macs" else None  # a miss writes nothing
-    study_ = runner.open_study(runner.storage_for(storage, workdir), study_name, runner.identity(config.train),
-                               storage or workdir)
+    study_ = open_study(storage_for(storage, workdir), study_name, identity(config.train), storage or workdir)
     if points is None:  # matched on time: measured here, kept in the study
         points = plan(config, constants, num_classes, latency_meter(config, prepared, study_, log))
     return study_, points, num_classes
@@ -438,18 +440,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    run = runner.begin(argv, "experiments.scaling_study", DEFAULT_CONFIG, check_config)
-    fv, t0 = run.flags, time.time()
-    out = run.serve(lambda log, write: study(run.config, run.workdir, log, fv.storage, fv.study_name, write),
-                    prepare=(lambda log: setup(run.config, run.workdir, log, fv.storage, fv.study_name))
-                    if run.config.study.match == "latency" else None)
+    exp = workers.begin(argv, "experiments.scaling_study", DEFAULT_CONFIG, check_config)
+    fv, t0 = exp.flags, time.time()
+    out = exp.serve(lambda log, write: study(exp.config, exp.workdir, log, fv.storage, fv.study_name, write,
+                                             exp.worker),
+                    prepare=(lambda log: setup(exp.config, exp.workdir, log, fv.storage, fv.study_name))
+                    if exp.config.study.match == "latency" else None)
     if fv.worker:
         return out
-    print(format_table(out["summary"], run.config.study.metric))
+    print(format_table(out["summary"], exp.config.study.metric))
     print(format_growth(out["growth"]))
     for v in verdicts(out["summary"]):
         print(v["sentence"])
-    print(f"scaling study took {time.time() - t0:.0f} s; results in {run.workdir}")
+    print(f"scaling study took {time.time() - t0:.0f} s; results in {exp.workdir}")
     return out
 
 

@@ -1,18 +1,19 @@
 """How a search spends its trials: a proposer picks rung 0's candidates, a schedule the rungs after.
 
-``search.sampler`` names the proposer: ``grid`` trains every candidate the constraint admits
-(the paper's method); ``tpe`` and ``random`` let an Optuna sampler propose ``search.n_trials``
-points on the surface alpha*beta^2*gamma^2 = target (the references are trained as planned).
-``search.strategy`` names the schedule: ``halving`` (synchronous successive halving: the best
-1/eta of a rung's grid points, rounded up, and the references go on eta times longer) or ``exhaustive``
-(one rung). A new one is one class here and one line in ``PROPOSERS`` / ``SCHEDULES``.
+``search.sampler`` names the proposer (one of ``PROPOSERS``): ``Grid`` trains every candidate the
+constraint admits (the paper's method); the ``OnTheSurface`` ones let an Optuna sampler propose
+``search.n_trials`` points on the surface alpha*beta^2*gamma^2 = target (the references are trained as
+planned). ``search.strategy`` names the schedule (one of ``SCHEDULES``): ``Halving`` (synchronous successive
+halving: the best 1/eta of a rung's grid points, rounded up, and the references go on eta times longer) or
+``Exhaustive`` (one rung); ``search.rung_mode`` how a rung is scored (one of ``RUNG_MODES``). A new one is
+one class here and one line in its registry; ``check_search`` is where the whole search section is checked.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import ml_collections
 
@@ -20,6 +21,9 @@ from effnet_jax.errors import UserError
 from experiments import stats, trials
 from experiments.constraints import candidates, constraint_for
 from experiments.trials import Candidate
+
+if TYPE_CHECKING:
+    from experiments.analysis import CandidateSummary
 
 Rows = dict[Any, dict[str, Any]]
 
@@ -33,10 +37,10 @@ class FirstRung(Protocol):
     def plan_one(self, c: Candidate) -> Any:
         """One rung-0 trial of ``c`` with the first seed."""
 
-    def run(self, plans: Sequence[Any]) -> Rows:
+    def train(self, plans: Sequence[Any]) -> Rows:
         """Train the plans (shared with every worker on the study); {key: row}."""
 
-    def run_sampled(self, n_trials: int, propose: Callable[[Any], Any]) -> list[dict[str, Any]]:
+    def train_sampled(self, n_trials: int, propose: Callable[[Any], Any]) -> list[dict[str, Any]]:
         """``n_trials`` trials that ``propose(optuna_trial)`` turns into plans (None: infeasible); their rows."""
 
 
@@ -46,6 +50,7 @@ class Proposer:
     """Where rung 0's candidates come from."""
 
     name: ClassVar[str]
+    on_surface: ClassVar[bool] = False  # True: it proposes points on alpha*beta^2*gamma^2 = target only
 
     def __init__(self, search: ml_collections.ConfigDict) -> None:
         self.search = search
@@ -68,7 +73,7 @@ class Grid(Proposer):
     name = "grid"
 
     def first_rung(self, cands: Sequence[Candidate], rung: FirstRung) -> tuple[list[Candidate], Rows]:
-        return list(cands), rung.run(rung.plan(cands))
+        return list(cands), rung.train(rung.plan(cands))
 
 
 class OnTheSurface(Proposer):
@@ -80,13 +85,16 @@ class OnTheSurface(Proposer):
     no feasible beta is pruned untrained. The references are trained as planned trials.
     """
 
+    on_surface = True
+
     def check(self) -> None:
         s = self.search
         if isinstance(s.n_trials, bool) or not isinstance(s.n_trials, int) or s.n_trials < 1:
             raise UserError(f"search.n_trials must be a positive integer with search.sampler={self.name}, "
                             f"got {s.n_trials!r}")
-        if s.constraint != "formula":
-            raise UserError(f"search.constraint={s.constraint} works with search.sampler=grid (search.sampler="
+        if not constraint_for(s).surface:
+            anywhere = " or ".join(sorted(n for n, p in PROPOSERS.items() if not p.on_surface))
+            raise UserError(f"search.constraint={s.constraint} works with search.sampler={anywhere} (search.sampler="
                             f"{self.name} proposes points on the formula's surface)")
 
     def point(self, trial: Any) -> Candidate | None:
@@ -103,13 +111,13 @@ class OnTheSurface(Proposer):
 
     def first_rung(self, cands: Sequence[Candidate], rung: FirstRung) -> tuple[list[Candidate], Rows]:
         refs = [c for c in cands if c.label]
-        rows = rung.run(rung.plan(refs))
+        rows = rung.train(rung.plan(refs))
 
         def propose(trial: Any) -> Any:
             c = self.point(trial)
             return None if c is None else rung.plan_one(c)
 
-        sampled = rung.run_sampled(self.search.n_trials, propose)
+        sampled = rung.train_sampled(self.search.n_trials, propose)
         rows.update({r["trial_id"]: r for r in sampled})
         return refs + list(dict.fromkeys(Candidate(r["alpha"], r["beta"], r["gamma"]) for r in sampled)), rows
 
@@ -157,7 +165,7 @@ class Schedule:
         """Training steps of each rung, from the trial budget ``base``."""
         raise NotImplementedError
 
-    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+    def survivors(self, summary: Sequence[CandidateSummary], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
         """The candidates of ``alive`` that go on from rung ``rung`` (summary: one entry per candidate)."""
         raise NotImplementedError
@@ -171,7 +179,7 @@ class Exhaustive(Schedule):
     def rung_steps(self, base: int) -> list[int]:
         return [base]
 
-    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+    def survivors(self, summary: Sequence[CandidateSummary], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
         return list(alive)
 
@@ -191,12 +199,12 @@ class Halving(Schedule):
     def rung_steps(self, base: int) -> list[int]:
         return [base * self.search.halving_eta**r for r in range(self.search.halving_rungs)]
 
-    def survivors(self, summary: Sequence[dict[str, Any]], alive: Sequence[Candidate], rung: int
+    def survivors(self, summary: Sequence[CandidateSummary], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
         """The best 1/eta of rung ``rung``'s grid points, rounded up (where a cheap rung is limited by seed
         noise, the candidate just past the cut is about as good as the one on it), plus the references."""
-        ranked = [s for s in summary if s["rung"] == rung and s["mean"] is not None and not s["label"]]
-        keep = {(s["alpha"], s["beta"], s["gamma"]) for s in ranked[: math.ceil(len(ranked) / self.search.halving_eta)]}
+        ranked = [s for s in summary if s.rung == rung and s.mean is not None and not s.label]
+        keep = {(s.alpha, s.beta, s.gamma) for s in ranked[: math.ceil(len(ranked) / self.search.halving_eta)]}
         return [c for c in alive if c.label or (c.alpha, c.beta, c.gamma) in keep]
 
 
@@ -259,7 +267,8 @@ class Cooldown(RungMode):
     def check(self) -> None:
         f = self.search.cooldown_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
-            raise UserError(f"search.cooldown_fraction must be in (0, 1) with search.rung_mode=cooldown, got {f!r}")
+            raise UserError(f"search.cooldown_fraction must be in (0, 1) with search.rung_mode={self.name}, "
+                            f"got {f!r}")
 
     def config(self, train: ml_collections.ConfigDict, c: Candidate, phi: float, seed: int, steps: Sequence[int],
                rung: int) -> ml_collections.ConfigDict:
@@ -320,9 +329,31 @@ def rung_mode_for(search: ml_collections.ConfigDict, name: str | None = None, fi
     return mode
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_grid(s: ml_collections.ConfigDict) -> None:
+    """The grid's fields, their types and ranges, before anything reads them (a scalar where a range belongs
+    is one error line, not an IndexError)."""
+    for field in ("alpha", "beta", "gamma"):
+        v = s[field]
+        if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_number, v)) and 1 <= v[0] <= v[1]):
+            raise UserError(f"search.{field} must be a range (lo, hi) of two numbers with 1 <= lo <= hi, got {v!r}")
+    for field in ("step", "target", "phi"):
+        if not (_number(s[field]) and s[field] > 0):
+            raise UserError(f"search.{field} must be a number > 0, got {s[field]!r}")
+    for field in ("include_paper", "include_baseline", "measure_latency", "require_learning"):
+        if not isinstance(s.get(field, True), bool):
+            raise UserError(f"search.{field} must be True or False, got {s[field]!r}")
+
+
 def check_search(config: ml_collections.ConfigDict) -> None:
-    """Validate the whole search section before the first trial (and before the data is opened)."""
+    """Validate the whole search section before the first trial (and before the data is opened): the one
+    place every search field's type, range and name is checked, the registries' classes each checking the
+    fields they read (``check``)."""
     s = config.search
+    _check_grid(s)
     schedule_for(s).check()
     rung_mode_for(s)
     trials.check_metric(s.metric, "search.metric")
@@ -334,12 +365,14 @@ def check_search(config: ml_collections.ConfigDict) -> None:
                         f"(search.final_seeds, else search.seeds), got {s.max_seeds!r}")
     if s.get("test", stats.POOLED) not in stats.TESTS:
         raise UserError(f"search.test must be {' or '.join(stats.TESTS)}, got {s.test!r}")
-    if not isinstance(s.get("require_learning", True), bool):
-        raise UserError(f"search.require_learning must be True or False, got {s.require_learning!r}")
     if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
         raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
     constraint = constraint_for(s)
     constraint.check()
+    if constraint.meter() is not None or s.measure_latency:
+        r = s.latency_rounds
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise UserError(f"search.latency_rounds must be an integer >= 1, got {r!r}")
     proposer_for(s).check()
     if config.train.model.resolution > 0:
         raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")

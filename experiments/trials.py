@@ -44,6 +44,12 @@ class Candidate:
         return self.alpha * self.beta**2 * self.gamma**2
 
     @property
+    def name(self) -> str:
+        """'(1.2, 1.1, 1.15) (paper)': how tables, verdicts and plots name the candidate."""
+        tag = {"paper": " (paper)", "baseline": " (baseline)"}.get(self.label, "")
+        return f"({self.alpha:g}, {self.beta:g}, {self.gamma:g}){tag}"
+
+    @property
     def key(self) -> str:
         """A name for directories and trial keys; the baseline (trained at phi = 0) is marked apart."""
         return f"a{self.alpha:.3f}-b{self.beta:.3f}-g{self.gamma:.3f}" + ("-phi0" if self.label == "baseline" else "")
@@ -54,9 +60,8 @@ BASELINE = Candidate(1.0, 1.0, 1.0, label="baseline")  # unscaled B0: trained at
 
 
 def candidate_name(entry: Mapping[str, Any]) -> str:
-    """'(1.2, 1.1, 1.15) (paper)': how tables, verdicts and plots name a row's candidate."""
-    tag = {"paper": " (paper)", "baseline": " (baseline)"}.get(entry["label"], "")
-    return f"({entry['alpha']:g}, {entry['beta']:g}, {entry['gamma']:g}){tag}"
+    """A row's candidate's ``Candidate.name``."""
+    return Candidate(entry["alpha"], entry["beta"], entry["gamma"], entry["label"]).name
 
 
 def candidate_attrs(c: Candidate) -> dict[str, Any]:
@@ -116,13 +121,13 @@ def figures(train_config: ml_collections.ConfigDict, c: Candidate, phi: float, n
 
 
 def check_trials(configs: Iterable[tuple[str, ml_collections.ConfigDict]], steps_per_epoch: int) -> None:
-    """Every planned trial's schedule is valid (``trainer.check_schedule``) before any trains: a budget whose
+    """Every planned trial's schedule is valid (``recipe.check_schedule``) before any trains: a budget whose
     cooldown falls inside the warmup, say, is one error line naming the trial, not a failure mid-run."""
-    from effnet_jax.training import trainer
+    from effnet_jax.training import recipe
 
     for name, cfg in configs:
         try:
-            trainer.check_schedule(cfg, steps_per_epoch)
+            recipe.check_schedule(cfg, steps_per_epoch)
         except UserError as e:
             raise UserError(f"trial {name}: train.{e}") from None
 
@@ -134,11 +139,11 @@ def budget_steps(train_config: ml_collections.ConfigDict, steps_per_epoch: int) 
 
 def check_seeds(seeds: Iterable[Any], field: str, empty_ok: bool = False) -> list[int]:
     """The seeds as ints; a UserError naming ``field`` unless they are distinct integers (and some, by default)."""
-    values = list(seeds)
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in values) or len(set(values)) != len(values) \
-            or not (values or empty_ok):
-        some = "" if empty_ok else "a non-empty tuple of "
-        raise UserError(f"{field} must be {some}distinct integers, got {tuple(values)}")
+    values = list(seeds) if isinstance(seeds, (tuple, list)) else None  # a scalar: no iterating it
+    if values is None or any(isinstance(x, bool) or not isinstance(x, int) for x in values) \
+            or len(set(values)) != len(values) or not (values or empty_ok):
+        some = "a tuple of " if empty_ok else "a non-empty tuple of "
+        raise UserError(f"{field} must be {some}distinct integers, got {seeds if values is None else tuple(values)!r}")
     return [int(x) for x in values]
 
 

@@ -11,7 +11,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -131,8 +131,9 @@ if BATCH_SIZE % jax.device_count():
 import os
 
 from effnet_jax import cli
-from experiments import grid_search
+from experiments import grid_search, search_report
 from experiments.configs import grid_search as grid_config
+from experiments.constraints import candidates
 
 import socket
 
@@ -166,7 +167,7 @@ s = config.search
 s.alpha, s.beta, s.gamma, s.step, s.tolerance = ALPHA, BETA, GAMMA, STEP, TOLERANCE
 s.include_paper = s.include_baseline = INCLUDE_REFERENCES
 
-cands = grid_search.candidates(s)
+cands = candidates(s)
 print(f"{len(cands)} candidates:")
 for c in cands:
     print(f"  alpha={c.alpha:.2f} beta={c.beta:.2f} gamma={c.gamma:.2f}  "
@@ -189,7 +190,7 @@ import time
 t0 = time.time()
 out = grid_search.search(config, WORKDIR)
 print(f"grid search took {time.time() - t0:.0f} s")
-print(grid_search.format_table(out["summary"], s.metric, out["verdict"]["verdicts"]))
+print(search_report.format_table(out["summary"], s.metric, out["verdict"]["verdicts"]))
 print(out["verdict"]["sentence"])
 best = out["best"]
 if best is None:
@@ -201,9 +202,9 @@ if out["learning"].get("learned") is False:
     print(f"no answer: {out['learning']['reason']}")
     BEST_JSON = os.path.join(WORKDIR, "top_scoring_constants.json")
     with open(BEST_JSON, "w") as f:
-        json.dump({k: best[k] for k in ("alpha", "beta", "gamma")}, f)
-print(f"winner: alpha={best['alpha']} beta={best['beta']} gamma={best['gamma']} "
-      f"({s.metric} {best['mean']:.4f}) -> {BEST_JSON}")
+        json.dump({"alpha": best.alpha, "beta": best.beta, "gamma": best.gamma}, f)
+print(f"winner: alpha={best.alpha} beta={best.beta} gamma={best.gamma} "
+      f"({s.metric} {best.mean:.4f}) -> {BEST_JSON}")
 
 # %%
 from IPython.display import Image, display
@@ -274,14 +275,14 @@ print(f"{scaled['params']:,} parameters, {scaled['macs'] / 1e6:.1f} MMACs per im
 import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(6, 4))
-done = [r for r in out["summary"] if r["mean"] is not None]
+done = [r for r in out["summary"] if r.mean is not None]
 for r in done:
-    color = {"paper": "red", "baseline": "gray"}.get(r["label"], "C0")
-    ax.plot(r["macs"] / 1e6, r["mean"], "o", color=color)
-    if r["label"]:
-        ax.annotate(r["label"], (r["macs"] / 1e6, r["mean"]), xytext=(5, -10),
+    color = {"paper": "red", "baseline": "gray"}.get(r.label, "C0")
+    ax.plot(r.macs / 1e6, r.mean, "o", color=color)
+    if r.label:
+        ax.annotate(r.label, (r.macs / 1e6, r.mean), xytext=(5, -10),
                     textcoords="offset points", fontsize=8)
-ax.plot(best["macs"] / 1e6, best["mean"], "o", mfc="none", mec="k", ms=12, label="winner (phi = 1)")
+ax.plot(best.macs / 1e6, best.mean, "o", mfc="none", mec="k", ms=12, label="winner (phi = 1)")
 if scaled.get("val_top1") is not None:
     ax.plot(scaled["macs"] / 1e6, scaled["val_top1"], "*", color="C3", ms=14,
             label=f"winner at phi = {TRAIN_PHI:g}")

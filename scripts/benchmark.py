@@ -3,7 +3,7 @@
     python scripts/benchmark.py --model b0 --resolution 64 --batch 32 --peer timm
 
 Measures, on whatever backend JAX has: train-step img/s (the trainer's own jitted,
-state-donating step, built by ``trainer.build_program`` from the default config: the
+state-donating step, built by ``programs.build_program`` from the default config: the
 paper's RMSProp recipe with EMA, label smoothing, dropout and drop path), inference
 img/s, compile time of each program (trace + lower + compile, and the first step),
 XLA's compiled memory estimate and, where the backend reports it (GPU/TPU), peak
@@ -69,7 +69,8 @@ from effnet_jax.model.arch import NETWORKS  # noqa: E402
 from effnet_jax.model.efficientnet import create_model, eval_view  # noqa: E402
 from effnet_jax.model.layers import KERNELS, resolve_kernels  # noqa: E402
 from effnet_jax.model.scaling import OFFICIAL, ScalingSpec, build_architecture, from_constants, resolve  # noqa: E402
-from effnet_jax.training import program_store, trainer  # noqa: E402
+from effnet_jax.training import program_store, programs, recipe  # noqa: E402
+from effnet_jax.training.timings import Timings  # noqa: E402
 
 LEARNING_RATE = 0.016 * 32 / 256  # official rate per 256 images, at batch 32 (timm's optimizer)
 
@@ -140,10 +141,10 @@ def bench_config(args: argparse.Namespace, kernels: str, impl: str, scan: bool =
 
 def ours_train(spec: ScalingSpec, args: argparse.Namespace, kernels: str, impl: str, x: np.ndarray,
                y: np.ndarray, scan: bool = False) -> Runner:
-    """The trainer's jitted train step (``trainer.build_program``) on one fixed batch, its state donated and rebound."""
+    """The trainer's jitted train step (``programs.build_program``) on one fixed batch, its state donated, rebound."""
     config = bench_config(args, kernels, impl, scan)
-    program = trainer.build_program(config, spec, args.num_classes, layers=trainer.model_layers(config),
-                                  dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
+    program = programs.build_program(config, spec, args.num_classes, layers=recipe.model_layers(config),
+                                     dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
     batch = jax.device_put({"image": jnp.asarray(x), "label": jnp.asarray(y)}, program.data_sharding)
     t0, c0 = time.perf_counter(), time.process_time()
     compiled = program.train_step.lower(program.state, batch).compile()
@@ -171,7 +172,7 @@ def ours_inference(spec: ScalingSpec, args: argparse.Namespace, kernels: str, im
     """The model's forward on running statistics, one jitted function over its split state."""
     config = bench_config(args, kernels, impl, scan)
     model = eval_view(create_model(spec, args.num_classes, dtype=scaling.compute_dtype(args.dtype),
-                                   kernels=trainer.model_layers(config), scan_blocks=scan,
+                                   kernels=recipe.model_layers(config), scan_blocks=scan,
                                    network=NETWORKS[args.network]))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
@@ -224,7 +225,7 @@ def _stored_programs() -> int:
 
 
 def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
-    """In this process: build one train step (``trainer.build_program``, the default config), time its trace,
+    """In this process: build one train step (``programs.build_program``, the default config), time its trace,
     lowering and compile with the persistent cache in --compile_cache, then --compile_steps steps.
 
     Run by ``compile_mode`` in a fresh process per measurement, so that no in-memory cache of jax's
@@ -236,14 +237,14 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
     impl = args.impls[0] if kernels == "fast" else "auto"
     scan = args.scan_sets[0]
     config = bench_config(args, kernels, impl, scan)
-    program = trainer.build_program(config, spec, args.num_classes, layers=trainer.model_layers(config),
-                                    dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
+    program = programs.build_program(config, spec, args.num_classes, layers=recipe.model_layers(config),
+                                     dtype=scaling.compute_dtype(args.dtype), steps_per_epoch=1000, total_steps=100_000)
     rng = np.random.default_rng(0)
     batch = jax.device_put({"image": jnp.asarray(rng.standard_normal((args.batch, res, res, 3), dtype=np.float32)),
                             "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch).astype(np.int32))},
                            program.data_sharding)
     entries, stored = _cache_entries(args.compile_cache), _stored_programs()
-    times: dict[str, Any] = {}  # the trainer's phases, when it builds the step
+    times = Timings()  # the trainer's phases, when it builds the step
     c0, t0 = time.process_time(), time.perf_counter()
     if args.probe_phase == "warm":  # JAX's persistent cache: traced and lowered, then loaded by its HLO's key
         traced = program.train_step.trace(program.state, batch)
@@ -253,7 +254,7 @@ def compile_probe(args: argparse.Namespace) -> dict[str, Any]:
         compiled = lowered.compile()
         t3, c3 = time.perf_counter(), time.process_time()
     else:  # what a trial runs: the program store's file, else trace, lower, compile and store it
-        trainer.BACKGROUND_EVAL_COMPILE = False  # time the train step alone
+        programs.BACKGROUND_EVAL_COMPILE = False  # time the train step alone
         compiled = program.steps.compiled_train(program.state, batch, times)
         t3, c3 = time.perf_counter(), time.process_time()
         t1 = t0 + times.get("train_trace_s", 0.0)

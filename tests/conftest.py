@@ -7,6 +7,8 @@ import it here, before any test module can import TensorFlow.
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -33,3 +35,36 @@ def pytest_configure(config):
     from effnet_jax import cli
 
     cli.enable_compile_cache(CACHE)
+
+
+class UnmarkedSlowTest(AssertionError):
+    """A test outside the ``slow`` tier trained a network or started a Python process."""
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_fast(request, monkeypatch):
+    """Keep ``pytest -m "not slow"`` the edit loop: a test without ``@pytest.mark.slow`` that trains (the
+    trainer's ``train_and_evaluate``) or starts a Python process fails here, naming what it did. A test that
+    swaps training for a fake (monkeypatch) is not training and stays in the fast tier."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import subprocess
+    import sys
+
+    from effnet_jax.training import trainer
+
+    def refuse(what: str):
+        raise UnmarkedSlowTest(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow (tests/conftest.py)")
+
+    real_popen = subprocess.Popen.__init__
+
+    def popen(self, args, *a, **k):
+        first = args[0] if isinstance(args, (list, tuple)) and args else args
+        if isinstance(first, str) and os.path.realpath(first) == os.path.realpath(sys.executable):
+            refuse("started a Python process")
+        return real_popen(self, args, *a, **k)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    monkeypatch.setattr(trainer, "train_and_evaluate", lambda *a, **k: refuse("trained a network"))
+    yield

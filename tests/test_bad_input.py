@@ -71,6 +71,7 @@ def strict_json(text):
 # ------------------------------------------------------------------ config file and fields
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
     wd = tmp_path / "wd"
     line = one_error_line(cli(*train_cmd(wd, config=tmp_path / "nope.py")))
@@ -78,6 +79,7 @@ def test_missing_config_file(tmp_path):
     assert not wd.exists()
 
 
+@pytest.mark.slow
 def test_config_file_with_a_syntax_error(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def get_config(:\n    return None\n")
@@ -87,6 +89,20 @@ def test_config_file_with_a_syntax_error(tmp_path):
     assert not wd.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("--config.num_train_steps=-5", "error: num_train_steps must not be negative (0: train for num_epochs), got -5"),
+    ("--config.num_epochs=-1", "error: num_epochs must not be negative, got -1"),
+])
+def test_negative_num_train_steps_or_epochs_is_one_line_before_anything_is_written(tmp_path, override, message):
+    """A negative step count used to be read as 0 ("train by num_epochs") and trained silently with exit 0."""
+    wd = tmp_path / "wd"
+    line = one_error_line(cli(*train_cmd(wd, override)))
+    assert line == message
+    assert not wd.exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.nosuch=3", "unknown config field 'nosuch' (did you mean: "),
     ("--config.model.nosuch=1", "unknown config field 'model.nosuch' (did you mean: model."),
@@ -104,6 +120,7 @@ def test_unknown_config_field_is_named_with_the_nearest_ones(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_unknown_field_of_a_default_config_file():
     """The grid search and the scaling study pass their config as the default: overridden at flag definition."""
     from effnet_jax import cli
@@ -113,6 +130,7 @@ def test_unknown_field_of_a_default_config_file():
         cli.parse_config_flags(["experiments/grid_search.py", "--config.modl.phi=2"], DIGITS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, kind", [("scaling_study.py", "scaling-study"), ("fidelity.py", "fidelity")])
 def test_unknown_preset_of_an_experiment_config_is_one_line(config, kind):
     from effnet_jax import cli
@@ -127,6 +145,32 @@ def test_unknown_preset_of_an_experiment_config_is_one_line(config, kind):
         assert config_obj.train.model.base_resolution == (40 if preset else 32)
 
 
+# ------------------------------------------------------------------------- the experiments' flags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("--config.search.alpha=1.2",
+     "search.alpha must be a range (lo, hi) of two numbers with 1 <= lo <= hi, got (1.2,)"),
+    ("--config.search.step=-0.05", "search.step must be a number > 0, got -0.05"),
+])
+def test_a_bad_search_field_is_one_line_before_anything_is_written(tmp_path, override, message):
+    """A scalar where the search wants a (lo, hi) range was an IndexError traceback: strategies.check_search."""
+    wd = tmp_path / "wd"
+    line = one_error_line(cli(sys.executable, "-m", "experiments.grid_search", f"--workdir={wd}", override))
+    assert line == f"error: {message}"
+    assert not wd.exists()
+
+
+@pytest.mark.slow
+def test_scale_up_with_an_empty_phi_is_one_line(tmp_path):
+    """--phi= (no value) printed an empty table and exited 0."""
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "config": {"train": {}}}))
+    line = one_error_line(cli(sys.executable, "-m", "experiments.scale_up", f"--constants={best}", "--phi="))
+    assert line == "error: --phi takes one or more comma-separated phi values (1,2,3), got ''"
+
+
 # ------------------------------------------------------------------------- image folders
 
 
@@ -139,6 +183,7 @@ def write_pngs(root, counts):
             Image.new("RGB", (24, 20), (i * 20, 100, 200)).save(root / label / f"{i}.png")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("corrupt", "train/dog/3.png is not a readable image (cannot identify image file); remove or replace it"),
     ("one_class", "has a single class ('cat'): a classifier needs at least two"),
@@ -162,6 +207,7 @@ def test_bad_image_folder_one_line_before_training(tmp_path, case, message):
 # --------------------------------------------------------------------------------- workdir
 
 
+@pytest.mark.slow
 def test_workdir_that_is_a_file(tmp_path):
     wd = tmp_path / "file"
     wd.write_text("mine\n")
@@ -172,6 +218,7 @@ def test_workdir_that_is_a_file(tmp_path):
     assert "is a file, not a directory" in line
 
 
+@pytest.mark.slow
 def test_workdir_under_proc():
     """Root ignores file modes, so /proc is the unwritable place every test machine has."""
     line = one_error_line(cli(*train_cmd("/proc/effnet_test", "--config.num_train_steps=4")))
@@ -179,6 +226,7 @@ def test_workdir_under_proc():
     assert not os.path.exists("/proc/effnet_test")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode-0500 directory anyway")
 def test_read_only_workdir(tmp_path):
     wd = tmp_path / "ro"
@@ -226,6 +274,7 @@ def _wrapped(e):
             return wrapper
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code, wrap", [(errno.ENOSPC, False), (errno.EROFS, True), (errno.EACCES, False)])
 def test_full_or_read_only_disk_during_training(tmp_path, monkeypatch, capsys, code, wrap):
     """An OSError while saving (raw, or wrapped as orbax does) is one line naming the path; exit 2."""
@@ -242,6 +291,7 @@ def test_full_or_read_only_disk_during_training(tmp_path, monkeypatch, capsys, c
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {target}: {os.strerror(code)}"), lines
 
 
+@pytest.mark.slow
 def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Only storage errnos become one line: any other exception propagates unchanged."""
     from effnet_jax import train
@@ -254,6 +304,7 @@ def test_a_real_bug_keeps_its_traceback(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------- the run
 
 
+@pytest.mark.slow
 def test_sigint_says_where_to_resume_exit_130(tmp_path):
     wd = tmp_path / "wd"
     proc = subprocess.Popen(train_cmd(wd, "--config.num_train_steps=200"), cwd=ROOT, env=env(), text=True,
@@ -276,6 +327,7 @@ def test_sigint_says_where_to_resume_exit_130(tmp_path):
     assert not (wd / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_divergence_exits_1_and_writes_strict_json(tmp_path):
     wd = tmp_path / "wd"
     proc = cli(*train_cmd(wd, "--config.num_train_steps=6", "--config.optimizer.learning_rate=1e12"))
@@ -307,6 +359,7 @@ def copy(finished, tmp_path):
     return wd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--config.log_every_steps=2", "--config.progress_bar=True"]])
 def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
     before = snapshot(copy)
@@ -319,6 +372,7 @@ def test_rerunning_a_finished_workdir_changes_nothing(copy, extra):
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_finished_workdir_in_process_returns_the_stored_result(copy):
     """The grid search calls train_and_evaluate per trial: a finished one is neither retrained nor rewritten."""
     from effnet_jax import cli
@@ -330,6 +384,7 @@ def test_finished_workdir_in_process_returns_the_stored_result(copy):
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["--config.num_train_steps=4", "--config.batch_size=16", "--config.model.network=b0"],
      "batch_size 32 -> 16, model.network tiny -> b0"),
@@ -365,6 +420,7 @@ def test_config_differences_ignore_cosmetics_and_fields_added_or_removed_since()
     assert rundir.config_differences(old, new, 33) == []  # longer, same schedule: continues
 
 
+@pytest.mark.slow
 def test_checkpoint_past_the_configs_steps_is_refused(copy):
     (copy / "config.json").unlink()  # a workdir from before config.json: the checkpoint still tells
     (copy / "result.json").unlink()
@@ -374,6 +430,7 @@ def test_checkpoint_past_the_configs_steps_is_refused(copy):
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_restart_starts_over(copy):
     old = json.loads((copy / "result.json").read_text())
     (copy / "notes.txt").write_text("keep me\n")
@@ -387,6 +444,7 @@ def test_restart_starts_over(copy):
     assert (copy / "notes.txt").read_text() == "keep me\n"
 
 
+@pytest.mark.slow
 def test_growing_with_the_same_schedule_continues_exactly(copy, tmp_path):
     """The grid search's promoted trial: 4 steps then 6 ends bit-identical to 6 straight."""
     proc = cli(*train_cmd(copy, "--config.num_train_steps=6"))
@@ -398,6 +456,7 @@ def test_growing_with_the_same_schedule_continues_exactly(copy, tmp_path):
     assert json.loads((ref / "result.json").read_text())["params_sha256"] == grown["params_sha256"]
 
 
+@pytest.mark.slow
 def test_bad_head_init_is_one_line_before_anything_is_written(tmp_path):
     wd = tmp_path / "wd"
     proc = subprocess.run([sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={wd}",

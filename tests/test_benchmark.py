@@ -18,6 +18,7 @@ def load_benchmark():
     return load_script("benchmark", "benchmark_script")
 
 
+@pytest.mark.slow
 def test_benchmark_json_fields(capsys, tmp_path):
     bench = load_benchmark()
     argv = ["--phi", "0", "--batch", "2", "--resolution", "32", "--num_classes", "10",
@@ -42,6 +43,7 @@ def test_benchmark_json_fields(capsys, tmp_path):
     assert "32px batch 2" in table and table.count("effnet_jax") == len(ours_rows)
 
 
+@pytest.mark.slow
 def test_benchmark_train_step_runs_and_profiles(capsys, tmp_path):
     bench = load_benchmark()
     records = bench.main(["--network", "tiny", "--batch", "2", "--resolution", "32", "--num_classes", "10",
@@ -78,6 +80,7 @@ def test_benchmark_rejects_bad_arguments(argv):
         bench.parse_args(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--batch=0"], "--batch must be at least 1, got 0"),
     (["--resolution=1"], "--resolution 1 is smaller than the network's total stride 32"),
@@ -101,6 +104,7 @@ def test_benchmark_mistakes_are_one_line_exit_2(tmp_path, argv, message):
     assert not json_out.exists() and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_no_tensorflow_in_import_chain():
     # A fresh interpreter: other tests in this process may have imported tensorflow. (ml_collections is
     # allowed: the benchmark builds the trainer's own step from the trainer's config.)
@@ -122,8 +126,8 @@ def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
     for kernels, bn_type in (("fast", "effnet_jax.model.fast_layers"), ("reference", "flax.")):
         config = bench.bench_config(args, kernels, "auto")
         assert config.model.kernels == kernels and config.batch_size == args.batch
-        assert bench.trainer.model_layers(config).kernels == kernels
-        model = bench.create_model("b0", 10, kernels=bench.trainer.model_layers(config))
+        assert bench.recipe.model_layers(config).kernels == kernels
+        model = bench.create_model("b0", 10, kernels=bench.recipe.model_layers(config))
         assert type(model.stem_bn).__module__.startswith(bn_type) and isinstance(model.stem_bn, nnx.BatchNorm)
     assert bench.variant_name("reference", "auto") == "reference"
     assert bench.variant_name("fast", "xla") == "xla"
@@ -133,6 +137,7 @@ def test_kernels_flag_builds_the_trainers_step_for_each_kernel_set():
 DEEP_TINY = ["--network", "tiny", "--alpha", "2", "--beta", "1", "--gamma", "1", "--batch", "2", "--num_classes", "10"]
 
 
+@pytest.mark.slow
 def test_scan_blocks_times_both_train_steps_interleaved():
     bench = load_benchmark()
     records = bench.main([*DEEP_TINY, "--phi", "1", "--modes", "train", "--scan_blocks", "off,on", "--warmup", "0",
@@ -141,6 +146,7 @@ def test_scan_blocks_times_both_train_steps_interleaved():
     assert all(r["img_per_s"] > 0 and r["compile_s"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_compile_mode_cold_warm_and_stored_in_fresh_processes(capsys, tmp_path):
     """Each setting compiles into empty caches (cold: the train step adds a JAX cache entry and a stored
     program), then a second process loads it from JAX's cache (warm: traced and lowered, nothing added) and

@@ -15,6 +15,7 @@ TIMM_PARAMS = {
 PAPER_GMACS = {"b0": 0.39, "b1": 0.70, "b2": 1.0, "b3": 1.8, "b4": 4.2, "b5": 9.9, "b6": 19, "b7": 37}
 
 
+@pytest.mark.slow
 def test_summary_json_params_match_timm_exactly():
     out = subprocess.run(
         [sys.executable, "-m", "effnet_jax.size_table", *TIMM_PARAMS, "--json"],
@@ -42,6 +43,7 @@ def test_b0_macs_by_hand():
     assert count_params(arch, 1000) - count_params(arch, 10) == 1281 * 990
 
 
+@pytest.mark.slow
 def test_summary_growth_columns():
     out = subprocess.run(
         [sys.executable, "-m", "effnet_jax.size_table", "--alpha", "1.2", "--beta", "1.1", "--gamma", "1.15",
@@ -55,6 +57,7 @@ def test_summary_growth_columns():
     assert rows[2]["macs"] > rows[1]["macs"] > rows[0]["macs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [(["b9"], "unknown model"), (["--alpha", "0.5", "--beta", "1", "--gamma", "1"], "alpha must be"),

@@ -20,7 +20,7 @@ import pytest
 from test_bad_input import env, one_error_line, train_cmd
 from test_runner import command, complete_once, trials_by_key
 
-from experiments import runner
+from experiments.study import redact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +54,7 @@ def result(workdir):
 # ---------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.slow
 def test_sigterm_saves_where_it_stopped_exits_143_and_resumes_bit_identical(tmp_path):
     """What Slurm, Kubernetes and preemptible VMs send: a checkpoint at the step reached, one line, 143."""
     steps = ["--config.num_train_steps=60", "--config.checkpoint_every_steps=25"]
@@ -76,6 +77,7 @@ def test_sigterm_saves_where_it_stopped_exits_143_and_resumes_bit_identical(tmp_
     assert result(wd)["params_sha256"] == result(tmp_path / "whole")["params_sha256"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 2.0])
 def test_ctrl_c_while_starting_is_one_line_exit_130_not_a_full_run(tmp_path, delay):
     """A Ctrl-C while JAX imports or initialises (where Python's own KeyboardInterrupt can be swallowed by a
@@ -90,6 +92,7 @@ def test_ctrl_c_while_starting_is_one_line_exit_130_not_a_full_run(tmp_path, del
     assert not (wd / "result.json").exists()
 
 
+@pytest.mark.slow
 def test_a_ctrl_c_dropped_inside_a_gc_callback_is_still_one_line_exit_130(tmp_path):
     """The loaded-machine case above, made certain: the stop arrives while a garbage-collection callback runs
     (where JAX's ``_xla_gc_callback`` sits), Python drops the exception it raises, and the run reports it at
@@ -117,6 +120,7 @@ def test_a_ctrl_c_dropped_inside_a_gc_callback_is_still_one_line_exit_130(tmp_pa
     assert "ran to the end" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_search_requeues_its_trials_and_the_rerun_matches_an_uninterrupted_one(tmp_path):
     steps = ["--config.train.num_train_steps=60", "--config.train.checkpoint_every_steps=25"]
     whole = subprocess.run(command(tmp_path / "whole", *steps), cwd=ROOT, capture_output=True, text=True,
@@ -148,6 +152,7 @@ def test_sigterm_stops_a_search_requeues_its_trials_and_the_rerun_matches_an_uni
 # ------------------------------------------------------------------------------ torn journal
 
 
+@pytest.mark.slow
 def test_a_journal_torn_by_a_crash_is_repaired_and_the_rerun_completes(tmp_path):
     wd = tmp_path / "grid"
     args = command(wd, "--config.train.num_train_steps=2")
@@ -164,6 +169,7 @@ def test_a_journal_torn_by_a_crash_is_repaired_and_the_rerun_completes(tmp_path)
     complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
 
 
+@pytest.mark.slow
 def test_a_journal_that_is_not_one_is_one_line(tmp_path):
     wd = tmp_path / "grid"
     wd.mkdir()
@@ -192,6 +198,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_really_full_disk_is_one_line_exit_2_for_the_search_and_the_rerun_completes(full_disk, tmp_path, workers):
     wd = full_disk / "grid"
@@ -204,6 +211,7 @@ def test_a_really_full_disk_is_one_line_exit_2_for_the_search_and_the_rerun_comp
     complete_once(trials_by_key(None, wd, "grid_search"), expected=2)
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_is_one_line_exit_2_for_the_trainer(full_disk):
     wd = full_disk / "wd"
     proc = subprocess.run(train_cmd(wd, "--config.num_train_steps=4"), cwd=ROOT, env=env(), capture_output=True,
@@ -219,6 +227,7 @@ def test_a_really_full_disk_is_one_line_exit_2_for_the_trainer(full_disk):
 # ----------------------------------------------------------------------------- one workdir
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused_and_freed_when_its_holder_dies(tmp_path):
     wd = tmp_path / "wd"
     first = popen(train_cmd(wd, "--config.num_train_steps=200"))
@@ -243,6 +252,7 @@ def test_a_workdir_in_use_is_refused_and_freed_when_its_holder_dies(tmp_path):
 # ---------------------------------------------------------------------------- environment
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["effnet_jax.train", "experiments.grid_search"])
 def test_a_backend_that_is_not_here_is_one_line(tmp_path, module):
     if os.environ.get("JAX_PLATFORMS") == "cuda":
@@ -265,6 +275,7 @@ def test_a_repeated_override_takes_the_last_value():
     assert tuple(config.search.alpha) == (1.2, 1.2) and config.train.batch_size == 4
 
 
+@pytest.mark.slow
 def test_passwords_never_reach_a_message(tmp_path):
     secret = f"pw{uuid.uuid4().hex[:8]}"
     url = f"postgresql://effnet:{secret}@127.0.0.1:1/effnet"  # nothing listens on port 1
@@ -272,10 +283,11 @@ def test_passwords_never_reach_a_message(tmp_path):
                           timeout=300)
     line = one_error_line(proc)
     assert secret not in proc.stderr + proc.stdout and "postgresql://effnet:***@127.0.0.1:1/effnet" in line, line
-    assert runner.redact(f"see {url} and sqlite:///x.db") == \
+    assert redact(f"see {url} and sqlite:///x.db") == \
         "see postgresql://effnet:***@127.0.0.1:1/effnet and sqlite:///x.db"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value, message", [("-1", "--local_workers must be >= 0"),
                                             ("100", "more than this machine's")])
 def test_impossible_worker_counts_are_one_line(tmp_path, value, message):
@@ -284,6 +296,7 @@ def test_impossible_worker_counts_are_one_line(tmp_path, value, message):
     assert message in one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_a_storage_error_is_said_once_before_any_worker_starts(tmp_path):
     proc = subprocess.run([*command(tmp_path / "grid", "--storage=postgresql://u:p@127.0.0.1:1/x"),
                            "--local_workers=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -291,6 +304,7 @@ def test_a_storage_error_is_said_once_before_any_worker_starts(tmp_path):
     assert "[" not in proc.stdout  # no worker said anything: none was started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["experiments.grid_search", "experiments.scaling_study", "experiments.fidelity"])
 def test_a_read_only_workdir_is_one_line_for_every_experiment(tmp_path, module):
     ro = tmp_path / "ro"

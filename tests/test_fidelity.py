@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from suite_paths import CACHE, load_script
 
+from effnet_jax.training import trainer
 from experiments import fidelity
 
 GRID = ["--config.search.alpha=(1.1,1.3)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
@@ -15,6 +16,7 @@ GRID = ["--config.search.alpha=(1.1,1.3)", "--config.search.beta=(1.05,1.05)", "
         "--config.train.model.network=tiny", "--config.train.num_train_steps=2"]
 
 
+@pytest.mark.slow
 def test_fidelity_end_to_end_on_the_tiny_network(tmp_path, monkeypatch):
     wd = tmp_path / "fid"
     argv = ["prog", f"--workdir={wd}", *GRID, f"--config.train.compile_cache_dir={CACHE}",
@@ -60,6 +62,7 @@ def test_analyse_reports_tau_intervals_and_the_ceiling_at_every_budget_with_seed
     assert again["ceilings"] == out["ceilings"] and again["agreement"] == out["agreement"]  # seeded bootstrap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.fidelity.budgets=(3,1)", "fidelity.budgets"),
     ("--config.fidelity.budgets=(1,)", "fidelity.budgets"),
@@ -78,6 +81,7 @@ def test_bad_fidelity_config_one_line_exit_2(tmp_path, capsys, monkeypatch, over
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cooldown", "independent"])
 def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, mode):
     """cooldown: each budget is a wsd run scored after its cooldown, the next budget starting from the previous
@@ -85,14 +89,14 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
     from effnet_jax.training import rundir
 
     started = []
-    real = fidelity.trainer.train_and_evaluate
+    real = trainer.train_and_evaluate
 
     def spy(cfg, workdir, *a, **k):
         started.append((os.path.basename(workdir), cfg.num_train_steps, cfg.optimizer.schedule,
                         rundir.stable_steps(workdir)))
         return real(cfg, workdir, *a, **k)
 
-    monkeypatch.setattr(fidelity.trainer, "train_and_evaluate", spy)
+    monkeypatch.setattr(trainer, "train_and_evaluate", spy)
     argv = ["prog", f"--workdir={tmp_path / 'fid'}", *GRID, f"--config.train.compile_cache_dir={CACHE}",
             "--config.search.alpha=(1.2,1.25)", "--config.fidelity.budgets=(1,2)", f"--config.fidelity.mode={mode}",
             "--config.search.cooldown_fraction=0.5", "--config.train.optimizer.warmup_epochs=0.0", "--local_workers=1"]
@@ -115,6 +119,7 @@ def test_fidelity_in_each_rung_mode_on_the_tiny_network(tmp_path, monkeypatch, m
         assert not os.path.exists(tmp_path / "fid" / "trials" / d / rundir.STABLE_CHECKPOINTS)
 
 
+@pytest.mark.slow
 def test_pooling_fidelity_csvs_split_by_seed_gives_the_whole_studys_analysis(tmp_path, capsys):
     """The README's three-seed figures pooled from two files, and the refusals: a repeated trial, mixed modes."""
     pool = load_script("pool_fidelity")

@@ -8,7 +8,7 @@ from flax import nnx
 from effnet_jax.configs import digits
 from effnet_jax.model.arch import TINY
 from effnet_jax.model.efficientnet import create_model, eval_view
-from effnet_jax.training import trainer
+from effnet_jax.training import recipe
 from effnet_jax.training.flat_state import WEIGHT_DECAY_MASK, FlatPacking
 
 
@@ -42,12 +42,12 @@ def test_train_step_program_does_not_depend_on_the_seed():
     texts = []
     for seed in (0, 1):
         packing, params, stats = FlatPacking.create(tiny(seed))
-        schedule = trainer.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
-        tx = trainer.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
-        weights = trainer.Weights(params, stats)
-        state = trainer.TrainState(step=jnp.zeros((), jnp.int32), weights=weights, opt=tx.init(params),
-                                   dropout_key=jax.random.key_data(jax.random.key(seed)), ema=weights)
-        train_step = trainer.make_train_step(packing, tx, schedule, c, 10)
+        schedule = recipe.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
+        tx = recipe.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
+        weights = recipe.Weights(params, stats)
+        state = recipe.TrainState(step=jnp.zeros((), jnp.int32), weights=weights, opt=tx.init(params),
+                                  dropout_key=jax.random.key_data(jax.random.key(seed)), ema=weights)
+        train_step = recipe.make_train_step(packing, tx, schedule, c, 10)
         batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), jnp.int32)}
         texts.append(jax.jit(train_step).lower(state, batch).as_text())
     assert texts[0] == texts[1]
@@ -60,15 +60,15 @@ def test_train_step_draws_new_dropout_masks_at_every_step_and_for_every_seed():
     c.model.network, c.model.drop_path_rate, c.batch_size = "tiny", 0.2, 8
     model = create_model("b0", 10, 0, network=TINY, drop_path_rate=0.2, dropout=0.5)
     packing, params, stats = FlatPacking.create(model)
-    schedule = trainer.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
-    tx = trainer.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
-    weights = trainer.Weights(params, stats)
-    train_step = jax.jit(trainer.make_train_step(packing, tx, schedule, c, 10))
+    schedule = recipe.learning_rate_schedule(c.optimizer, c.batch_size, 10, 100)
+    tx = recipe.make_optimizer(c.optimizer, schedule, packing.weight_decay_mask)
+    weights = recipe.Weights(params, stats)
+    train_step = jax.jit(recipe.make_train_step(packing, tx, schedule, c, 10))
     batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
 
     def loss(step, seed):
-        state = trainer.TrainState(step=jnp.asarray(step, jnp.int32), weights=weights, opt=tx.init(params),
-                                   dropout_key=jax.random.key_data(jax.random.key(seed)), ema=None)
+        state = recipe.TrainState(step=jnp.asarray(step, jnp.int32), weights=weights, opt=tx.init(params),
+                                  dropout_key=jax.random.key_data(jax.random.key(seed)), ema=None)
         return float(train_step(state, batch)[1]["loss"])
 
     assert loss(0, 0) == loss(0, 0)  # a function of (key, step): a resumed run redraws the same masks

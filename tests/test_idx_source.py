@@ -222,11 +222,12 @@ def test_fashion_mnist_alias_missing_says_apt_get(monkeypatch, tmp_path):
     one_line_error(data_config("fashion_mnist"), "apt-get install dataset-fashion-mnist")
 
 
+@pytest.mark.slow
 def test_no_tensorflow_imported(tmp_path):
     root = make_dir(tmp_path / "d", gz=True)
     script = (
         "import sys\n"
-        "from effnet_jax import sources\n"
+        "from effnet_jax.data import sources\n"
         "from effnet_jax.configs.digits import get_config\n"
         f"d = get_config().data; d.name = 'idx:{root}'; d.eval_split = 'test'\n"
         "src = sources.create_source(d, 16, 8, 0)\n"
@@ -255,6 +256,7 @@ def test_real_fashion_mnist():
     assert src.train_images.shape == (2000, 32, 32, 3) and src.name == "fashion_mnist"
 
 
+@pytest.mark.slow
 def test_trainer_runs_on_idx_folder(tmp_path):
     root = make_dir(tmp_path / "d", gz=True)
     wd = tmp_path / "wd"

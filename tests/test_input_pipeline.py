@@ -72,9 +72,10 @@ def test_digits_deterministic_resumable_sharded():
         first[0]["label"].tolist()
 
 
+@pytest.mark.slow
 def test_core_imports_do_not_import_tensorflow():
     code = ("import sys, effnet_jax, effnet_jax.train, effnet_jax.training.trainer, effnet_jax.model.efficientnet\n"
-            "from effnet_jax import sources\n"
+            "from effnet_jax.data import sources\n"
             "from effnet_jax.configs.default import get_config\n"
             "d = get_config().data; d.name = 'digits'; d.train_split = 'train'\n"
             "next(sources.create_source(d, 8, 8, 0).train_batches(0))\n"

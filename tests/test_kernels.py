@@ -20,7 +20,7 @@ from effnet_jax.errors import UserError
 from effnet_jax.model import efficientnet as model_lib
 from effnet_jax.model import scaling
 from effnet_jax.model.arch import TINY
-from effnet_jax.training import trainer
+from effnet_jax.training import programs, recipe, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -53,6 +53,7 @@ def train_losses(config, workdir, resume_at=None):
     return result, losses, load_file(str(workdir / "weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_fast_and_reference_kernels_train_alike(tmp_path, optimizer):
     """Same seed, same data, 6 steps: the fast kernels (via "auto") and flax's layers agree to float rounding.
@@ -120,6 +121,7 @@ def test_same_layout_and_initial_values_different_layers():
     assert "custom_vjp_call" not in primitives(ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["reference", "fast"])
 def test_reference_run_loads_none_of_the_tricks(kernels):
     """A fresh interpreter builds and traces the trainer's step: the reference one never imports ops,
@@ -128,13 +130,13 @@ def test_reference_run_loads_none_of_the_tricks(kernels):
         import json, sys
         import jax
         from effnet_jax.model import scaling
-        from effnet_jax.training import trainer
+        from effnet_jax.training import programs, recipe
         from effnet_jax.configs import digits
         c = digits.get_config()
         c.model.network, c.model.kernels, c.batch_size = "tiny", {kernels!r}, 4
         run_spec = scaling.model_spec(c.model)
-        p = trainer.build_program(c, run_spec, 10, layers=trainer.model_layers(c), dtype=jax.numpy.float32,
-                                steps_per_epoch=10, total_steps=10)
+        p = programs.build_program(c, run_spec, 10, layers=recipe.model_layers(c), dtype=jax.numpy.float32,
+                                   steps_per_epoch=10, total_steps=10)
         batch = {{"image": jax.numpy.zeros((4, 32, 32, 3)), "label": jax.numpy.zeros((4,), "int32")}}
         p.train_step.lower(p.state, batch)
         print("LOADED", json.dumps(sorted(m for m in sys.modules if m in {TRICKS!r})))
@@ -152,8 +154,8 @@ def test_reference_train_step_program_does_not_depend_on_the_seed():
         c = digits.get_config()
         c.model.network, c.model.kernels, c.model.drop_path_rate = "tiny", "reference", 0.2
         c.batch_size, c.seed = 4, seed
-        p = trainer.build_program(c, scaling.model_spec(c.model), 10, layers=trainer.model_layers(c),
-                                dtype=jax.numpy.float32, steps_per_epoch=10, total_steps=100)
+        p = programs.build_program(c, scaling.model_spec(c.model), 10, layers=recipe.model_layers(c),
+                                   dtype=jax.numpy.float32, steps_per_epoch=10, total_steps=100)
         batch = {"image": jax.numpy.zeros((4, 32, 32, 3)), "label": jax.numpy.zeros((4,), "int32")}
         texts.append(p.train_step.lower(p.state, batch).as_text())
     assert texts[0] == texts[1]
@@ -163,10 +165,10 @@ def test_bad_kernels_value_is_one_user_error():
     c = digits.get_config()
     c.model.kernels = "fastest"
     with pytest.raises(UserError, match="model.kernels must be one of auto, fast, reference, got 'fastest'"):
-        trainer.model_layers(c)
+        recipe.model_layers(c)
     c.model.kernels, c.model.depthwise_impl = "reference", "shift"
     with pytest.raises(UserError, match="applies to the fast kernels only"):
-        trainer.model_layers(c)
+        recipe.model_layers(c)
     with pytest.raises(ValueError, match="kernels must be one of"):
         model_lib.create_model("b0", kernels="flax")
 

@@ -7,6 +7,7 @@ from suite_paths import CACHE
 
 from effnet_jax.configs import digits
 from effnet_jax.training import latency
+from experiments import strategies
 
 
 def test_interleaved_takes_per_round_ratios_and_their_spread(monkeypatch):
@@ -27,6 +28,7 @@ def test_interleaved_takes_per_round_ratios_and_their_spread(monkeypatch):
     assert costs["slow"].seconds == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 def test_measure_times_a_few_networks_at_a_time_beside_the_reference(monkeypatch):
     # a grid's worth of compiled programs at once exhausted host memory; each group is released first
     live, peak, built = set(), [0], []
@@ -55,6 +57,7 @@ def test_measure_times_a_few_networks_at_a_time_beside_the_reference(monkeypatch
         latency.measure(configs, 10, "missing")
 
 
+@pytest.mark.slow
 def test_a_bigger_input_measures_slower_on_the_device_at_hand():
     def config(resolution):
         c = digits.get_config()
@@ -70,6 +73,7 @@ def test_a_bigger_input_measures_slower_on_the_device_at_hand():
     assert latency.device_key().startswith("cpu:")
 
 
+@pytest.mark.slow
 def test_scale_up_prints_each_models_measured_cost(capsys):
     from experiments import scale_up
     from experiments.configs import grid_search as grid_config
@@ -94,6 +98,7 @@ LATENCY_GRID = ["--config.search.constraint=latency", "--config.search.alpha=(1.
                 "--config.search.require_learning=False"]  # two tiny steps learn nothing: latency is under test
 
 
+@pytest.mark.slow
 def test_a_search_on_measured_latency_admits_trains_and_reuses_its_measurements(tmp_path):
     import json
     import subprocess
@@ -116,9 +121,11 @@ def test_a_search_on_measured_latency_admits_trains_and_reuses_its_measurements(
     assert json.loads((tmp_path / "grid" / "best.json").read_text())["latency_train"] == best["latency_train"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
-    ("--config.search.sampler=tpe", "search.constraint=latency works with search.sampler=grid"),
-    ("--config.search.latency_kind=wall", "search.latency_kind must be train or infer"),
+    ("--config.search.sampler=tpe", "search.constraint=latency works with search.sampler="
+     + " or ".join(sorted(n for n, p in strategies.PROPOSERS.items() if not p.on_surface))),
+    ("--config.search.latency_kind=wall", f"search.latency_kind must be {' or '.join(latency.KINDS)}"),
     ("--config.search.latency_tolerance=-0.5", "search.latency_tolerance must be > 0"),
     ("--config.search.latency_window=1.5", "search.latency_window must be in (0, 1)"),
 ])
@@ -134,6 +141,7 @@ def test_what_the_latency_constraint_cannot_serve_is_one_line(tmp_path, override
     assert message in proc.stderr and not (tmp_path / "grid" / "study.journal").exists()
 
 
+@pytest.mark.slow
 def test_measure_latency_times_every_candidate_whatever_the_constraint(tmp_path):
     from experiments import grid_search
     from experiments.configs import grid_search as grid_config
@@ -151,6 +159,7 @@ def test_measure_latency_times_every_candidate_whatever_the_constraint(tmp_path)
         assert all(cost[kind]["ratio"] > 0 for kind in latency.KINDS)
 
 
+@pytest.mark.slow
 def test_latency_table_times_every_network_a_constraint_could_keep_and_compares_runs(tmp_path, capsys):
     import json
 
@@ -183,25 +192,26 @@ def test_latency_table_times_every_network_a_constraint_could_keep_and_compares_
 SHARED_COMPILE = r"""
 import os, sys
 from effnet_jax import compile_cache
-from effnet_jax.training import latency, trainer
+from effnet_jax.training import latency, recipe, trainer
 from effnet_jax.configs import digits
 cache, workdir = sys.argv[1], sys.argv[2]
 compile_cache.enable(cache)
 c = digits.get_config()
 c.model.network, c.model.resolution, c.batch_size, c.num_train_steps, c.schedule_steps = "tiny", 32, 16, 6, 18
 c.log_every_steps, c.eval_every_steps, c.progress_bar, c.save_weights = 3, 10**9, False, False
-run = trainer.prepare(c)
+prepared = recipe.prepare(c)
 def entries():
     return {f: os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)}
 for kind in latency.KINDS:
-    latency.step_runner(c, run.source.num_classes, kind, run.steps_per_epoch)(1)
+    latency.step_runner(c, prepared.source.num_classes, kind, prepared.steps_per_epoch)(1)
 measured = entries()
-trainer.train_and_evaluate(c, workdir, run)
+trainer.train_and_evaluate(c, workdir, prepared)
 new = {f: n for f, n in entries().items() if f not in measured}
 print(max(measured.values()), max(new.values(), default=0))
 """
 
 
+@pytest.mark.slow
 def test_a_measured_network_hands_its_trial_the_compiled_train_step(tmp_path):
     import subprocess
     import sys

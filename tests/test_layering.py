@@ -38,7 +38,7 @@ def _graph() -> dict[str, set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("effnet_jax"):
                 base = node.module[len("effnet_jax"):].lstrip(".")
-                for a in node.names:  # `from effnet_jax.training import trainer` or `from effnet_jax.model.arch import X`
+                for a in node.names:  # `from effnet_jax.training import trainer`, `from effnet_jax.model.arch import X`
                     deps.add(f"{base}.{a.name}".lstrip(".") if f"{base}.{a.name}".lstrip(".") in modules else base)
             elif isinstance(node, ast.Import):
                 deps |= {a.name[len("effnet_jax."):] for a in node.names if a.name.startswith("effnet_jax.")}
@@ -116,8 +116,8 @@ def test_the_experiments_are_found():
 
 
 def test_no_experiment_imports_another_outside_its_main():
-    """The experiments share trials / constraints / strategies / runner / report / stats / plots; only a
-    ``main`` may hand over to another experiment (``grid_search --then_scale`` runs scale_up)."""
+    """The experiments share trials / constraints / strategies / study / queue / workers / report / stats / plots;
+    only a ``main`` may hand over to another experiment (``grid_search --then_scale`` runs scale_up)."""
     experiments = _experiments()
     offenders = []
     for name in experiments:

@@ -90,6 +90,7 @@ def test_committed_notebooks_match_their_py_source(path):
     assert sum("parameters" in tags for *_, tags in cells(src)) == 1
 
 
+@pytest.mark.slow
 def test_quickstart_runs_tiny(tmp_path, monkeypatch):
     nb, text = execute("quickstart.ipynb", tmp_path, monkeypatch, WORKDIR=str(tmp_path / "work"),
                        COMPILE_CACHE_DIR=str(tmp_path / "xla"))
@@ -105,6 +106,7 @@ def test_quickstart_runs_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "work" / "scaled_phi1" / "result.json").exists()  # TINY trains phi = 1
 
 
+@pytest.mark.slow
 def test_pretrained_runs_tiny(tmp_path, monkeypatch):
     pytest.importorskip("timm")
     nb, text = execute("pretrained.ipynb", tmp_path, monkeypatch, WORKDIR=str(tmp_path / "work"))

@@ -308,6 +308,7 @@ def _convert_main():
     return load_script("convert_timm").main
 
 
+@pytest.mark.slow
 def test_convert_cli(b0, tmp_path, capsys):
     main = _convert_main()
     src, out = b0_timm_file(tmp_path, b0[1]), tmp_path / "ours.safetensors"

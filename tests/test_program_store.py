@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import sys
@@ -23,6 +25,7 @@ print([program_store.compile_fresh(jax.jit(f).trace(x).lower())[1] for _ in rang
 """
 
 
+@pytest.mark.slow
 def test_only_a_program_xla_compiled_here_counts_as_fresh(tmp_path):
     def run():
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "cache")], cwd=ROOT, capture_output=True,

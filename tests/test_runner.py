@@ -1,4 +1,5 @@
-"""The trial runner across processes: shared storages, racing searches, a worker killed mid-trial.
+"""The trial queue across processes (experiments.study, queue, workers): shared storages, racing searches, a
+worker killed mid-trial, worker processes stopped and resumed.
 
 PostgreSQL tests need a server: `.ci/run` starts Debian's `postgresql` (`.ci/postgres.sh`) and
 sets EFFNET_TEST_POSTGRES_URL; without one they skip, saying so.
@@ -16,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 from suite_paths import CACHE
 
-from experiments import runner
+from experiments import queue, workers
+from experiments.study import storage_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two grid points that round to the same tiny network (one compile); no references.
@@ -33,7 +35,7 @@ def postgres_url() -> str:
         pytest.skip("no PostgreSQL server: EFFNET_TEST_POSTGRES_URL is unset (.ci/run starts one with "
                     ".ci/postgres.sh after apt-get install postgresql)")
     try:
-        runner.storage_for(url, "/tmp")
+        storage_for(url, "/tmp")
     except Exception as e:  # noqa: BLE001 - any refusal means: no server to test against
         pytest.skip(f"PostgreSQL at EFFNET_TEST_POSTGRES_URL refused the connection: {e}")
     return url
@@ -52,7 +54,7 @@ def reported(stdout):
 def trials_by_key(storage, workdir, name):
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=runner.storage_for(storage, str(workdir)))
+    study = optuna.load_study(study_name=name, storage=storage_for(storage, str(workdir)))
     out = {}
     for t in study.get_trials(deepcopy=False):
         out.setdefault(t.user_attrs.get("key"), []).append(t)
@@ -93,10 +95,12 @@ def kill_mid_trial_then_resume(storage, workdir, name, extra):
     assert [t.user_attrs.get("reason") for t in failed] == ["worker died"]
 
 
+@pytest.mark.slow
 def test_journal_kill_mid_trial_then_resume(tmp_path):
     kill_mid_trial_then_resume(None, tmp_path / "grid", "grid_search", [])
 
 
+@pytest.mark.slow
 def test_postgres_kill_mid_trial_then_resume(tmp_path):
     url = postgres_url()
     name = f"test-{uuid.uuid4().hex[:8]}"
@@ -111,6 +115,7 @@ def run_two_at_once(cmds):
     return [o for o, _ in outs]
 
 
+@pytest.mark.slow
 def test_two_searches_at_once_on_one_workdir_train_each_trial_once(tmp_path):
     wd = tmp_path / "grid"
     outs = run_two_at_once([command(wd, "--config.train.num_train_steps=3")] * 2)
@@ -119,6 +124,7 @@ def test_two_searches_at_once_on_one_workdir_train_each_trial_once(tmp_path):
     assert (wd / "best.json").exists()
 
 
+@pytest.mark.slow
 def test_two_machines_share_one_postgres_study(tmp_path):
     url = postgres_url()
     name = f"test-{uuid.uuid4().hex[:8]}"
@@ -133,6 +139,7 @@ def test_two_machines_share_one_postgres_study(tmp_path):
     assert (tmp_path / "m0" / "best.json").exists() and (tmp_path / "m1" / "best.json").exists()
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_one_grid(tmp_path):
     wd = tmp_path / "grid2"
     proc = subprocess.run([*command(wd, "--config.train.num_train_steps=2"), "--local_workers=2"],
@@ -146,6 +153,7 @@ def test_two_local_workers_share_one_grid(tmp_path):
     assert (wd / "best.json").exists()
 
 
+@pytest.mark.slow
 def test_compile_ahead_builds_the_next_network_while_a_trial_trains(tmp_path):
     """--compile_ahead=on (the accelerator default, forced on this CPU): while one trial trains, a thread
     compiles the next waiting trial's program, which that trial then finds compiled ("hit"). That such a
@@ -163,6 +171,7 @@ def test_compile_ahead_builds_the_next_network_while_a_trial_trains(tmp_path):
     assert all(r["status"] == "ok" for r in results)
 
 
+@pytest.mark.slow
 def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
     wd = tmp_path / "grid"
     args = [*command(wd, "--config.train.num_train_steps=200", "--config.train.checkpoint_every_steps=5"),
@@ -188,6 +197,7 @@ def test_sigint_stops_every_local_worker_and_says_how_to_resume(tmp_path):
     assert {t.user_attrs["key"] for t in interrupted} <= waiting  # queued again (a key two planners queued runs once)
 
 
+@pytest.mark.slow
 def test_no_private_optuna_name_anywhere():
     """Only Optuna's public API: no ``study._storage`` / ``trial._trial_id`` / ``optuna._x`` in any file here."""
     import re
@@ -204,6 +214,7 @@ def test_no_private_optuna_name_anywhere():
     assert private.search("x = study._storage") and private.search("s.set(t._trial_id)")  # the pattern can fail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, expected", [
     ("experiments.fidelity",
      ["--config.search.alpha=(1.2,1.25)", "--config.search.beta=(1.05,1.05)", "--config.search.gamma=(1.2,1.2)",
@@ -242,18 +253,18 @@ def test_progress_line_counts_each_planned_trial_once_and_is_silent_off_a_termin
               _trial(3, "PRUNED", "c", 0), _trial(4, "RUNNING", "d", 1), _trial(5, "WAITING", "e", 1),
               _trial(6, "FAIL", "f", 1), _trial(7, "WAITING", "f", 1), _trial(8, "COMPLETE")]  # last: no plan
     # a retried trial (b) and a requeued one (f) count once; done = a, b, c; the rung is the unfinished ones'
-    assert runner.progress_counts(trials) == (3, 6, 1)
-    assert runner.progress_counts(trials[:4]) == (3, 3, 0)
+    assert workers.progress_counts(trials) == (3, 6, 1)
+    assert workers.progress_counts(trials[:4]) == (3, 3, 0)
 
     quiet = io.StringIO()
-    line = runner.ProgressLine(file=quiet).start(lambda: pytest.fail("a disabled line polls nothing"))
+    line = workers.ProgressLine(file=quiet).start(lambda: pytest.fail("a disabled line polls nothing"))
     assert not line.enabled
     line.update(trials)
     line.close()
     assert quiet.getvalue() == ""
 
     shown = _Terminal()
-    line = runner.ProgressLine(file=shown)
+    line = workers.ProgressLine(file=shown)
     line.update(trials[:2])  # a, b done when the line starts
     line.update(trials)
     line.close()
@@ -268,9 +279,111 @@ def test_phase_line_sums_each_phase_over_the_trials_that_report_timings():
             {"wall_time_s": 10.0, "timings": {"train_s": 8.0, "eval_s": 1.0, "checkpoint_s": 0.5,
                                               "program_cache": "hit"}},
             {"wall_time_s": 99.0, "timings": None}]  # a trial from before timings were recorded: left out
-    line = runner.phase_line(rows)
+    line = queue.phase_line(rows)
     assert line.startswith("trial time by phase (2 trials, 20 s): training steps 60%, compile 20%, evaluation 10%, "
                            "setup 2%, checkpoints 2%, writing 0%"), line
     assert line.endswith("; 1 reused a program compiled by an earlier trial in the same process, 1 loaded one an "
                          "earlier process had compiled"), line
-    assert runner.phase_line(rows[2:]) == ""
+    assert queue.phase_line(rows[2:]) == ""
+
+
+# ------------------------------------------------------------- the queue in process
+
+
+class _Programs:
+    """A stand-in for the trainer's ``Programs``: groups by ``config.net``, records what the queue asks."""
+
+    def __init__(self):
+        self.trained_groups, self.ahead, self.calls = set(), set(), []
+
+    @staticmethod
+    def group(config):
+        return config.net
+
+    def holds(self, config):
+        return config.net in self.trained_groups | self.ahead
+
+    def trained(self, config):
+        self.trained_groups.add(config.net)
+        self.calls.append(("trained", config.net))
+
+    def ahead_busy(self, except_config=None):
+        return False
+
+    def start_ahead(self, config, log, label=None):
+        self.ahead.add(config.net)
+        self.calls.append(("start_ahead", label))
+        log(f"compiling ahead: {label}")
+
+    def wait_ahead(self, config, log):
+        self.calls.append(("wait_ahead", config.net))
+
+
+def _plans(*keys):
+    import ml_collections
+
+    return [queue.TrialPlan(k, ml_collections.ConfigDict({"net": k[0], "optimizer": {"schedule": "cosine"}}),
+                            {"seed": int(k[1])}) for k in keys]
+
+
+def _fresh_study(tmp_path, name="s"):
+    from experiments.study import open_study
+
+    return open_study(storage_for(None, str(tmp_path)), name, {"identity": 1}, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ahead, order", [("off", ["a0", "a1", "b0"]), ("on", ["a0", "b0", "a1"])])
+def test_the_queue_trains_each_key_once_a_workers_own_networks_first(tmp_path, ahead, order):
+    """Claim order: a network this worker trained (or compiles ahead) first; a key enqueued twice trains once
+    (the later copy fails as a duplicate); a rerun trains nothing and returns the same rows."""
+    study, programs, trained, lines = _fresh_study(tmp_path), _Programs(), [], []
+    plans = _plans("a0", "b0", "a1")
+    queue.enqueue_missing(study, plans)
+    study.enqueue({}, {"key": "a0", "attrs": {"seed": 0}})  # a racing planner's copy
+
+    def train(config, directory):
+        trained.append(os.path.basename(directory))
+        return {"status": "ok", "val_top1": 0.5 + len(trained) / 10, "wall_time_s": 0.1}
+
+    rows = queue.work(study, plans, str(tmp_path), train, "val_top1", lines.append, programs=programs,
+                      compile_ahead=ahead)
+    assert trained == order
+    assert {k: (r["state"], r["seed"]) for k, r in rows.items()} == {"a0": ("COMPLETE", 0), "b0": ("COMPLETE", 0),
+                                                                     "a1": ("COMPLETE", 1)}
+    assert [t.state.name for t in study.get_trials() if t.user_attrs["key"] == "a0"] == ["COMPLETE", "FAIL"]
+    assert [c for c in programs.calls if c[0] == "start_ahead"] == ([("start_ahead", "b0")] if ahead == "on" else [])
+    assert sum("compiling ahead: b0" == m for m in lines) == (ahead == "on")
+    assert [c for c in programs.calls if c[0] == "wait_ahead"] == [("wait_ahead", k[0]) for k in order]
+    again = queue.work(study, plans, str(tmp_path), lambda *a: pytest.fail("trained twice"), "val_top1", lines.append)
+    assert again == rows
+
+
+def test_the_study_keeps_one_latency_cache_per_device(tmp_path):
+    study = _fresh_study(tmp_path)
+    assert study.latencies("cpu:x") == {}
+    study.store_latencies("cpu:x", {"net": {"train": {"ratio": 1.5}}})
+    study.store_latencies("gpu:y", {"net": {"infer": {"ratio": 2.0}}})
+    again = _fresh_study(tmp_path)  # another worker, or a rerun
+    assert again.latencies("cpu:x") == {"net": {"train": {"ratio": 1.5}}}
+    assert again.latencies("gpu:y") == {"net": {"infer": {"ratio": 2.0}}}
+    assert again.user_attr("identity") == {"identity": 1}
+
+
+@pytest.mark.slow
+def test_a_storage_that_is_a_directory_is_one_line_and_an_empty_one_is_the_default(tmp_path):
+    from test_bad_input import one_error_line
+
+    from effnet_jax.errors import UserError
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    with pytest.raises(UserError, match="names a directory"):
+        storage_for(str(folder), str(tmp_path / "wd"))
+    storage_for("", str(tmp_path / "wd"))  # --storage= (empty): the workdir's journal
+    assert (tmp_path / "wd" / "study.journal").exists()
+    proc = subprocess.run(command(tmp_path / "grid", f"--storage={folder}"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    line = one_error_line(proc)
+    assert f"--storage={folder} names a directory" in line and "study.journal" in line, line
+    assert not os.listdir(folder)

@@ -8,6 +8,7 @@ import pytest
 
 from effnet_jax.errors import UserError
 from effnet_jax.model.scaling import PAPER_CONSTANTS
+from effnet_jax.training import trainer
 from experiments import scaling_study, trials
 from experiments.configs import scaling_study as study_config
 
@@ -83,6 +84,7 @@ def test_constants_file_drives_the_compound_family(tmp_path):
     assert growth["rows"][0]["measured_ratio"] == 1.0 and growth["rows"][1]["predicted_ratio"] == pytest.approx(1.4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.study.families=('width','bogus')", "study.families"),
     ("--config.study.budgets=(0.5,2)", "study.budgets"),
@@ -104,6 +106,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monkeypatch):
     workdir = str(tmp_path / "study")
     argv = ["prog", f"--workdir={workdir}", "--config.train.model.network=tiny", "--config.train.num_train_steps=2",
@@ -129,7 +132,7 @@ def test_tiny_end_to_end_writes_outputs_then_resume_runs_nothing(tmp_path, monke
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial was trained again")
 
-    monkeypatch.setattr(scaling_study.trainer, "train_and_evaluate", no_training)
+    monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
     again = scaling_study.main(argv)
     assert len(again["rows"]) == 2
     assert [s["mean"] for s in again["summary"]] == [s["mean"] for s in out["summary"]]
@@ -157,6 +160,7 @@ def test_latency_match_aims_the_macs_until_the_measured_time_lands():
         scaling_study.match_latency("width", 2.0, base_macs, macs_at, lambda w: 1.0, tolerance=0.1)
 
 
+@pytest.mark.slow
 def test_tiny_study_matched_on_measured_time_keeps_its_measurements(tmp_path, monkeypatch):
     config = study_config.get_config()
     config.train.model.network, config.train.num_train_steps = "tiny", 2

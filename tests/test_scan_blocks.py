@@ -16,7 +16,7 @@ from effnet_jax.model import scaling
 from effnet_jax.model.arch import TINY
 from effnet_jax.model.efficientnet import block_groups, create_model, eval_view, train_view
 from effnet_jax.model.scaling import ScalingSpec, build_architecture, from_constants
-from effnet_jax.training import trainer
+from effnet_jax.training import programs, recipe
 
 # TINY at depth 2: stages of 2, 4 and 2 blocks, so one stage has a run of three same-shaped blocks.
 DEEP_TINY = ScalingSpec("tiny-d2", 1.0, 2.0, 32, 0.2)
@@ -111,6 +111,7 @@ def tiny_config(scan, kernels, optimizer="sgd"):
     return c
 
 
+@pytest.mark.slow
 def test_scanned_training_matches_unscanned(tmp_path):
     """A few train steps through the trainer (drop path on): the same losses, weights and weight-file keys,
     and result.json says which way the blocks ran. (The reference kernels' scanned forward is matched above;
@@ -139,8 +140,8 @@ def test_scanned_train_step_does_not_depend_on_the_seed():
     for seed in (0, 1):
         c = tiny_config(True, "fast")
         c.batch_size, c.seed = 4, seed
-        p = trainer.build_program(c, scaling.model_spec(c.model), 10, layers=trainer.model_layers(c),
-                                  dtype=jnp.float32, steps_per_epoch=10, total_steps=100)
+        p = programs.build_program(c, scaling.model_spec(c.model), 10, layers=recipe.model_layers(c),
+                                   dtype=jnp.float32, steps_per_epoch=10, total_steps=100)
         batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.zeros((4,), "int32")}
         texts.append(p.train_step.lower(p.state, batch).as_text())
     assert texts[0] == texts[1] and "stablehlo.while" in texts[0]

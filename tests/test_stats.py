@@ -135,6 +135,7 @@ def test_rank_agreement_common_keys_and_degenerate():
     assert const["kendall_tau"] is None and const["spearman_rho"] is None
 
 
+@pytest.mark.slow
 def test_scipy_imported_lazily():
     import os
     import subprocess

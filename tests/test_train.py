@@ -49,6 +49,7 @@ def own_program_store(tmp_path, monkeypatch):
     return store
 
 
+@pytest.mark.slow
 def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     wd = tmp_path / "run"
     proc = run_train(wd, "--config.num_train_steps=6", "--config.log_every_steps=2", "--config.eval_every_steps=3",
@@ -77,6 +78,7 @@ def test_train_writes_results_metrics_and_checkpoints(tmp_path):
     assert trainer.params_digest(FlatPacking.create(ema)[1]) != result["params_sha256"]
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(tmp_path):
     """4 fake CPU devices, same global batch: the losses of the first steps agree to 1e-5 relative."""
     losses = {}
@@ -99,6 +101,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_agree(tmp_path):
     port = _free_port()
     wd = tmp_path / "mp"
@@ -127,6 +130,7 @@ def test_two_processes_with_jax_distributed_agree(tmp_path):
     assert results[0]["val"] == results[1]["val"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_identical_parameters(tmp_path):
     args = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
             "--config.eval_every_steps=100"]
@@ -153,6 +157,7 @@ def test_sigkill_then_resume_ends_with_identical_parameters(tmp_path):
     assert logged == sorted(set(logged)), "a step was logged twice after resume"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -208,6 +213,7 @@ def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
         {"step": 1, "loss": None, "lr": 0.5}]
 
 
+@pytest.mark.slow
 def test_the_evaluation_step_can_be_swapped(tmp_path):
     """``make_eval_step`` replaces the evaluation: its sums over the eval split, divided by ``count``, are reported
     as val_<name> / ema_val_<name>; the same run with the default evaluation agrees on what both measure."""
@@ -240,12 +246,12 @@ def test_the_evaluation_step_can_be_swapped(tmp_path):
 def test_unknown_optimizer_or_schedule_is_one_line_before_anything_is_built(field, value):
     from effnet_jax.configs import digits
     from effnet_jax.errors import UserError
-    from effnet_jax.training import trainer
+    from effnet_jax.training import recipe
 
     c = digits.get_config()
     c.optimizer[field] = value
     with pytest.raises(UserError, match=rf"^optimizer.{field} must be .+ got '{value}'$"):
-        trainer.prepare(c)
+        recipe.prepare(c)
 
 
 def _wsd_config(steps):
@@ -261,22 +267,23 @@ def _wsd_config(steps):
 def test_wsd_schedule_warms_up_holds_then_decays_to_zero_at_each_step():
     import numpy as np
 
-    from effnet_jax.training import trainer
+    from effnet_jax.training import recipe
 
     c = _wsd_config(20)
     o = c.optimizer
     o.warmup_epochs, spe = 0.4, 10  # 4 warmup steps; cooldown 0.25 * 20 = 5 steps, from step 15
     peak = o.learning_rate * c.batch_size / 256
-    lr = trainer.learning_rate_schedule(o, c.batch_size, spe, 20)
+    lr = recipe.learning_rate_schedule(o, c.batch_size, spe, 20)
     expected = [peak * s / 4 if s < 4 else peak if s <= 15 else peak * (20 - s) / 5 for s in range(21)]
     assert np.allclose([float(lr(s)) for s in range(21)], expected, rtol=1e-6, atol=1e-12)
-    assert float(lr(20)) == 0.0 and trainer.cooldown_start(c, 20) == 15
-    longer = trainer.learning_rate_schedule(o, c.batch_size, spe, 40)  # every length shares the constant phase
+    assert float(lr(20)) == 0.0 and recipe.cooldown_start(c, 20) == 15
+    longer = recipe.learning_rate_schedule(o, c.batch_size, spe, 40)  # every length shares the constant phase
     assert [float(longer(s)) for s in range(16)] == [float(lr(s)) for s in range(16)]
     c.optimizer.schedule = "cosine"
-    assert trainer.cooldown_start(c, 20) == 0
+    assert recipe.cooldown_start(c, 20) == 0
 
 
+@pytest.mark.slow
 def test_a_wsd_run_forks_at_its_cooldown_and_a_longer_run_continues_it_bit_equal(tmp_path):
     """4 steps (cooldown from step 3), then 8 in the same workdir (from the step-3 state), against 8 straight."""
     from effnet_jax.training import rundir, trainer
@@ -293,6 +300,7 @@ def test_a_wsd_run_forks_at_its_cooldown_and_a_longer_run_continues_it_bit_equal
     assert [r["step"] for r in read_rows(fork) if "loss" in r] == list(range(1, 9))  # steps 4.. logged once
 
 
+@pytest.mark.slow
 def test_a_longer_wsd_run_without_the_stable_checkpoint_is_refused(tmp_path):
     import shutil
 
@@ -313,12 +321,12 @@ def test_a_longer_wsd_run_without_the_stable_checkpoint_is_refused(tmp_path):
 ])
 def test_a_bad_cooldown_is_one_line_before_anything_is_built(fraction, warmup, message):
     from effnet_jax.errors import UserError
-    from effnet_jax.training import trainer
+    from effnet_jax.training import recipe
 
     c = _wsd_config(20)
     c.optimizer.cooldown_fraction, c.optimizer.warmup_epochs = fraction, warmup
     with pytest.raises(UserError, match=message):
-        trainer.prepare(c)
+        recipe.prepare(c)
 
 
 def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is():
@@ -338,12 +346,13 @@ def test_a_longer_wsd_run_is_no_difference_in_its_workdir_and_anything_else_is()
     assert rundir.config_differences(cosine, longer, 33) == ["num_train_steps 4 -> 8"]  # its own length: refused
 
 
+@pytest.mark.slow
 def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process_trains(tmp_path, own_program_store):
     """Seeds and rungs of one network in one process share the compiled steps (no trace, lowering or
     compile: ``timings.program_cache`` "hit"), and the reused program trains bit-identically to a fresh
     process. The learning-rate schedule is baked into the step, so another span is another program."""
     from effnet_jax.configs import digits
-    from effnet_jax.training import trainer
+    from effnet_jax.training import programs, trainer
 
     def config(seed, steps, span):
         c = digits.get_config()
@@ -352,16 +361,18 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
         c.optimizer.warmup_epochs = 0.05  # one step: the cosine decay's span shows from step 2
         return c
 
-    trainer.clear_program_cache()
-    first = trainer.train_and_evaluate(config(0, 3, 6), str(tmp_path / "s0"))
+    worker = programs.Programs()  # one worker's programs, kept from trial to trial
+    first = trainer.train_and_evaluate(config(0, 3, 6), str(tmp_path / "s0"), programs=worker)
     assert first["timings"]["program_cache"] == "miss" and first["timings"]["train_compile_s"] > 0
-    second = trainer.train_and_evaluate(config(1, 3, 6), str(tmp_path / "s1"))  # another seed
-    longer = trainer.train_and_evaluate(config(1, 6, 6), str(tmp_path / "s1-6"))  # a longer rung, same schedule
+    second = trainer.train_and_evaluate(config(1, 3, 6), str(tmp_path / "s1"), programs=worker)  # another seed
+    longer = trainer.train_and_evaluate(config(1, 6, 6), str(tmp_path / "s1-6"), programs=worker)  # a longer rung
     for r in (second, longer):
         assert r["timings"]["program_cache"] == "hit" and "train_compile_s" not in r["timings"]
         assert r["timings"]["eval_compile_s"] == 0.0
     assert second["params_sha256"] != first["params_sha256"]  # the seed still reaches the weights
-    other = trainer.train_and_evaluate(config(1, 3, 12), str(tmp_path / "span12"))
+    other = trainer.train_and_evaluate(config(1, 3, 12), str(tmp_path / "span12"), programs=worker)
+    again = trainer.train_and_evaluate(config(2, 3, 6), str(tmp_path / "s2"))  # no programs: a fresh worker's
+    assert again["timings"]["program_cache"] == "miss"
     assert other["timings"]["program_cache"] == "miss" and other["params_sha256"] != second["params_sha256"]
 
     run_train(tmp_path / "fresh", "--config.seed=1", "--config.num_train_steps=3", "--config.schedule_steps=6",
@@ -373,42 +384,74 @@ def test_a_second_trial_of_one_program_reuses_it_and_trains_what_a_fresh_process
         assert second[key] == fresh[key], key
 
 
+@pytest.mark.slow
 def test_a_program_compiled_ahead_is_the_next_trials_and_trains_the_same(tmp_path, own_program_store):
-    """``trainer.compile_ahead`` (what a search worker on an accelerator runs on a thread while the device
+    """``programs.compile_ahead`` (what a search worker on an accelerator runs on a thread while the device
     trains the trial before) leaves both steps compiled: the trial then compiles nothing, and trains and
     evaluates exactly what a trial that compiled for itself does."""
     from effnet_jax.configs import digits
-    from effnet_jax.training import trainer
+    from effnet_jax.training import programs, trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
         "tiny", False, False, 3, 100
-    trainer.clear_program_cache()
     itself = trainer.train_and_evaluate(c, str(tmp_path / "itself"))
     assert itself["timings"]["program_cache"] == "miss"
-    trainer.clear_program_cache()
-    times = trainer.compile_ahead(c)
+    worker = programs.Programs()
+    times = programs.compile_ahead(c, programs=worker)
     assert times["program_cache"] == "miss" and times["eval_compile_s"] > 0
-    ahead = trainer.train_and_evaluate(c, str(tmp_path / "ahead"))
+    ahead = trainer.train_and_evaluate(c, str(tmp_path / "ahead"), programs=worker)
     assert ahead["timings"]["program_cache"] == "hit" and "train_compile_s" not in ahead["timings"]
     assert ahead["timings"]["eval_compile_s"] == 0.0
     for key in ("params_sha256", "train_loss", "val_top1", "val_loss", "ema_val_top1", "ema_val_loss"):
         assert ahead[key] == itself[key], key
 
 
+def test_a_workers_programs_group_trials_and_a_failed_ahead_build_is_one_line():
+    """``Programs``' bookkeeping for a search worker: seeds and lengths share a group, other fields do not; an
+    ahead build that fails is logged once by ``wait_ahead`` and the trial goes on (it compiles for itself)."""
+    from effnet_jax.configs import digits
+    from effnet_jax.training import programs
+
+    c = digits.get_config()
+    c.model.network = "tiny"
+    other_seed, other_len, other_lr = c.copy_and_resolve_references(), c.copy_and_resolve_references(), \
+        c.copy_and_resolve_references()
+    other_seed.seed, other_len.num_train_steps, other_lr.optimizer.learning_rate = 9, 77, 0.5
+    group = programs.Programs.group
+    assert group(c) == group(other_seed) == group(other_len) != group(other_lr)
+
+    worker = programs.Programs()
+    assert not worker.holds(c) and not worker.ahead_busy()
+    worker.trained(c)
+    assert worker.holds(other_seed) and not worker.holds(other_lr)
+    broken = other_lr.copy_and_resolve_references()
+    broken.optimizer.name = "lamb"  # prepare refuses it on the build thread
+    log = []
+    worker.start_ahead(broken, log.append, label="trial lr0.5")
+    assert worker.holds(broken) and log == ["compiling ahead: trial lr0.5"]
+    worker.wait_ahead(broken, log.append)
+    assert not worker.ahead_busy() and len(log) == 2
+    assert log[1].startswith("  compile ahead failed (UserError: optimizer.name must be ")
+    assert log[1].endswith("): the trial compiles for itself")
+    worker.wait_ahead(c, log.append)  # no ahead build of its group: returns at once
+    worker.clear()
+    assert not worker.holds(c) and not worker.holds(broken)
+
+
+@pytest.mark.slow
 def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, monkeypatch, own_program_store):
     """The accelerator path (the eval step compiled on a thread while the train step compiles) on this CPU:
     the same numbers as compiling it at the first evaluation, and the evaluation waits for it if it must."""
     from effnet_jax.configs import digits
-    from effnet_jax.training import trainer
+    from effnet_jax.training import programs, trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
         "tiny", False, False, 3, 100
     results = {}
     for background in (False, True):
-        monkeypatch.setattr(trainer, "BACKGROUND_EVAL_COMPILE", background)
-        trainer.clear_program_cache()
+        monkeypatch.setattr(programs, "BACKGROUND_EVAL_COMPILE", background)
         results[background] = trainer.train_and_evaluate(c, str(tmp_path / str(background)))
         assert results[background]["timings"]["eval_compile_s"] > 0
     inline, threaded = results[False], results[True]
@@ -417,6 +460,7 @@ def test_the_eval_step_compiled_in_the_background_evaluates_the_same(tmp_path, m
         assert inline[key] == threaded[key], key
 
 
+@pytest.mark.slow
 def test_a_program_stored_by_one_process_is_loaded_by_the_next_and_trains_the_same(tmp_path):
     """A process stores the steps it compiled (``program_store``, beside a fresh compilation cache); the next
     process loads them without trace, lowering or compile and trains and evaluates bit-identically."""
@@ -446,25 +490,25 @@ def test_a_program_is_stored_under_what_it_bakes_in_and_not_the_seed():
 
     from effnet_jax.configs import digits
     from effnet_jax.model import scaling
-    from effnet_jax.training import trainer
+    from effnet_jax.training import programs, recipe
 
-    def store_id(c, make_eval_step=trainer.classification_eval_step):
+    def store_id(c, make_eval_step=recipe.classification_eval_step):
         spec = scaling.resolve(c.model.name)
-        return trainer.build_program(c, spec, 10, layers=trainer.model_layers(c), dtype=jnp.float32,
-                                     steps_per_epoch=10, total_steps=20, make_eval_step=make_eval_step).steps.store_id
+        return programs.build_program(c, spec, 10, layers=recipe.model_layers(c), dtype=jnp.float32,
+                                      steps_per_epoch=10, total_steps=20,
+                                      make_eval_step=make_eval_step).steps.store_id
 
     c = digits.get_config()
     c.model.network = "tiny"
-    trainer.clear_program_cache()
     base = store_id(c)
     c.seed = 7
     assert store_id(c) == base and base is not None
     c.optimizer.label_smoothing = 0.3
     assert store_id(c) != base
-    trainer.clear_program_cache()
-    assert store_id(c, make_eval_step=lambda packing, n: trainer.classification_eval_step(packing, n)) is None
+    assert store_id(c, make_eval_step=lambda packing, n: recipe.classification_eval_step(packing, n)) is None
 
 
+@pytest.mark.slow
 def test_a_stored_program_that_does_not_run_is_forgotten_and_the_next_try_compiles(tmp_path, own_program_store,
                                                                                     monkeypatch):
     """An executable from the store that loads but fails to run (what re-serializing one JAX loaded from its
@@ -473,15 +517,16 @@ def test_a_stored_program_that_does_not_run_is_forgotten_and_the_next_try_compil
     import jax
 
     from effnet_jax.configs import digits
-    from effnet_jax.training import program_store, trainer
+    from effnet_jax.training import program_store, programs, recipe, trainer
 
     c = digits.get_config()
     c.model.network, c.progress_bar, c.save_weights, c.num_train_steps, c.checkpoint_every_steps = \
         "tiny", False, False, 3, 100
-    trainer.clear_program_cache()
-    run = trainer.prepare(c)
-    steps = trainer.build_program(c, run.spec, run.source.num_classes, layers=run.layers, dtype=run.dtype,
-                                  steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps).steps
+    worker = programs.Programs()
+    p = recipe.prepare(c)
+    steps = programs.build_program(c, p.spec, p.source.num_classes, layers=p.layers, dtype=p.dtype,
+                                   steps_per_epoch=p.steps_per_epoch, total_steps=p.total_steps,
+                                   programs=worker).steps
     own_program_store.mkdir(parents=True)
     stored = own_program_store / f"train-{steps.store_id[:40]}-0.pkl.z"
     stored.write_bytes(b"a program that loads")
@@ -492,8 +537,8 @@ def test_a_stored_program_that_does_not_run_is_forgotten_and_the_next_try_compil
     load = program_store.load
     monkeypatch.setattr(program_store, "load", lambda pid, kind, sig: broken if kind == "train" else None)
     with pytest.raises(jax.errors.JaxRuntimeError, match="not found"):
-        trainer.train_and_evaluate(c, str(tmp_path / "broken"))
+        trainer.train_and_evaluate(c, str(tmp_path / "broken"), programs=worker)
     assert not stored.exists() and not steps.train and not steps.loaded
     monkeypatch.setattr(program_store, "load", load)  # the store itself stays this test's (empty) one
-    retry = trainer.train_and_evaluate(c, str(tmp_path / "retry"))
+    retry = trainer.train_and_evaluate(c, str(tmp_path / "retry"), programs=worker)
     assert retry["status"] == "ok" and retry["timings"]["train_compile_s"] > 0

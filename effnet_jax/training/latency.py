@@ -2,7 +2,7 @@
 
 FLOPs and MACs do not predict the time of memory-bound depthwise convolutions and squeeze-excite,
 so a search that must respect a budget on *this* hardware measures it: every network is built as
-the trainer builds it (``trainer.build_program``, one fixed synthetic batch), compiled once, then
+the trainer builds it (``programs.build_program``, one fixed synthetic batch), compiled once, then
 timed in rounds that visit every network in turn (interleaved: noise from other work on the machine
 hits all of them alike), and each network's time is the median over rounds. The spread is the
 relative interquartile range of its per-round ratio to the reference, which is what a tolerance
@@ -60,15 +60,15 @@ def step_runner(config: ml_collections.ConfigDict, num_classes: int, kind: str, 
     """
     from effnet_jax.configs import to_steps
     from effnet_jax.model import scaling
-    from effnet_jax.training import trainer
+    from effnet_jax.training import programs, recipe
 
     if kind not in KINDS:
         raise ValueError(f"latency kind must be one of {', '.join(KINDS)}, got {kind!r}")
     spec = scaling.model_spec(config.model)
     total = max(1, to_steps(config.num_train_steps, config.num_epochs, steps_per_epoch))
-    program = trainer.build_program(config, spec, num_classes, layers=trainer.model_layers(config),
-                                    dtype=scaling.compute_dtype(config.model.dtype), steps_per_epoch=steps_per_epoch,
-                                    total_steps=total)
+    program = programs.build_program(config, spec, num_classes, layers=recipe.model_layers(config),
+                                     dtype=scaling.compute_dtype(config.model.dtype), steps_per_epoch=steps_per_epoch,
+                                     total_steps=total)
     rng = np.random.default_rng(0)
     n = config.batch_size
     batch = {"image": jnp.asarray(rng.normal(size=(n, spec.resolution, spec.resolution, 3)), jnp.float32),

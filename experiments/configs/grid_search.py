@@ -1,6 +1,10 @@
-"""The grid search's default: B0 on the embedded digits, sized for a laptop CPU (README: the measured run).
+"""python -m experiments.grid_search
 
-    python -m experiments.grid_search                          # this config
+Result: 21 trials in 362 s cold, 230 s warm (2-core Xeon, 2026-12-07); the contender set is all four
+phi = 1 finalists, within seed noise: a smoke test, not an answer (docs/results/digits-default.md).
+
+The grid search's default: B0 on the embedded digits, sized for a laptop CPU. A variant:
+
     python -m experiments.grid_search --config.search.strategy=exhaustive \
         --config.train.data.name=cifar10 --config.train.model.base_resolution=64
 
@@ -42,15 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
     s.target = 2.0  # alpha * beta**2 * gamma**2, the FLOPs multiplier at phi = 1
     s.tolerance = 0.02  # keep |product - target| <= tolerance: 9 grid points with the ranges above
     s.phi = 1.0
-    # "formula": the paper's rule above. "macs": keep the grid points whose *rounded* network costs target**phi
-    # times unscaled B0's MACs within macs_tolerance (relative); at small resolutions rounding makes the two
-    # disagree (4-6x instead of 2x at 32 px), and points that round to one network are trained once.
+    # One of experiments.constraints.CONSTRAINTS (each class's docstring says what it admits); "formula" is the
+    # paper's rule above. The others constrain the *rounded* network (at small resolutions rounding makes its MACs
+    # disagree with the product: 4-6x instead of 2x at 32 px), and points that round to one network train once.
     s.constraint = "formula"
-    s.macs_tolerance = 0.05
-    # "latency": the rounded network's train-step (or inference: latency_kind) time measured on this device over
-    # unscaled B0's within latency_tolerance (relative) of target**phi; only the networks whose MACs lie within
-    # latency_window of that goal are compiled and timed (median of latency_rounds interleaved rounds), once per
-    # device kind, kept in the study. measure_latency: measure (and show) those costs with any constraint.
+    s.macs_tolerance = 0.05  # real MACs over unscaled B0's within this (relative) of target**phi
+    # Measured time over unscaled B0's (train step or inference: latency_kind) within latency_tolerance (relative)
+    # of target**phi; only the networks whose MACs lie within latency_window of that goal are compiled and timed
+    # (median of latency_rounds interleaved rounds), once per device kind, kept in the study.
+    # measure_latency: measure (and show) those costs with any constraint.
     s.latency_kind = "train"
     s.latency_tolerance = 0.1
     s.latency_window = 0.5
@@ -58,25 +62,23 @@ def get_config() -> ml_collections.ConfigDict:
     s.measure_latency = False
     s.include_paper = True  # (1.2, 1.1, 1.15), labelled "paper"; always goes on to the top rung
     s.include_baseline = True  # unscaled B0 (phi = 0), labelled "baseline"; always goes on to the top rung
-    s.sampler = "grid"  # the paper's method; "tpe": Optuna's TPE proposes n_trials points on the surface
-    s.n_trials = 12  # proposals with sampler = "tpe" (rung 0); the best 1/eta of them go on
-    s.strategy = "halving"  # successive halving in synchronous rungs, or "exhaustive" (one rung)
+    s.sampler = "grid"  # one of experiments.strategies.PROPOSERS; "grid", every admitted point, is the paper's method
+    s.n_trials = 12  # proposals of a sampler that proposes on the surface (rung 0); the best 1/eta of them go on
+    s.strategy = "halving"  # one of experiments.strategies.SCHEDULES; "halving": successive halving in sync rungs
     s.halving_eta = 3  # keep the best 1/eta (rounded up) of the grid points per rung, train them eta times longer
     s.halving_rungs = 2
-    # How a rung below the top is scored (experiments.strategies.RUNG_MODES): "continued" (every rung's schedule
-    # spans the top rung; a promoted run continues the checkpoint), "cooldown" (warmup-stable-decay: constant
-    # learning rate, each rung scored after a decay to zero over cooldown_fraction of its steps; a promoted run
-    # continues from before that decay) or "independent" (every rung its own full schedule from scratch)
+    # How a rung below the top is scored: one of experiments.strategies.RUNG_MODES (each class's docstring says
+    # how). "continued": every rung's schedule spans the top rung, and a promoted run continues the checkpoint.
     s.rung_mode = "continued"
-    s.cooldown_fraction = 0.2
+    s.cooldown_fraction = 0.2  # the share of a rung's steps its cooldown decays over (rung_mode = "cooldown")
     s.seeds = (0,)  # seeds of every rung below the top
     s.final_seeds = (0, 1)  # seeds of the top rung (the one that decides); () = the same as `seeds`
     # Racing: at the top rung, one more seed at a time for the leader and every candidate still tied with it,
     # up to max_seeds each, until none is (0: the top rung's seeds only, no racing)
     s.max_seeds = 0
-    s.metric = "val_top1"  # what picks the winner ("ema_val_top1" also works)
-    # "pooled": seed noise estimated once over every candidate at the deciding rung (two-way candidate + seed
-    # model, comparisons paired by seed; experiments/stats.py); "welch": Welch's t-test over each pair's own seeds
+    s.metric = "val_top1"  # what picks the winner: one of experiments.trials.METRICS
+    # One of experiments.stats.TESTS; "pooled": seed noise estimated once over every candidate at the deciding rung
+    # (two-way candidate + seed model, comparisons paired by seed; experiments/stats.py)
     s.test = "pooled"
     # Trials whose baseline, or every candidate, is not above chance (the validation split's majority class) did
     # not learn: best.json is then marked "answer": false (scale_up refuses it) and, with require_learning, the

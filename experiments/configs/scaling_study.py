@@ -1,15 +1,19 @@
-"""The scaling study: compound vs single-axis scaling at matched MACs, from B0.
+"""python -m experiments.scaling_study --config=experiments/configs/scaling_study.py:fashion_mnist
+
+Result (2-core AMD EPYC, 2026-12-03, before the dropout fix: to be remeasured): on Fashion-MNIST no family is
+separated from another at 2x MACs; on digits compound is below resolution-only at 2x (p = 0.016)
+(docs/results/scaling-study.md).
+
+The scaling study: compound vs single-axis scaling at matched MACs, from B0.
 
     python -m experiments.scaling_study                                   # digits at 32 px, 2-core CPU
-    python -m experiments.scaling_study --config=experiments/configs/scaling_study.py:fashion_mnist
     python -m experiments.scaling_study --config.study.constants=runs/grid/best.json \
         --config.study.budgets='(1, 2, 4, 8)' --config.train.num_train_steps=1000
 
 ``train`` is a grid-search trial config (experiments/configs/grid_search.py, or the research
 preset experiments/configs/fashion_mnist.py after the colon), so every model here is trained
 exactly as a grid-search trial. The digits default trains each model as long as the grid
-search's deciding rung (120 steps of batch 16): (1 + 4 families x 2 budgets) x 2 seeds = 18 trials
-(the README has the measured run).
+search's deciding rung (120 steps of batch 16): (1 + 4 families x 2 budgets) x 2 seeds = 18 trials.
 
 ``fashion_mnist`` trains long enough for unscaled B0 to pass 0.85 val top-1 (900 steps of batch
 32 on a 12,000-image subset, 2.4 epochs) at one budget, 2x MACs: 5 models x 2 seeds. Its base
