@@ -17,8 +17,10 @@ CORE = [
     "safetensors>=0.4",
     "optuna>=4.2",  # the experiment layer: studies, durable storages (journal file, SQLite, PostgreSQL)
     "scipy>=1.11",  # t quantiles, Welch's test and rank correlations for the search's verdicts
+    "grain>=0.2.18",  # image folders: random-access sources, global shuffles, loader threads/processes
+    "pillow>=10.0",  # image folders: decoding, the official crops, RandAugment (matplotlib needs it anyway)
 ]
-DATA = [  # tfds datasets and image folders; imported lazily, only by that path
+DATA = [  # TFDS datasets (and folder:gs://... remote folders) through tf.data; imported lazily, only by that path
     "tensorflow-cpu>=2.16; platform_machine == 'x86_64'",
     "tensorflow>=2.16; platform_machine != 'x86_64'",
     "tensorflow-datasets>=4.9",

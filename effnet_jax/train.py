@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir, lead = fv.workdir, jax.process_index() == 0
     prepared = recipe.prepare(config)
     stored = None if fv.restart else rundir.check_resume(config, workdir, prepared.total_steps,
-                                                         prepared.steps_per_epoch)
+                                                         prepared.steps_per_epoch,
+                                                         getattr(prepared.source, "fingerprint", None) or None)
     if stored is not None:
         if lead:
             print(f"{trainer.summary_line(stored)} (already finished; nothing changed)", flush=True)

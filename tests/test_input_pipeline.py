@@ -1,8 +1,9 @@
 """Input pipelines: determinism, resume, eval coverage, per-process shards, fast failures.
 
-The digits tests need no TensorFlow. The TFDS tests use offline data only: a tiny
-dataset prepared into tmp (tfds' own DummyMnist), ``tfds.testing.mock_data`` on
-cifar10, and an ImageFolder of PNGs written here.
+The digits tests need no TensorFlow, nor do the image folder checks through ``sources.create_source``
+(the Grain path; tests/test_grain_source.py has the rest). The TFDS tests use offline data only: a tiny
+dataset prepared into tmp (tfds' own DummyMnist), ``tfds.testing.mock_data`` on cifar10, and an image
+folder of PNGs written here, read through tf.data (``tfds_source``, the benchmark's baseline).
 """
 
 import os
@@ -224,8 +225,7 @@ def truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@needs_tfds
-@pytest.mark.parametrize("damage, why", [
+@pytest.mark.parametrize("damage, why", [  # through sources.create_source: the Grain path, no TensorFlow
     (lambda p: truncate(p), "truncated"),
     (lambda p: p.write_bytes(b"not an image at all"), "cannot identify image file"),
     (lambda p: p.write_bytes(b""), "cannot identify image file"),
@@ -244,7 +244,6 @@ def test_image_folder_refuses_an_unreadable_image_naming_it(tmp_path, damage, wh
     assert "(2 of" not in folder_error(held)
 
 
-@needs_tfds
 def test_image_folder_needs_two_classes(tmp_path):
     root = write_image_folder(tmp_path, {"train": {"cat": 6}, "val": {"cat": 3}})
     message = folder_error(data_config(name=f"folder:{root}", train_split="train", eval_split="val"))

@@ -20,6 +20,7 @@
 IDX: big-endian; two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
 0x0D float32, 0x0E float64), the number of dimensions, one 4-byte size per dimension, the data.
 Images must be uint8 and labels integers. Any malformed file is a one-line ``UserError``.
+The source's ``fingerprint`` holds the sha256 of each file it reads.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from effnet_jax.data import fingerprint
 from effnet_jax.data.input_pipeline import ArraySource, resize_images
 from effnet_jax.errors import UserError
 
@@ -215,10 +217,13 @@ def idx_source(data: Any, resolution: int, global_batch: int, seed: int,
                             + (" (classes inferred from the train labels; set data.num_classes)" if inferred else ""))
     xt, yt = xt[train_rows], yt[train_rows]
     mean, std = _mean_std(xt)
+    read = ("train", "test") if data.eval_split == "test" else ("train",)  # validation: rows of the train files
+    prints = {split: fingerprint.file_digests(find_file(directory, stem, data.name) for stem in FILES[split])
+              for split in read}
     return ArraySource(
         name=data.name, train_images=_prep(xt, mean, std, resolution), train_labels=yt,
         eval_images=_prep(xe, mean, std, resolution), eval_labels=ye,
         num_classes=num_classes, global_batch=global_batch, seed=seed, augment=data.augment,
         max_shift=max(0, round(resolution * data.get("max_shift_fraction", 0.0))),
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, fingerprint=prints,
     )

@@ -5,7 +5,14 @@ Every source serves *per-process* numpy batches of a global batch:
 * ``train_batches(start_step)``: endless, deterministic in (seed, step), so a run
   resumed at step s sees exactly the batches an uninterrupted run sees from s on;
 * ``eval_batches()``: one pass over the eval split, the last batch padded and
-  flagged with ``mask`` = 0 so every example counts exactly once.
+  flagged with ``mask`` = 0 so every example counts exactly once;
+* ``fingerprint``: what each split holds ({split: summary}, ``effnet_jax.data.fingerprint``),
+  which the trainer keeps in the workdir so that a rerun on changed data is refused.
+
+Because a batch is a pure function of (seed, process, step) with random access, the step a
+checkpoint holds is the whole loader state: a resumed run reads nothing twice and saves no
+iterator state. Array sources are served through Grain (a background thread prepares the next
+batch while the device trains on this one).
 
 The embedded default needs no network and no TensorFlow: scikit-learn's bundled
 digits (1797 real 8x8 images, 10 classes), resized once to the model resolution,
@@ -15,11 +22,13 @@ with a fixed stratified 60/20/20 train/validation/test split.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 
+from effnet_jax.data import fingerprint
 from effnet_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -31,6 +40,7 @@ class Source(Protocol):
     num_classes: int
     num_train: int
     num_eval: int
+    fingerprint: dict[str, dict[str, Any]]
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]: ...
 
@@ -53,6 +63,7 @@ class ArraySource:
     max_shift: int = 0  # random translation in pixels (digits must not be flipped)
     process_index: int = 0
     process_count: int = 1
+    fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.global_batch > len(self.train_labels):
@@ -80,18 +91,22 @@ class ArraySource:
         lo = self.process_index * self.local_batch
         return rows[lo : lo + self.local_batch]
 
+    def batch_at(self, step: int) -> Batch:
+        """This process's batch of ``step``: a pure function of (seed, process, step)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+        rows = self._local(order[i * self.global_batch : (i + 1) * self.global_batch])
+        images = self.train_images[rows]
+        if self.augment and self.max_shift:
+            images = _random_shift(images, self.max_shift, np.random.default_rng([self.seed, 1 << 20, step,
+                                                                                  self.process_index]))
+        return {"image": images, "label": self.train_labels[rows]}
+
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
-        step = start_step
-        while True:
-            epoch, i = divmod(step, self.steps_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-            rows = self._local(order[i * self.global_batch : (i + 1) * self.global_batch])
-            images = self.train_images[rows]
-            if self.augment and self.max_shift:
-                images = _random_shift(images, self.max_shift, np.random.default_rng([self.seed, 1 << 20, step,
-                                                                                      self.process_index]))
-            yield {"image": images, "label": self.train_labels[rows]}
-            step += 1
+        import grain  # imports JAX: not at module import (the core imports this module)
+
+        steps = grain.MapDataset.range(start_step, sys.maxsize).map(self.batch_at)
+        return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
     def eval_batches(self) -> Iterator[Batch]:
         n = self.num_eval
@@ -153,6 +168,8 @@ def digits_source(data: Any, resolution: int, global_batch: int, seed: int,
             raise UserError(f"digits has splits {', '.join(splits)}; got {split!r}")
     (xt, yt), (xe, ye) = splits[data.train_split], splits[data.eval_split]
     mean, std = float(xt.mean()), float(xt.std())
+    prints = {split: {"examples": len(splits[split][1]), "sha256": fingerprint.array_digest(*splits[split])}
+              for split in (data.train_split, data.eval_split)}
 
     def prep(x: np.ndarray) -> np.ndarray:
         x = resize_images(((x - mean) / std)[..., None], resolution)
@@ -162,5 +179,5 @@ def digits_source(data: Any, resolution: int, global_batch: int, seed: int,
         name="digits", train_images=prep(xt), train_labels=yt, eval_images=prep(xe), eval_labels=ye,
         num_classes=10, global_batch=global_batch, seed=seed, augment=data.augment,
         max_shift=max(0, round(resolution * data.get("max_shift_fraction", 0.0))),
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, fingerprint=prints,
     )

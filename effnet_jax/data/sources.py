@@ -1,8 +1,9 @@
 """Which source a config's ``data`` section names: the one place that dispatches on ``data.name``.
 
 Sources build on ``input_pipeline`` (the protocol, array sources, digits); ``idx_source`` (numpy
-only) says which names are its own, and ``tfds_source`` is imported only when a config names
-a tfds dataset or an image folder (TensorFlow only then). No source module imports this one back.
+only) says which names are its own; local image folders go through ``grain_source`` (Grain and PIL,
+no TensorFlow); ``tfds_source`` is imported only when a config names a tfds dataset or a remote
+folder (``folder:gs://...``): TensorFlow only then. No source module imports this one back.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def create_source(data: Any, resolution: int, global_batch: int, seed: int,
 
     if idx_source.is_idx_name(data.name):
         return idx_source.idx_source(data, resolution, global_batch, seed, process_index, process_count)
+    if data.name.startswith("folder:") and "://" not in data.name:
+        from effnet_jax.data import grain_source  # Grain and PIL, no TensorFlow
+
+        return grain_source.folder_source(data, resolution, global_batch, seed, process_index, process_count)
     try:
         from effnet_jax.data import tfds_source  # imports TensorFlow: only on this path
     except ImportError as e:

@@ -25,28 +25,24 @@ them into batches.
 * Preprocessing: the official EfficientNet recipe (``tf_preprocess``) plus a horizontal
   flip in training, then normalised with ``data.mean_rgb`` / ``data.std_rgb`` (0..1 scale,
   ImageNet's by default). Grey images are repeated to RGB, alpha is dropped.
-* Image folders are checked before training, so that a mistake fails in seconds with the
-  file's name instead of as a TensorFlow error deep into a run: fewer than two classes is
-  refused; every image of the splits in use is opened with PIL (PNG: chunk structure and
-  checksums; JPEG: a 1/8-scale decode, which reads the whole stream; seconds for thousands of
-  images, docs/benchmarks.md). An unreadable image is *refused*,
-  naming it, rather than skipped: a silently smaller dataset would make runs incomparable.
-  A training class with fewer than ``MIN_CLASS_IMAGES`` images gets a one-line ``warning:``.
+* Image folders are checked before training as on the Grain path (``folder``: fewer than two
+  classes refused, every image of the splits in use opened with PIL, an unreadable one refused by
+  name). ``sources.create_source`` sends only remote folders (``folder:gs://...``) here; local ones
+  go through ``grain_source``, without TensorFlow. ``create_source`` here still reads a local folder
+  (the benchmark's tf.data baseline, ``scripts/bench_input.py``).
+* ``fingerprint`` (``effnet_jax.data.fingerprint``): a folder's file list with sizes; a TFDS split's version,
+  example count, bytes and shard lengths as recorded when it was prepared.
 * TensorFlow's own logging (C++ banners, oneDNN notice, Python warnings) is silenced before
   it is imported: the CLI's errors are one line.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import difflib
 import logging
 import math
 import os
-import sys
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,31 +56,23 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from effnet_jax.data import tf_preprocess  # noqa: E402
+from effnet_jax.data import fingerprint, folder, tf_preprocess  # noqa: E402
+from effnet_jax.data.folder import FOLDER_IMAGE_EXTENSIONS, FOLDER_PREFIX, MIN_CLASS_IMAGES  # noqa: E402, F401
 from effnet_jax.data.input_pipeline import Batch  # noqa: E402
 from effnet_jax.errors import UserError  # noqa: E402
 
 tf.get_logger().setLevel(logging.ERROR)
 absl_logging.set_verbosity(absl_logging.ERROR)  # tfds logs through absl
 
-try:  # checks image folders before training (image_problem); optional
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # big is not broken
-    _IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, EOFError,
-                                                       Image.DecompressionBombError, tf.errors.OpError)
-except ImportError:
-    Image = None
-    _IMAGE_ERRORS = (OSError, tf.errors.OpError)
-
 try:  # JAX owns the accelerators: TF (if it is a GPU build) must not grab their memory
     tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):
     pass
 
-FOLDER_PREFIX = "folder:"
-FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what tfds.folder_dataset.ImageFolder reads
-MIN_CLASS_IMAGES = 5  # fewer training images in a class: warn
+# Remote folders (gs://...) are listed, sized and opened through TensorFlow's file system.
+GFILE = folder.FileSystem(listdir=tf.io.gfile.listdir, isdir=tf.io.gfile.isdir,
+                          open=lambda path: tf.io.gfile.GFile(path, "rb"),
+                          size=lambda path: tf.io.gfile.stat(path).length, errors=(tf.errors.OpError,), local=False)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTOTUNE = tf.data.AUTOTUNE
@@ -122,6 +110,7 @@ class TfdsSource:
     std_rgb: tuple[float, ...] = IMAGENET_STD
     process_index: int = 0
     process_count: int = 1
+    fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.local_batch = self.global_batch // self.process_count
@@ -208,7 +197,7 @@ def create_source(data: Any, resolution: int, global_batch: int, seed: int,
         opened = _open_folder(data, process_index, process_count)
     else:
         opened = _open_tfds(data, process_index, process_count)
-    name, num_classes, train, eval_, decode = opened
+    name, num_classes, train, eval_, decode, prints = opened
     return TfdsSource(
         name=name, num_classes=num_classes, train=train, eval=eval_, decode=decode, resolution=resolution,
         global_batch=global_batch, seed=seed, augment=bool(data.augment),
@@ -216,7 +205,7 @@ def create_source(data: Any, resolution: int, global_batch: int, seed: int,
         randaugment_magnitude=float(data.get("randaugment_magnitude", 10)),
         shuffle_buffer=int(data.get("shuffle_buffer", 16_384)),
         mean_rgb=tuple(data.get("mean_rgb", IMAGENET_MEAN)), std_rgb=tuple(data.get("std_rgb", IMAGENET_STD)),
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, fingerprint=prints,
     )
 
 
@@ -260,7 +249,7 @@ def _open_tfds(data: Any, process_index: int, process_count: int) -> tuple:
             raise UserError(f"{name} has splits {', '.join(splits)}; cannot read {split!r} "
                             f"({' '.join(str(e).split())[:150]})") from None
 
-    train_split, eval_split = _holdout(data, count)
+    train_split, eval_split = folder.holdout(data, count)
 
     def part(split: str) -> _Split:
         count(split)
@@ -271,24 +260,28 @@ def _open_tfds(data: Any, process_index: int, process_count: int) -> tuple:
         return _Split(records, count(local), count(split))
 
     image_feature = builder.info.features[image_key]
+    bases = {folder.parse_range(split)[0] for split in (train_split, eval_split)}
+    prints = {base: _split_print(builder, base) for base in sorted(bases)}
     return (name, builder.info.features[label_key].num_classes, part(train_split), part(eval_split),
-            lambda encoded: tf_preprocess.to_rgb(image_feature.decode_example(encoded)))
+            lambda encoded: tf_preprocess.to_rgb(image_feature.decode_example(encoded)), prints)
+
+
+def _split_print(builder: Any, split: str) -> dict[str, Any]:
+    """A prepared split's fingerprint, from what TFDS recorded when it prepared it (no file is read)."""
+    info = builder.info.splits[split]
+    return {"dataset": f"{builder.name}:{builder.version}", "examples": int(info.num_examples),
+            "bytes": int(info.num_bytes), "shard_lengths": [int(n) for n in info.shard_lengths]}
 
 
 def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
     root = os.path.expanduser(data.name[len(FOLDER_PREFIX):])
-    if not tf.io.gfile.isdir(root):
-        raise UserError(f"image folder {root!r} does not exist (expected {root}/SPLIT/LABEL/IMAGE.png)")
-    files = list_folder(root)
+    fs = GFILE if "://" in root else folder.LOCAL
+    root = folder.folder_root(data.name, fs)
+    files = folder.list_folder(root, fs)
+    names = folder.class_names(root, files)
     builder = tfds.folder_dataset.ImageFolder(root)
     splits = {k: v.num_examples for k, v in builder.info.splits.items() if v.num_examples}
     num_classes = builder.info.features["label"].num_classes
-    if not splits or not num_classes:
-        raise UserError(f"image folder {root!r} has no images: expected {root}/SPLIT/LABEL/IMAGE.(png|jpg)")
-    if num_classes < 2:
-        label = builder.info.features["label"].names[0]
-        raise UserError(f"image folder {root!r} has a single class ({label!r}): a classifier needs at least two, "
-                        f"as {root}/SPLIT/LABEL/IMAGE.png with two or more LABEL folders")
 
     def count(split: str) -> int:
         if split not in splits:
@@ -296,21 +289,15 @@ def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
                             "(folders take plain split names)")
         return splits[split]
 
-    train_split, eval_split = _holdout(data, count)
-    train_base, eval_base = _parse_range(train_split)[0], _parse_range(eval_split)[0]
+    train_split, eval_split = folder.holdout(data, count)
+    train_base, eval_base = folder.parse_range(train_split)[0], folder.parse_range(eval_split)[0]
     in_use = [train_base] + ([eval_base] if eval_base != train_base else [])
-    check_images(root, [p for split in in_use for ps in files[split].values() for p in ps])
-    small = {label: len(files[train_base].get(label, [])) for label in builder.info.features["label"].names}
-    small = {label: n for label, n in small.items() if n < MIN_CLASS_IMAGES}
-    if small and process_index == 0:
-        named = ", ".join(f"{label!r} ({n})" for label, n in sorted(small.items(), key=lambda kv: kv[1])[:5])
-        named += f" and {len(small) - 5} more" if len(small) > 5 else ""
-        print(f"warning: image folder {root!r}: {'class' if len(small) == 1 else 'classes'} {named} "
-              f"{'has' if len(small) == 1 else 'have'} fewer than {MIN_CLASS_IMAGES} images in {train_base!r}; "
-              "accuracy on them is noise", file=sys.stderr, flush=True)
+    folder.check_images(root, [p for split in in_use for ps in files[split].values() for p in ps], fs)
+    if process_index == 0:
+        folder.warn_small_classes(root, train_base, files[train_base], names)
 
     def part(split: str) -> _Split:
-        base, lo, hi = _parse_range(split)
+        base, lo, hi = folder.parse_range(split)
         hi = splits[base] if hi is None else hi
         records = builder.as_dataset(split=base, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
         records = records.skip(lo).take(hi - lo).shard(process_count, process_index)
@@ -318,95 +305,10 @@ def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
         n = hi - lo
         return _Split(records, len(range(process_index, n, process_count)), n)
 
+    prints = {split: fingerprint.listing(root, files[split], fs.size) for split in in_use}
     return (data.name, num_classes, part(train_split), part(eval_split),
-            lambda encoded: tf_preprocess.to_rgb(tf.io.decode_image(encoded, channels=3, expand_animations=False)))
-
-
-def list_folder(root: str) -> dict[str, dict[str, list[str]]]:
-    """{split: {label: [image paths]}} by ImageFolder's rules: root/SPLIT/LABEL/*.(jpg|jpeg|png)."""
-
-    def dirs(path: str) -> list[str]:
-        return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path) if tf.io.gfile.isdir(os.path.join(path, d)))
-
-    out: dict[str, dict[str, list[str]]] = {}
-    for split in dirs(root):
-        out[split] = {}
-        for label in dirs(os.path.join(root, split)):
-            folder = os.path.join(root, split, label)
-            out[split][label] = sorted(os.path.join(folder, f) for f in tf.io.gfile.listdir(folder)
-                                       if f.lower().endswith(FOLDER_IMAGE_EXTENSIONS))
-    return out
-
-
-def image_problem(path: str) -> str | None:
-    """Why TensorFlow could not decode ``path`` (None: it can), found without a full decode.
-
-    With PIL: PNG chunk structure and checksums (no decompression); JPEG and the rest a
-    1/8-scale decode, which still reads the whole entropy-coded stream (truncation).
-    Without PIL: the file must start with a JPEG, PNG, GIF, BMP or WebP signature.
-    """
-    head = b""
-    try:
-        if Image is None:
-            with tf.io.gfile.GFile(path, "rb") as f:
-                head = f.read(12)
-        else:
-            with contextlib.ExitStack() as stack:
-                source = stack.enter_context(tf.io.gfile.GFile(path, "rb")) if "://" in path else path
-                im = stack.enter_context(Image.open(source))
-                if im.format == "PNG":
-                    im.verify()
-                else:
-                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                    im.load()
-            return None
-    except _IMAGE_ERRORS as e:
-        if Image is not None and isinstance(e, Image.DecompressionBombError):
-            return None  # huge, not broken: TensorFlow decodes it
-        return " ".join(str(e).replace(f"'{path}'", "").split()).rstrip(" :")[:120] or type(e).__name__
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")) or (
-            head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return None
-    return "empty file" if not head else "not a JPEG, PNG, GIF, BMP or WebP file"
-
-
-def check_images(root: str, paths: list[str]) -> None:
-    """Refuse (UserError naming the first) any of ``paths`` that is not a readable image."""
-    workers = min(16, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        problems = [(p, why) for p, why in zip(paths, pool.map(image_problem, paths)) if why]
-    if problems:
-        path, why = problems[0]
-        more = f" ({len(problems)} of {len(paths)} images are unreadable)" if len(problems) > 1 else ""
-        raise UserError(f"image folder {root!r}: {os.path.relpath(path, root)} is not a readable image ({why}); "
-                        f"remove or replace it{more}")
-
-
-def _holdout(data: Any, count: Callable[[str], int]) -> tuple[str, str]:
-    """(train, eval) split strings; with holdout_fraction f the eval split is the last round(n * f) of train."""
-    f = float(data.get("holdout_fraction", 0.0))
-    if f <= 0:
-        count(data.train_split)
-        count(data.eval_split)
-        return data.train_split, data.eval_split
-    if f >= 1:
-        raise UserError(f"data.holdout_fraction must be in [0, 1), got {f}")
-    if not data.train_split.isidentifier():
-        raise UserError(f"data.holdout_fraction needs a plain split name as data.train_split, got {data.train_split!r}")
-    n = count(data.train_split)
-    k = n - round(n * f)
-    if not 0 < k < n:
-        raise UserError(f"data.holdout_fraction {f} of {n} examples leaves an empty train or eval split")
-    return f"{data.train_split}[:{k}]", f"{data.train_split}[{k}:]"
-
-
-def _parse_range(split: str) -> tuple[str, int, int | None]:
-    """'train' -> ('train', 0, None) ; 'train[:k]' / 'train[k:]' (our holdout) -> absolute bounds."""
-    if "[" not in split:
-        return split, 0, None
-    base, rng = split[:-1].split("[")
-    lo, hi = rng.split(":")
-    return base, int(lo or 0), int(hi) if hi else None
+            lambda encoded: tf_preprocess.to_rgb(tf.io.decode_image(encoded, channels=3, expand_animations=False)),
+            prints)
 
 
 def _keys(info: Any) -> tuple[str, str]:

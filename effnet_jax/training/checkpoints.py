@@ -34,9 +34,10 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str, prepared: Pre
     config.json; or, when it already holds this run finished, return the stored result and write nothing."""
     lead = jax.process_index() == 0
     total, per_epoch = prepared.total_steps, prepared.steps_per_epoch
+    data = getattr(prepared.source, "fingerprint", None) or None  # what the run reads: data.json
     if restart:
         rundir.check_workdir(workdir)
-    elif (stored := rundir.check_resume(config, workdir, total, per_epoch)) is not None:
+    elif (stored := rundir.check_resume(config, workdir, total, per_epoch, data)) is not None:
         return stored
     if "://" in workdir:
         os.makedirs(workdir, exist_ok=True)
@@ -48,12 +49,14 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str, prepared: Pre
         if lead:
             rundir.clear_workdir(workdir)
         _sync("effnet_jax restart")  # nobody reads the old checkpoints while process 0 deletes them
-    elif (stored := rundir.check_resume(config, workdir, total, per_epoch)) is not None:
+    elif (stored := rundir.check_resume(config, workdir, total, per_epoch, data)) is not None:
         return stored  # finished by another run while this one waited for the lock
     elif rundir.forks(config, workdir):
         _fork(config, workdir, total)
     if lead:
         rundir.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        if data:
+            rundir.write_json(os.path.join(workdir, rundir.DATA_FILE), data)
     return None
 
 

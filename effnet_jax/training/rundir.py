@@ -25,6 +25,7 @@ import jax
 import ml_collections
 
 from effnet_jax.configs import to_steps
+from effnet_jax.data import fingerprint
 from effnet_jax.errors import UserError, one_line
 from effnet_jax.training import metrics
 from effnet_jax.training.metrics import write_json as write_json  # a run's JSON files: the one atomic, strict writer
@@ -35,9 +36,11 @@ COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "chec
                    "keep_checkpoints", "eval_every_steps", "eval_ema", "save_weights")
 # Where a wsd run keeps the state at its cooldown's start: what a longer wsd run of the config continues.
 STABLE_CHECKPOINTS = "stable_checkpoints"
+# The fingerprint of the data the run read (effnet_jax.data.fingerprint), beside its config.json.
+DATA_FILE = "data.json"
 # What --restart deletes (and nothing else the user may keep in the workdir).
 RUN_FILES = ("checkpoints", STABLE_CHECKPOINTS, "tensorboard", "metrics.jsonl", "result.json", "config.json",
-             "weights.safetensors", "ema_weights.safetensors")
+             "weights.safetensors", "ema_weights.safetensors", DATA_FILE)
 
 
 def check_workdir(workdir: str) -> None:
@@ -190,12 +193,13 @@ def stable_steps(workdir: str) -> list[int]:
         return []
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str, total_steps: int, steps_per_epoch: int
-                 ) -> dict[str, Any] | None:
+def check_resume(config: ml_collections.ConfigDict, workdir: str, total_steps: int, steps_per_epoch: int,
+                 data: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Check that ``workdir`` can take this run (UserError if not); its stored result if already finished.
 
-    Writes nothing. Refused: a workdir of a different config (``config_differences``), or one
-    whose checkpoint is past this config's last step.
+    Writes nothing. Refused: a workdir of a different config (``config_differences``), one whose
+    ``data.json`` says it read other data than ``data`` (the source's fingerprint) says this run reads,
+    or one whose checkpoint is past this config's last step.
     """
     check_workdir(workdir)
     if "://" in workdir:
@@ -206,6 +210,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, total_steps: i
         if diff:
             raise UserError(f"workdir {workdir} was started with a different config: {', '.join(diff)}; "
                             "use a new --workdir or pass --restart to start over")
+    stored_data = read_json(os.path.join(workdir, DATA_FILE), workdir) if data else None
+    if isinstance(stored_data, dict) and (changed := fingerprint.describe_change(stored_data, data)):
+        raise UserError(f"workdir {workdir} was trained on other data: {changed}; "
+                        "use a new --workdir or pass --restart to start over")
     steps = checkpoint_steps(workdir)
     if steps and steps[-1] > total_steps:
         raise UserError(f"workdir {workdir} holds a checkpoint at step {steps[-1]}, past this config's "
