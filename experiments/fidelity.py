@@ -121,6 +121,7 @@ def fidelity(config: ml_collections.ConfigDict, workdir: str, storage: str | Non
     planned = plans(config, cands, base_steps)
     trials.check_trials(((p.key, p.config) for p in planned), prepared.steps_per_epoch)
     study = open_study(storage_for(storage, workdir), study_name, identity(config.train), storage or workdir)
+    study.check_data(getattr(prepared.source, "fingerprint", None), storage or workdir)
     rows = list(worker.work(study, planned, workdir, config.search.metric, log).values())
     out = {"rows": rows, **analyse(rows, config.search.metric, config.train.data.name), "base_steps": base_steps}
     if not write:

@@ -61,7 +61,7 @@ from effnet_jax.data import input_pipeline
 from effnet_jax.errors import UserError, exit_on_user_error
 from effnet_jax.model import cost
 from effnet_jax.training import recipe
-from experiments import queue, report, search_report, stats, trials, workers
+from experiments import planned, queue, report, search_report, stats, trials, workers
 from experiments.analysis import (
     CandidateSummary,
     ceiling_line,
@@ -197,6 +197,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, storage: str | None =
     proposer = proposer_for(s)
     study = open_study(storage_for(storage, workdir), study_name, identity(config.train), storage or workdir,
                        sampler=proposer.sampler())
+    study.check_data(getattr(prepared.source, "fingerprint", None), storage or workdir)
     meter = constraint.meter()  # a constraint on measured time times its networks before it admits any
     if meter is not None:
         meter.measurements = measured(config, study, meter, meter.to_measure(grid_points(s)), prepared, steps, log)
@@ -239,18 +240,24 @@ def measured(config: ml_collections.ConfigDict, study: Study, meter: MeasuredLat
 
 def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None = None,
            study_name: str = "grid_search", log: Callable[[str], Any] = print, write: bool = True,
-           worker: queue.Worker | None = None) -> dict[str, Any]:
+           worker: queue.Worker | None = None, workers: int = 1) -> dict[str, Any]:
     """Run (or join, or resume) the search; returns {"rows", "summary", "best", "verdict", "learning",
     "rung_agreement", "noise_ceiling", "ceiling_line", ...} (``learning["learned"]`` False: no answer).
 
     Several processes may call this at once on one storage: they share the trials. ``worker``: this process's
-    (``workers.begin``'s; default a new one), whose programs every rung's trials share.
+    (``workers.begin``'s; default a new one), whose programs every rung's trials share; ``workers``: how many
+    processes work the study (a time budget's plan is priced for them).
     """
     s = config.search
     worker = queue.Worker() if worker is None else worker
     ready = setup(config, workdir, storage, study_name, log)
     prepared, cands, steps, study = ready.prepared, ready.cands, ready.steps, ready.study
     num_classes, num_eval = prepared.source.num_classes, prepared.source.num_eval
+    planned_json = None
+    if planned.seconds_of(s.get("time_budget", "")) is not None:
+        worker = dataclasses.replace(worker, deadline=time.time() + planned.seconds_of(s.time_budget))
+        config, planned_json = plan_by_time(config, ready, workdir, worker, workers, log)
+        s, steps = config.search, rung_steps(config, prepared.steps_per_epoch)
     schedule = schedule_for(s)
     t0 = time.time()
     mode = rung_mode_for(s)
@@ -281,10 +288,40 @@ def search(config: ml_collections.ConfigDict, workdir: str, storage: str | None 
     extra = {"num_classes": num_classes, "num_eval": num_eval, "dataset": prepared.source.name,
              "rung_steps": steps, "rung_agreement": agreement, "noise_ceiling": ceiling,
              "ceiling_line": ceiling_line(agreement, ceiling, steps, config.train.data.name), "learning": learning,
-             "macs_warnings": ready.constraint.warnings(summary), "training_share": training_share(rows_list, t0)}
+             "macs_warnings": ready.constraint.warnings(summary), "training_share": training_share(rows_list, t0),
+             **({"planner": planned_json, "wall_s": time.time() - t0} if planned_json else {})}
     if write:
         search_report.write_outputs(workdir, config, rows_list, summary, best, verdict, extra)
     return {"rows": rows_list, "summary": summary, "best": best, "verdict": verdict, **extra}
+
+
+def plan_by_time(config: ml_collections.ConfigDict, ready: Setup, workdir: str, worker: queue.Worker, workers: int,
+                 log: Callable[[str], Any]) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """``search.time_budget``: probe, then the plan the study keeps (the first process to choose one stores it;
+    every other worker, the parent's report and a rerun read it). Returns the config that runs the plan and the
+    plan's JSON (``worker`` carries the deadline); raises ``planned.Refused`` (exit 2, best.json "answer": false)
+    when the planner refuses and ``search.accept_underpowered`` is off."""
+    s = config.search
+    seconds = planned.seconds_of(s.time_budget)
+    t0 = time.time()
+    stored = ready.study.user_attr(planned.PLAN_ATTR)
+    if stored is None:
+        cooled = planned.apply(config, {})
+        base = trials.budget_steps(config.train, ready.prepared.steps_per_epoch)
+        rows, ladder = planned.run_probe(cooled, ready.cands, ready.study, workdir, worker,
+                                         ready.prepared.source.num_classes, base, seconds, workers, plan_rung, log)
+        choice = planned.choose_plan(cooled, rows, ready.cands, ready.prepared.source,
+                                     ready.prepared.source.num_classes, worker.deadline - time.time(), workers)
+        choice["probe"].update(ladder=ladder, probe_s=time.time() - t0)
+        if ready.study.user_attr(planned.PLAN_ATTR) is None:
+            ready.study.set_user_attr(planned.PLAN_ATTR, choice)
+        stored = ready.study.user_attr(planned.PLAN_ATTR)
+    if not stored["answer"]:
+        if not (s.accept_underpowered and stored.get("overrides")):
+            raise planned.Refused(stored)
+        log(f"{stored['line']}\nsearch.accept_underpowered: running the best plan anyway")
+    log("plan (" + ("accepted underpowered" if not stored["answer"] else "predicted") + "):\n" + stored["table"])
+    return planned.apply(config, stored["overrides"]), stored
 
 
 def race(config: ml_collections.ConfigDict, study: Study, workdir: str, alive: Sequence[Candidate],
@@ -345,9 +382,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     phis = report.parse_floats(fv.then_scale, "--then_scale")
     _refuse_old_workdir(workdir, fv.storage)
     t0 = time.time()
-    out = exp.serve(lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write,
-                                              worker=exp.worker),
-                    prepare=lambda log: setup(config, workdir, fv.storage, fv.study_name, log))
+    n = workers.count(fv)
+    try:
+        out = exp.serve(lambda log, write: search(config, workdir, fv.storage, fv.study_name, log, write=write,
+                                                  worker=exp.worker, workers=n),
+                        prepare=lambda log: setup(config, workdir, fv.storage, fv.study_name, log))
+    except planned.Refused as e:
+        if not fv.worker:
+            planned.write_refusal(workdir, config, e.plan)
+        raise UserError(e.plan["line"].removeprefix("error: ")) from None
     if fv.worker:
         return out
     search_report.print_summary(out, config, workdir, time.time() - t0)

@@ -418,7 +418,10 @@ def _at_chance(noise: NoiseModel, cands: Sequence[Cand], cost: CostModel) -> Ref
         se = math.sqrt(max(float((resid ** 2).sum()) / max(len(x) - 2, 1), 1e-12) / float(((x - x.mean()) ** 2).sum()))
 
         def at(b: float) -> float | None:
-            return float(math.exp(x.mean() + (need - y.mean()) / b)) if b > 0 else None
+            if b <= 0:
+                return None
+            log_steps = x.mean() + (need - y.mean()) / b
+            return float(math.exp(log_steps)) if log_steps < 40 else None  # a flat slope: no bound in sight
 
         mid, fast, slow = at(slope), at(slope + se), at(slope - se)
         needs.update(steps=mid, steps_range=[fast, slow])

@@ -86,6 +86,7 @@ class Worker:
 
     programs: Programs = dataclasses.field(default_factory=_new_programs)
     compile_ahead: str = "auto"
+    deadline: float | None = None  # time.time() past which this worker claims no new trial (a time budget)
 
     def train(self, config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
         """``trainer.train_and_evaluate`` with this process's programs: the ``train_fn`` of ``work``."""
@@ -97,7 +98,7 @@ class Worker:
              log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
         """``work`` with this worker's trainer, programs and compile-ahead mode."""
         return work(study, plans, workdir, self.train, metric, log, programs=self.programs,
-                    compile_ahead=self.compile_ahead)
+                    compile_ahead=self.compile_ahead, deadline=self.deadline)
 
     def work_sampled(self, study: Study, n_trials: int, propose: Callable[[Any], TrialPlan | None], workdir: str,
                      metric: str, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -247,8 +248,9 @@ def is_done(trials: Sequence[Any], key: str) -> bool:
 
 def work(study: Study, plans: Sequence[TrialPlan], workdir: str, train_fn: Callable[..., dict[str, Any]],
          metric: str, log: Callable[[str], None] = print, programs: Programs | None = None,
-         compile_ahead: str = "auto") -> dict[str, dict[str, Any]]:
-    """Work the queue until every plan has a finished trial (trained by this or any other process).
+         compile_ahead: str = "auto", deadline: float | None = None) -> dict[str, dict[str, Any]]:
+    """Work the queue until every plan has a finished trial (trained by this or any other process), or until
+    ``deadline`` (``time.time()``): then no new trial is claimed, and the rows are those of the finished plans.
 
     Returns {key: row} for the plans; a row is the trial's attrs, its result and its state.
     ``train_fn(config, trial_dir)`` trains one trial with ``programs``, this process's one ``Programs``
@@ -269,6 +271,11 @@ def work(study: Study, plans: Sequence[TrialPlan], workdir: str, train_fn: Calla
                 raise UserError(f"trial {unscored[0]} in {workdir} did not evaluate the EMA weights (its search "
                                 f"ranked on another metric); search.metric={metric} needs a new --workdir")
             return rows
+        if deadline is not None and time.time() >= deadline:
+            done = [k for k in order if is_done(trials, k)]
+            log(f"time budget reached: {len(order) - len(done)} of {len(order)} planned trials not finished here "
+                "are left out")
+            return {k: row_of(latest(trials, k)) for k in done}
         _fail_stale(study, trials, log)
         t = _claim(study, study.get_trials(), plans, programs)
         if t is None:

@@ -433,6 +433,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     num_classes = prepared.source.num_classes
     points = plan(config, constants, num_classes) if config.study.match == "macs" else None  # a miss writes nothing
     study_ = open_study(storage_for(storage, workdir), study_name, identity(config.train), storage or workdir)
+    study_.check_data(getattr(prepared.source, "fingerprint", None), storage or workdir)
     if points is None:  # matched on time: measured here, kept in the study
         points = plan(config, constants, num_classes, latency_meter(config, prepared, study_, log))
     return study_, points, num_classes

@@ -116,12 +116,29 @@ def print_summary(out: dict[str, Any], config: ml_collections.ConfigDict, workdi
               f"{os.path.join(workdir, 'best.json')}")
     if out["learning"].get("learned") is not False:
         print(out["verdict"]["sentence"])
+    if out.get("planner"):
+        print(plan_line(out["planner"], out.get("wall_s"), len(out["verdict"].get("contender_set") or [])))
     share = out["training_share"]
     print(f"grid search took {took:.0f} s" + (f" ({share:.0%} of trial time in training steps)" if share else "")
           + f"; results in {workdir}")
     phases = queue.phase_line(out["rows"])
     if phases:
         print(phases)
+
+
+def plan_line(plan: dict[str, Any], wall_s: float | None, contenders: int) -> str:
+    """A time budget's plan against what happened: minutes and the contender set's size, and whether the plan
+    was one the planner had refused (``search.accept_underpowered``)."""
+    p, probe = plan.get("plan") or {}, plan.get("probe") or {}
+    predicted = (probe.get("probe_s") or 0) + (p.get("seconds") or 0)
+    text = (f"plan against actual: probe and plan {predicted / 60:.1f} min predicted, "
+            f"{(wall_s or 0) / 60:.1f} min taken; contender set {contenders} of {p.get('judged', '?')} "
+            f"(predicted {p.get('mean_contenders', float('nan')):.1f} on average; at most half with probability "
+            f"{p.get('power', float('nan')):.2f})")
+    if not plan.get("answer"):
+        text += ("; this plan was run although the planner refused it (search.accept_underpowered): "
+                 f"{plan.get('line', '').removeprefix('error: ')}")
+    return text
 
 
 def _num(x: float | None) -> str:

@@ -201,10 +201,12 @@ class Halving(Schedule):
 
     def survivors(self, summary: Sequence[CandidateSummary], alive: Sequence[Candidate], rung: int
                   ) -> list[Candidate]:
-        """The best 1/eta of rung ``rung``'s grid points, rounded up (where a cheap rung is limited by seed
-        noise, the candidate just past the cut is about as good as the one on it), plus the references."""
+        """The best ``search.keep`` of rung ``rung``'s grid points (0: the best 1/eta, rounded up: where a cheap
+        rung is limited by seed noise, the candidate just past the cut is about as good as the one on it), plus
+        the references."""
         ranked = [s for s in summary if s.rung == rung and s.mean is not None and not s.label]
-        keep = {(s.alpha, s.beta, s.gamma) for s in ranked[: math.ceil(len(ranked) / self.search.halving_eta)]}
+        n = self.search.get("keep", 0) or math.ceil(len(ranked) / self.search.halving_eta)
+        keep = {(s.alpha, s.beta, s.gamma) for s in ranked[:n]}
         return [c for c in alive if c.label or (c.alpha, c.beta, c.gamma) in keep]
 
 
@@ -367,6 +369,10 @@ def check_search(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"search.test must be {' or '.join(stats.TESTS)}, got {s.test!r}")
     if not (isinstance(s.alpha_level, float) and 0 < s.alpha_level < 1):
         raise UserError(f"search.alpha_level must be in (0, 1), got {s.alpha_level!r}")
+    keep = s.get("keep", 0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise UserError(f"search.keep must be an integer >= 0 (0: the best 1/halving_eta), got {keep!r}")
+    _check_budget(s)
     constraint = constraint_for(s)
     constraint.check()
     if constraint.meter() is not None or s.measure_latency:
@@ -378,3 +384,15 @@ def check_search(config: ml_collections.ConfigDict) -> None:
         raise UserError("train.model.resolution must be 0 (each trial's resolution is base_resolution * gamma)")
     if not constraint.needs_network:
         candidates(s)  # an empty grid fails here; a measured cost needs the class count, known once the data is open
+
+
+def _check_budget(s: ml_collections.ConfigDict) -> None:
+    """The time-budget fields: a duration (or ""), a power in (0, 1), a bool."""
+    from experiments.planned import seconds_of
+
+    seconds_of(s.get("time_budget", ""))
+    p = s.get("min_power", 0.5)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+        raise UserError(f"search.min_power must be in (0, 1), got {p!r}")
+    if not isinstance(s.get("accept_underpowered", False), bool):
+        raise UserError(f"search.accept_underpowered must be True or False, got {s.accept_underpowered!r}")

@@ -29,6 +29,7 @@ import ml_collections
 from effnet_jax.errors import UserError
 from effnet_jax.training import rundir
 
+DATA_ATTR = "data"  # the fingerprint of the data the trials read (Study.check_data)
 LATENCY_ATTR = "latency"  # the study's user attribute: {device key: {network key: {kind: cost}}}
 
 
@@ -217,6 +218,21 @@ class Study:
 
     def set_user_attr(self, name: str, value: Any) -> None:
         self.study.set_user_attr(name, value)
+
+    def check_data(self, fingerprint: Mapping[str, Any] | None, where: str) -> None:
+        """Keep the data the study's trials read (a source's ``fingerprint``) and refuse another with one line
+        saying what changed: finished trials are reused without the trainer ever seeing the data again, so the
+        trainer's own check (``data.json`` in each trial's workdir) cannot stand in for this one."""
+        from effnet_jax.data.fingerprint import describe_change
+
+        if not fingerprint:
+            return
+        stored = self.user_attr(DATA_ATTR)
+        if stored is None:
+            self.set_user_attr(DATA_ATTR, dict(fingerprint))
+        elif changed := describe_change(stored, dict(fingerprint)):
+            raise UserError(f"the study in {where} was trained on other data: {changed}; use a new --workdir "
+                            "(or --study_name) for this data")
 
     def latencies(self, device: str) -> dict[str, Any]:
         """{network key: {kind: cost}} measured on ``device`` (``latency.device_key()``) and kept in the study:

@@ -206,6 +206,12 @@ def begin(argv: Sequence[str] | None, module: str, default_config: str, check: C
     return Experiment(config, fv, workdir, argv, module, queue.Worker(compile_ahead=fv.compile_ahead))
 
 
+def count(fv: Any) -> int:
+    """How many processes work the study from this machine on a CPU (a time budget prices its plan for them):
+    ``--local_workers``, else as ``worker_environments`` chooses on a CPU (one per core, at most two)."""
+    return fv.local_workers or min(2, os.cpu_count() or 1)
+
+
 def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) -> list[dict[str, str]]:
     """One environment per local worker (its own GPUs on a GPU host); UserError for a count that cannot be."""
     if fv.local_workers < 0:

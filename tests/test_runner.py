@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from suite_paths import CACHE
 
+from effnet_jax.errors import UserError
 from experiments import queue, workers
 from experiments.study import storage_for
 
@@ -387,3 +388,16 @@ def test_a_storage_that_is_a_directory_is_one_line_and_an_empty_one_is_the_defau
     line = one_error_line(proc)
     assert f"--storage={folder} names a directory" in line and "study.journal" in line, line
     assert not os.listdir(folder)
+
+
+def test_a_study_keeps_its_data_and_refuses_other_data_in_one_line(tmp_path):
+    """Finished trials are reused without the trainer reading the data again: the study itself refuses a
+    rerun on changed data, naming what changed, and accepts the same data."""
+    study = _fresh_study(tmp_path)
+    old = {"train": {"files": 30, "bytes": 3000, "classes": {"a": 15, "b": 15}, "sha256": "x"}}
+    study.check_data(old, str(tmp_path))
+    study.check_data(dict(old), str(tmp_path))
+    new = {"train": {"files": 31, "bytes": 3100, "classes": {"a": 16, "b": 15}, "sha256": "y"}}
+    with pytest.raises(UserError, match=r"trained on other data: train: 30 -> 31 images") as e:
+        _fresh_study(tmp_path).check_data(new, str(tmp_path))
+    assert "\n" not in str(e.value)

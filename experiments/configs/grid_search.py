@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     s.strategy = "halving"  # one of experiments.strategies.SCHEDULES; "halving": successive halving in sync rungs
     s.halving_eta = 3  # keep the best 1/eta (rounded up) of the grid points per rung, train them eta times longer
     s.halving_rungs = 2
+    s.keep = 0  # grid points past each cut (0: the best 1/eta, rounded up); a time-budget plan sets it
     # How a rung below the top is scored: one of experiments.strategies.RUNG_MODES (each class's docstring says
     # how). "continued": every rung's schedule spans the top rung, and a promoted run continues the checkpoint.
     s.rung_mode = "continued"
@@ -85,4 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
     # search exits 2 with one error line; False (a run that only exercises the machinery) says so and exits 0.
     s.require_learning = True
     s.alpha_level = 0.05  # the test's level for "tied with best" / "below" (the contender set) and for chance
+    # A time budget ("30m", "2h"; wall clock here with these workers; "" = the fixed plan above): the search probes
+    # B0 and a few spread candidates at a ladder of budgets (at most a quarter of the time), plans budgets, seeds,
+    # cut and racing for the highest predicted power that fits the rest (experiments/planned.py, planner.py), and
+    # stops starting trials at the deadline. A plan whose power is below min_power is refused right after the
+    # probe (exit 2, best.json "answer": false) unless accept_underpowered.
+    s.time_budget = ""
+    s.min_power = 0.5
+    s.accept_underpowered = False
     return c
