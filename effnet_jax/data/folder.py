@@ -165,3 +165,18 @@ def parse_range(split: str) -> tuple[str, int, int | None]:
     base, rng = split[:-1].split("[")
     lo, hi = rng.split(":")
     return base, int(lo or 0), int(hi) if hi else None
+
+
+def splits_in_use(root: str, data: Any, counts: dict[str, int]) -> tuple[str, str, list[str]]:
+    """The train and eval splits a config asks of a folder whose splits hold ``counts`` images (a holdout
+    range of train where asked), and the folder splits they read; a UserError naming the splits there are."""
+
+    def count(split: str) -> int:
+        if split not in counts:
+            raise UserError(f"image folder {root!r} has splits {', '.join(counts)}; got {split!r} "
+                            "(folders take plain split names)")
+        return counts[split]
+
+    train_split, eval_split = holdout(data, count)
+    train_base, eval_base = parse_range(train_split)[0], parse_range(eval_split)[0]
+    return train_split, eval_split, [train_base] + ([eval_base] if eval_base != train_base else [])

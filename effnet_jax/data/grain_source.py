@@ -30,11 +30,7 @@ import grain
 import numpy as np
 
 from effnet_jax.data import fingerprint, folder, pil_preprocess
-from effnet_jax.data.input_pipeline import Batch
-from effnet_jax.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from effnet_jax.data.input_pipeline import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageStream, local_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,45 +113,24 @@ class _Collate:
 
 
 @dataclasses.dataclass
-class GrainSource:
+class GrainSource(ImageStream):
     """Per-process numpy batches of an image folder through Grain (see the module docstring)."""
 
     name: str
     num_classes: int
     train: Records
     eval: Records
-    resolution: int
-    global_batch: int
-    seed: int = 0
-    augment: bool = True
-    randaugment_layers: int = 0
-    randaugment_magnitude: float = 10.0
-    mean_rgb: tuple[float, ...] = IMAGENET_MEAN
-    std_rgb: tuple[float, ...] = IMAGENET_STD
-    process_index: int = 0
-    process_count: int = 1
-    fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     threads: int = 0  # batches decoded in parallel by threads (0: the CPU count, at least 4, at most 8)
     workers: int = 0  # > 0: that many processes instead (Grain's mp_prefetch)
 
     def __post_init__(self) -> None:
-        self.local_batch = self.global_batch // self.process_count
-        if self.global_batch > self.num_train:
-            raise UserError(f"batch size {self.global_batch} is larger than the {self.name} training split "
-                            f"({self.num_train} examples)")
+        self.num_train, self.num_eval = len(self.train), len(self.eval)
+        self.local_batch = local_batch(self.name, self.global_batch, self.num_train, self.process_count)
         # at least 4: on a machine busy with other work, 2 threads got a smaller share of 2 cores than tf.data
         self.threads = self.threads or min(8, max(4, os.cpu_count() or 1))
         std = np.asarray(self.std_rgb, np.float32)
         self._scale, self._shift = 1.0 / (255.0 * std), -np.asarray(self.mean_rgb, np.float32) / std
         self._recipe = _Recipe(self.resolution, self.augment, self.randaugment_layers, self.randaugment_magnitude)
-
-    @property
-    def num_train(self) -> int:
-        return len(self.train)
-
-    @property
-    def num_eval(self) -> int:
-        return len(self.eval)
 
     def eval_label_counts(self) -> np.ndarray:
         """Examples per class in the eval split (what ``majority_rate`` reads): labels only, nothing decoded."""
@@ -216,15 +191,8 @@ def folder_source(data: Any, resolution: int, global_batch: int, seed: int, proc
     counts = {split: sum(map(len, labels.values())) for split, labels in files.items()}
     counts = {split: n for split, n in counts.items() if n}
 
-    def count(split: str) -> int:
-        if split not in counts:
-            raise UserError(f"image folder {root!r} has splits {', '.join(counts)}; got {split!r} "
-                            "(folders take plain split names)")
-        return counts[split]
-
-    train_split, eval_split = folder.holdout(data, count)
+    train_split, eval_split, in_use = folder.splits_in_use(root, data, counts)
     (train_base, _, k), (eval_base, _, _) = folder.parse_range(train_split), folder.parse_range(eval_split)
-    in_use = [train_base] + ([eval_base] if eval_base != train_base else [])
     folder.check_images(root, [p for split in in_use for paths in files[split].values() for p in paths])
     if process_index == 0:
         folder.warn_small_classes(root, train_base, files[train_base], names)

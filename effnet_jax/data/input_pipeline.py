@@ -47,6 +47,36 @@ class Source(Protocol):
     def eval_batches(self) -> Iterator[Batch]: ...
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the official checkpoints were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def local_batch(name: str, global_batch: int, num_train: int, process_count: int) -> int:
+    """This process's share of a global batch; a UserError when the batch is larger than the training split."""
+    if global_batch > num_train:
+        raise UserError(f"batch size {global_batch} is larger than the {name} training split ({num_train} examples)")
+    return global_batch // process_count
+
+
+@dataclasses.dataclass(kw_only=True)
+class ImageStream:
+    """What every image source (a folder through Grain, TFDS through tf.data) makes of its examples: the
+    resolution, the batch and its share per process, the augmentation, the normalisation and the fingerprint
+    of what it reads."""
+
+    resolution: int
+    global_batch: int
+    seed: int = 0
+    augment: bool = True
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 10.0
+    mean_rgb: tuple[float, ...] = IMAGENET_MEAN
+    std_rgb: tuple[float, ...] = IMAGENET_STD
+    process_index: int = 0
+    process_count: int = 1
+    fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass
 class ArraySource:
     """In-memory images (N, H, W, 3) float32, already resized and normalised."""
@@ -66,10 +96,7 @@ class ArraySource:
     fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.global_batch > len(self.train_labels):
-            raise UserError(f"batch size {self.global_batch} is larger than the {self.name} training split "
-                            f"({len(self.train_labels)} examples)")
-        self.local_batch = self.global_batch // self.process_count
+        self.local_batch = local_batch(self.name, self.global_batch, len(self.train_labels), self.process_count)
 
     @property
     def num_train(self) -> int:

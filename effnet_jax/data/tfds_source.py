@@ -58,7 +58,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from effnet_jax.data import fingerprint, folder, tf_preprocess  # noqa: E402
 from effnet_jax.data.folder import FOLDER_IMAGE_EXTENSIONS, FOLDER_PREFIX, MIN_CLASS_IMAGES  # noqa: E402, F401
-from effnet_jax.data.input_pipeline import Batch  # noqa: E402
+from effnet_jax.data.input_pipeline import IMAGENET_MEAN, IMAGENET_STD, Batch, ImageStream, local_batch  # noqa: E402
 from effnet_jax.errors import UserError  # noqa: E402
 
 tf.get_logger().setLevel(logging.ERROR)
@@ -73,8 +73,6 @@ except (RuntimeError, ValueError):
 GFILE = folder.FileSystem(listdir=tf.io.gfile.listdir, isdir=tf.io.gfile.isdir,
                           open=lambda path: tf.io.gfile.GFile(path, "rb"),
                           size=lambda path: tf.io.gfile.stat(path).length, errors=(tf.errors.OpError,), local=False)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTOTUNE = tf.data.AUTOTUNE
 # Our pipeline functions use tf.cond / tf.where, never Python control flow on tensors: skipping
 # autograph's source-to-source conversion makes building a pipeline several times faster.
@@ -91,7 +89,7 @@ class _Split:
 
 
 @dataclasses.dataclass
-class TfdsSource:
+class TfdsSource(ImageStream):
     """Per-process numpy batches of a TFDS dataset or image folder (see the module docstring)."""
 
     name: str
@@ -99,24 +97,10 @@ class TfdsSource:
     train: _Split
     eval: _Split
     decode: Callable[[tf.Tensor], tf.Tensor]  # encoded bytes -> uint8 (H, W, 3)
-    resolution: int
-    global_batch: int
-    seed: int = 0
-    augment: bool = True
-    randaugment_layers: int = 0
-    randaugment_magnitude: float = 10.0
     shuffle_buffer: int = 16_384
-    mean_rgb: tuple[float, ...] = IMAGENET_MEAN
-    std_rgb: tuple[float, ...] = IMAGENET_STD
-    process_index: int = 0
-    process_count: int = 1
-    fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.local_batch = self.global_batch // self.process_count
-        if self.global_batch > self.num_train:
-            raise UserError(f"batch size {self.global_batch} is larger than the {self.name} training split "
-                            f"({self.num_train} examples)")
+        self.local_batch = local_batch(self.name, self.global_batch, self.num_train, self.process_count)
         if self.train.num_local == 0:
             raise UserError(f"process {self.process_index} got no {self.name} training examples")
 
@@ -283,18 +267,10 @@ def _open_folder(data: Any, process_index: int, process_count: int) -> tuple:
     splits = {k: v.num_examples for k, v in builder.info.splits.items() if v.num_examples}
     num_classes = builder.info.features["label"].num_classes
 
-    def count(split: str) -> int:
-        if split not in splits:
-            raise UserError(f"image folder {root!r} has splits {', '.join(splits)}; got {split!r} "
-                            "(folders take plain split names)")
-        return splits[split]
-
-    train_split, eval_split = folder.holdout(data, count)
-    train_base, eval_base = folder.parse_range(train_split)[0], folder.parse_range(eval_split)[0]
-    in_use = [train_base] + ([eval_base] if eval_base != train_base else [])
+    train_split, eval_split, in_use = folder.splits_in_use(root, data, splits)
     folder.check_images(root, [p for split in in_use for ps in files[split].values() for p in ps], fs)
     if process_index == 0:
-        folder.warn_small_classes(root, train_base, files[train_base], names)
+        folder.warn_small_classes(root, in_use[0], files[in_use[0]], names)
 
     def part(split: str) -> _Split:
         base, lo, hi = folder.parse_range(split)
