@@ -183,7 +183,7 @@ def parse_config_flags(argv: list[str], default_config: str | None = None,
     valid ones, as difflib finds them) are one line each, for every CLI that parses its flags
     here (the trainer, the grid search, the scaling study). Also takes the multi-host flags and
     calls jax.distributed.initialize() when --distributed is given (TPU pods and multi-node
-    GPU; see the README).
+    GPU; see docs/multi-machine.md).
     """
     from absl import flags
     from ml_collections import config_flags

@@ -226,9 +226,11 @@ def ceiling_line(agreement: Sequence[dict[str, Any]], ceiling: dict[str, Any], s
     """``stats.limit_line`` for the search: each cheap rung against the top rung's noise ceiling."""
     top = ceiling["rung"]
     budget = f"rung {top} ({steps[top]} steps)" if top < len(steps) else f"rung {top}"
-    # on digits the fidelity study measured a longer budget not to help (README): name the preset that does
+    # on digits the fidelity study measured a longer budget not to help (docs/results/fidelity.md): name the
+    # preset that does
     remedy = ("use a preset whose candidates differ by more than seed noise (--config=experiments/configs/"
-              "fashion_mnist.py): on digits' 360 validation images even 240 steps do not rank them (README)"
+              "fashion_mnist.py): on digits' 360 validation images even 240 steps do not rank them "
+              "(docs/results/fidelity.md)"
               if dataset == "digits" else
               "raise the top rung's budget (train.num_train_steps or search.halving_eta) or its seeds")
     proxies = [{"name": f"rung {a['rung']}", "tau": a["kendall_tau"], "ci": a.get("kendall_ci")} for a in agreement]

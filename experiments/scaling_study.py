@@ -30,7 +30,7 @@ accuracy_vs_macs.png (one line per strategy, the shape of the paper's Figure 8) 
 flops_growth.json.
 
 Default sizing (B0, digits, 32 px, batch 16): 9 models x 2 seeds = 18 trials of 120 steps
-each (the README has the measured run). Compiling each new model is a large share; the second
+each (docs/results/scaling-study.md has the measured run). Compiling each new model is a large share; the second
 seed of a model reuses the first's compiled program (nothing seed-dependent is compiled into
 the train step) through jax's persistent compilation cache (train.compile_cache_dir), so it
 costs only its training. Smaller runs: --config.study.seeds='(0,)', --config.study.budgets='(1,2)', or

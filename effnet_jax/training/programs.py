@@ -7,7 +7,7 @@ what the steps bake in besides). A worker's second seed or rung of a network fin
 ``Programs`` and skips trace, lowering and compile; the next process finds what this one compiled in
 ``program_store``.
 
-No module-level state: a search worker (``experiments.runner``) keeps one ``Programs`` for its life, and
+No module-level state: a search worker (``experiments.queue.Worker``) keeps one ``Programs`` for its life, and
 ``trainer.train_and_evaluate`` without one uses a fresh one for its single run.
 """
 

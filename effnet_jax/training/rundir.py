@@ -31,7 +31,7 @@ from effnet_jax.training import metrics
 from effnet_jax.training.metrics import write_json as write_json  # a run's JSON files: the one atomic, strict writer
 
 # Config fields that change how a run reports or saves itself, not what it computes: a workdir
-# may be resumed with other values (as experiments.runner's trial identity).
+# may be resumed with other values (as experiments.study's trial identity).
 COSMETIC_FIELDS = ("progress_bar", "log_every_steps", "compile_cache_dir", "checkpoint_every_steps",
                    "keep_checkpoints", "eval_every_steps", "eval_ema", "save_weights")
 # Where a wsd run keeps the state at its cooldown's start: what a longer wsd run of the config continues.

@@ -1,5 +1,5 @@
 """Where one training run's time went, phase by phase: result.json's ``timings`` (a search reads them to say
-where its trials' time went: ``experiments.runner``'s phases).
+where its trials' time went: ``experiments.queue``'s phases).
 
 One object passed down the trainer and the program builder instead of a loose dict: seconds are added with
 ``timed`` or ``add``, labels (``program_cache`` "hit" / "miss", ...) set with ``note``, in the order they

@@ -48,13 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
     s.constraint, s.macs_tolerance = "macs", 0.1
     s.alpha = s.beta = s.gamma = (1.0, 1.25)
     # Two seeds at both rungs: one seed at rung 0 let the three near-equal alpha = 1, gamma = 1.25 networks
-    # through by chance (README). Racing (search.max_seeds=3: a third seed for the candidates tied with the
-    # leader) costs 5-6 more minutes here, past the preset's 30.
+    # through by chance (docs/results/fashion-mnist.md). Racing (search.max_seeds=3: a third seed for the
+    # candidates tied with the leader) costs 5-6 more minutes here, past the preset's 30.
     s.seeds = s.final_seeds = (0, 1)
     # Rung 0 scored after its own cooldown (warmup-stable-decay), not as a snapshot at a high learning rate: on
-    # these candidates that rung ranks as the 279-step one does about as far as seed noise lets anything (README)
+    # these candidates that rung ranks as the 279-step one does about as far as seed noise lets anything
+    # (docs/results/fidelity.md)
     s.rung_mode = "cooldown"
     # search.measure_latency=True adds what each candidate costs here in time beside xMACs (xTrain, xInfer:
-    # effnet_jax/training/latency.py), about 3 more minutes; off, as two runs on one VM disagreed by up to 21% (README)
+    # effnet_jax/training/latency.py), about 3 more minutes; off, as two runs on one VM disagreed by up to 21%
+    # (docs/results/fashion-mnist.md)
     s.measure_latency = False
     return c
