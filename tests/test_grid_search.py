@@ -91,6 +91,7 @@ RACE_SCRIPT = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]  # this checkout's package, whatever is installed
 from effnet_jax import compile_cache
+from effnet_jax.training import trainer
 from experiments import grid_search as gs
 import test_grid_search as t
 
