@@ -13,10 +13,9 @@ worker, the parent's report and a rerun run the same plan; its trials are the pr
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -66,6 +65,11 @@ def plan_cands(train: ml_collections.ConfigDict, cands: Sequence[Candidate], num
     return out
 
 
+def trained(rows: Iterable[dict[str, Any]]) -> list[tuple[str, Any, int]]:
+    """Trials as the planner prices them (candidate, seed, steps): a plan does not train them again."""
+    return [(probe.cand_key(r), r["seed"], probe.budget_of(r)) for r in rows]
+
+
 def run_probe(config: ml_collections.ConfigDict, cands: Sequence[Candidate], study: Any, workdir: str,
               worker: queue.Worker, num_classes: int, start_steps: int, seconds: float, workers: int,
               plan_rung: Callable[..., list[queue.TrialPlan]], log: Callable[[str], Any]
@@ -84,7 +88,7 @@ def run_probe(config: ml_collections.ConfigDict, cands: Sequence[Candidate], stu
         rows.update(worker.work(study, plan_rung(config, pcands, len(ladder) - 1, steps, num_classes,
                                                  seeds=list(PROBE_SEEDS)), workdir, config.search.metric, log))
         fitted = probe.fit_cost(list(rows.values()), workers, "cooldown", float(config.search.cooldown_fraction))
-        done = [(probe.cand_key(r), r["seed"], probe.budget_of(r)) for r in rows.values()]
+        done = trained(rows.values())
         nxt = planner.rung_seconds(planner.Spec(top=steps[-1], top_seeds=len(PROBE_SEEDS)), priced, fitted, limits,
                                    done=done)
         if time.time() - t0 + sum(r["seconds"] for r in nxt) > share:
@@ -102,7 +106,7 @@ def choose_plan(config: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]
     fitted = probe.fit_cost(rows, workers, "cooldown", float(s.cooldown_fraction))
     limits = planner.Limits(min_power=float(s.min_power), alpha=float(s.alpha_level), mode="cooldown",
                             cooldown_fraction=float(s.cooldown_fraction))
-    done = [(probe.cand_key(r), r["seed"], probe.budget_of(r)) for r in rows if r.get("status") == "ok"]
+    done = trained(r for r in rows if r.get("status") == "ok")
     compiled = sorted({(n, b) for n, _, b in done})
     out = planner.choose(noise, fitted, plan_cands(config.train, cands, num_classes), seconds_left, limits,
                          done=done, compiled=compiled)
@@ -130,9 +134,6 @@ def seconds_of(text: str) -> float | None:
     """``search.time_budget`` in seconds; None for "" (the fixed plan)."""
     return parse_budget(text) if str(text).strip() else None
 
-
-def minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if math.isfinite(seconds) else "unbounded"
 
 
 class Refused(UserError):

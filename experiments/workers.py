@@ -206,10 +206,10 @@ def begin(argv: Sequence[str] | None, module: str, default_config: str, check: C
     return Experiment(config, fv, workdir, argv, module, queue.Worker(compile_ahead=fv.compile_ahead))
 
 
-def count(fv: Any) -> int:
+def count(fv: Any, cpus: int | None = None) -> int:
     """How many processes work the study from this machine on a CPU (a time budget prices its plan for them):
-    ``--local_workers``, else as ``worker_environments`` chooses on a CPU (one per core, at most two)."""
-    return fv.local_workers or min(2, os.cpu_count() or 1)
+    ``--local_workers``, else one per core, at most two."""
+    return fv.local_workers or min(2, cpus or os.cpu_count() or 1)
 
 
 def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) -> list[dict[str, str]]:
@@ -229,7 +229,7 @@ def worker_environments(fv: Any, backend: str, local_devices: int, cpus: int) ->
             raise UserError("on TPU only one process can hold the chips: --local_workers must be 1 "
                             "(run one process per host against a shared --storage)")
         return [{}]
-    n = fv.local_workers or min(2, cpus)
+    n = count(fv, cpus)
     if n > cpus:
         raise UserError(f"--local_workers={n} is more than this machine's {cpus} cores (each worker needs one to "
                         f"compile); use at most {cpus}, or share a --storage with other machines")

@@ -4,27 +4,18 @@ falls back to the checkpoint before it, or, with none, stops with one ``error:``
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from suite_paths import CACHE
+from test_bad_input import cli, train_cmd
 
 pytestmark = pytest.mark.slow  # every test here trains or starts a process
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(ROOT, "effnet_jax", "configs", "digits.py")
-# A tiny network at 32 px keeps each compile to seconds on 2 cores; the suite's one compilation cache.
-TINY = ["--config.model.network=tiny", "--config.progress_bar=False", f"--config.compile_cache_dir={CACHE}",
-        "--config.num_train_steps=4", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1",
-        "--config.eval_every_steps=100"]
-TF_QUIET = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")  # conftest sets them; the CLI must not need them
+# The tiny digits run of the suite's CLI tests (test_bad_input.train_cmd), four steps with the plain schedule.
+STEPS = ("--config.num_train_steps=4", "--config.schedule_steps=0")
 
 
 def run_train(workdir):
-    cmd = [sys.executable, "-m", "effnet_jax.train", f"--config={DIGITS}", f"--workdir={workdir}", *TINY]
-    env = {k: v for k, v in os.environ.items() if k not in TF_QUIET}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return cli(*train_cmd(workdir, *STEPS))
 
 
 @pytest.fixture(scope="module")
